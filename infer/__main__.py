@@ -1,0 +1,4 @@
+"""``python -m idc_infer`` runs idc-infer."""
+from .cli import main
+
+main()

@@ -1,0 +1,197 @@
+"""The ``idc-infer`` command: score patient directories with an ONNX model and write reports."""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+EXIT_OK, EXIT_FAILED_PATCHES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+HELP_EPILOG = f"""\b
+Exit codes:
+  {EXIT_OK}    reports written (failed patches are listed in their rows)
+  {EXIT_FAILED_PATCHES}    --strict and at least one patch could not be scored
+  {EXIT_USAGE}    usage error: bad path, model or option
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); completed patients are kept, rerun with --resume
+
+Research use only: outputs are not a diagnosis.
+"""
+
+
+def _default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _announce(model, quiet: bool) -> None:
+    contract = model.contract
+    lines = [
+        f"idc-infer: model {model.path.name} (sha256 {model.sha256[:12]}), threshold {contract.threshold:.3f}",
+        f"idc-infer: trained on {contract.describe_training()}",
+    ]
+    if contract.is_demo:
+        lines.insert(0, "!" * 72)
+        lines.insert(1, "!! DEMO MODEL: trained on synthetic data. Its outputs say nothing about real tissue.")
+        lines.append("!" * 72)
+    if contract.provenance.get("quantization_gate") == "failed":
+        lines.append("idc-infer: WARNING this model failed its int8 accuracy gate")
+    lines.append("idc-infer: RESEARCH USE ONLY - not for diagnosis.")
+    for line in lines:
+        if not quiet or contract.is_demo:
+            click.echo(line, err=True)
+
+
+def _versions() -> dict:
+    import cv2
+    import numpy
+    import onnxruntime
+
+    return {
+        "idc": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+        "opencv": cv2.__version__,
+    }
+
+
+@click.command(epilog=HELP_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("inputs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--from-list", "from_list", type=click.File("r", encoding="utf-8"),
+              help="Text file listing patch paths, one per line ('-' for stdin).")
+@click.option("--model", "model_path", type=click.Path(path_type=Path),
+              help="ONNX model exported by idc-export [default: the model shipped with idc].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("idc-reports"),
+              show_default=True, help="Directory for the reports.")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0),
+              help="prob_idc at or above which a patch counts as IDC [default: the model's].")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=_default_threads, show_default="min(4, cores)",
+              help="Decode worker threads and onnxruntime intra-op threads.")
+@click.option("--overwrite", is_flag=True, help="Replace reports already in --out.")
+@click.option("--resume", is_flag=True, help="Keep patients already completed with the same model and threshold.")
+@click.option("--strict", is_flag=True, help="Exit 1 if any patch could not be scored.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, warnings only.")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.version_option(__version__, prog_name="idc-infer")
+def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads, overwrite, resume, strict, quiet, verbose):
+    """Score histopathology patches for IDC and write per-patient reports.
+
+    INPUTS are patient directories (PNG patches, flat or in 0/ and 1/ folders) or cohort
+    roots holding patient directories. Writes <patient_id>.csv, summary.csv and run.json
+    into --out.
+    """
+    from .discover import SkipCounter, duplicate_ids, patients_from_dirs, patients_from_list
+    from .engine import clear_state, existing_reports, run_patients, RunSettings
+    from .files import RESEARCH_NOTICE, write_json
+    from .model import ModelError, default_model_path, load_model
+
+    _setup_logging(verbose, quiet)
+    started = time.time()
+    if not inputs and from_list is None:
+        raise click.UsageError("give at least one patient directory or cohort root, or --from-list FILE")
+    if overwrite and resume:
+        raise click.UsageError("--overwrite and --resume contradict each other; pick one")
+
+    try:
+        model = load_model(model_path if model_path is not None else default_model_path(), threads=threads)
+    except ModelError as exc:
+        raise click.BadParameter(str(exc), param_hint="--model") from None
+    effective_threshold = model.contract.threshold if threshold is None else threshold
+
+    list_skips = SkipCounter()
+    patients = patients_from_dirs(inputs)
+    if from_list is not None:
+        base = Path.cwd() if from_list.name == "<stdin>" else Path(from_list.name).resolve().parent
+        patients += patients_from_list(from_list, base, list_skips)
+    dupes = duplicate_ids(patients)
+    if dupes:
+        raise click.UsageError(f"patient id(s) given more than once: {', '.join(dupes[:10])}")
+    if not patients:
+        raise click.UsageError("no patient directories found in the inputs")
+
+    if existing_reports(out_dir) and not (overwrite or resume):
+        raise click.UsageError(f"{out_dir} already holds idc reports; pass --resume to continue or --overwrite")
+    if overwrite:
+        clear_state(out_dir)
+
+    _announce(model, quiet)
+    from tqdm import tqdm
+
+    show_bar = not quiet and sys.stderr.isatty()
+    bar = tqdm(total=None, unit="patch", disable=not show_bar, file=sys.stderr, dynamic_ncols=True)
+    done = {"patients": 0}
+
+    def patient_done(_pid: str) -> None:
+        done["patients"] += 1
+        bar.set_postfix_str(f"patients {done['patients']}/{len(patients)}")
+
+    settings = RunSettings(out_dir, effective_threshold, batch_size, threads, resume)
+    try:
+        result = run_patients(model, patients, settings, progress=bar.update, on_patient_done=patient_done)
+    except KeyboardInterrupt:
+        bar.close()
+        click.echo(f"idc-infer: interrupted; completed patients are kept in {out_dir}, rerun with --resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    finally:
+        bar.close()
+
+    cohort = result.cohort
+    skipped = result.skipped.counts + list_skips.counts
+    run_info = {
+        "notice": RESEARCH_NOTICE,
+        "versions": _versions(),
+        "model": {
+            "path": str(model.path),
+            "sha256": model.sha256,
+            "demo": model.contract.is_demo,
+            "trained_on": model.contract.describe_training(),
+            "contract": model.contract.__dict__ | {"class_names": list(model.contract.class_names)},
+        },
+        "arguments": {
+            "inputs": [str(p) for p in inputs],
+            "from_list": None if from_list is None else from_list.name,
+            "out": str(out_dir), "threshold": effective_threshold, "batch_size": batch_size,
+            "threads": threads, "resume": resume, "overwrite": overwrite, "strict": strict,
+        },
+        "counts": {
+            "patients": len(patients),
+            "patients_resumed": len(result.resumed),
+            "patches": cohort.n_patches,
+            "scored": cohort.n_scored,
+            "failed": cohort.n_patches - cohort.n_scored,
+            "skipped_files": sum(skipped.values()),
+            "skipped_by_reason": dict(sorted(skipped.items())),
+        },
+        "timings": {
+            "started_unix": started,
+            "scoring_elapsed_s": result.elapsed_s,
+            "patches_per_s": (cohort.n_patches / result.elapsed_s) if result.elapsed_s > 0 else None,
+        },
+    }
+    write_json(out_dir / "run.json", run_info)
+
+    for row in result.summary_rows:
+        fraction = row["idc_fraction"]
+        shown = "n/a" if fraction != fraction else (
+            f"{fraction:.3f} [{row['idc_fraction_ci95_low']:.3f}-{row['idc_fraction_ci95_high']:.3f}]")
+        click.echo(f"{row['patient_id']}\tpatches {row['n_patches']}\tfailed {row['n_failed']}\tidc_fraction {shown}")
+    click.echo(f"reports in {out_dir} ({RESEARCH_NOTICE})")
+
+    n_failed = cohort.n_patches - cohort.n_scored
+    if n_failed:
+        click.echo(f"idc-infer: {n_failed} patch(es) could not be scored; see the status column", err=True)
+    if strict and n_failed:
+        sys.exit(EXIT_FAILED_PATCHES)

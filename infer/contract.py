@@ -1,0 +1,119 @@
+"""The preprocessing contract: what a model file promises about its input and output.
+
+The contract travels inside the ONNX file (``metadata_props`` key ``idc.contract``) so the
+lab PC needs nothing but the file. This module reads it with onnxruntime alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+CONTRACT_KEY = "idc.contract"
+SCHEMA_VERSION = 1
+
+RESIZE_METHODS = ("nearest",)
+UNDERSIZED_POLICIES = ("resize", "pad", "refuse")
+OVERSIZED_POLICIES = ("resize", "refuse")
+
+
+class ContractError(ValueError):
+    """The model file has no usable contract."""
+
+
+@dataclass(frozen=True)
+class Contract:
+    """Everything needed to turn a patch file into the model's input tensor and back."""
+
+    input_height_px: int = 48
+    input_width_px: int = 48
+    layout: str = "NHWC"
+    channel_order: str = "RGB"
+    # pixel value fed to the model = raw_uint8 * scale + offset
+    scale: float = 1.0 / 255.0
+    offset: float = 0.0
+    resize_method: str = "nearest"
+    native_patch_px: int = 50
+    undersized_policy: str = "resize"
+    oversized_policy: str = "refuse"
+    class_names: tuple[str, ...] = ("non-IDC", "IDC")
+    positive_class_index: int = 1
+    threshold: float = 0.5
+    provenance: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.schema_version != SCHEMA_VERSION:
+            problems.append(f"schema_version {self.schema_version} (this idc reads {SCHEMA_VERSION})")
+        if self.layout != "NHWC":
+            problems.append(f"layout {self.layout!r} (only NHWC)")
+        if self.channel_order not in ("RGB", "BGR"):
+            problems.append(f"channel_order {self.channel_order!r}")
+        if self.resize_method not in RESIZE_METHODS:
+            problems.append(f"resize_method {self.resize_method!r}")
+        if self.undersized_policy not in UNDERSIZED_POLICIES:
+            problems.append(f"undersized_policy {self.undersized_policy!r}")
+        if self.oversized_policy not in OVERSIZED_POLICIES:
+            problems.append(f"oversized_policy {self.oversized_policy!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            problems.append(f"threshold {self.threshold} outside [0, 1]")
+        if not 0 <= self.positive_class_index < len(self.class_names):
+            problems.append(f"positive_class_index {self.positive_class_index}")
+        if min(self.input_height_px, self.input_width_px, self.native_patch_px) < 1:
+            problems.append("non-positive size")
+        if problems:
+            raise ContractError("invalid contract: " + "; ".join(problems))
+
+    @property
+    def is_demo(self) -> bool:
+        return bool(self.provenance.get("demo", True))
+
+    def describe_training(self) -> str:
+        """One line saying what the model was trained on, for stderr and run.json."""
+        data = self.provenance.get("training_data", "unknown training data")
+        metrics = self.provenance.get("metrics", {})
+        bits = [data]
+        if metrics.get("roc_auc") is not None:
+            bits.append(
+                f"held-out ROC-AUC {metrics['roc_auc']:.3f}, "
+                f"balanced accuracy {metrics.get('balanced_accuracy', float('nan')):.3f}"
+            )
+        return "; ".join(bits)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Contract":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ContractError(f"contract is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ContractError("contract is not a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ContractError(f"contract has unknown fields: {', '.join(unknown)}")
+        if "class_names" in raw:
+            raw["class_names"] = tuple(raw["class_names"])
+        try:
+            return cls(**raw)
+        except TypeError as exc:
+            raise ContractError(f"contract does not fit schema: {exc}") from exc
+
+    def replace(self, **changes: Any) -> "Contract":
+        return dataclasses.replace(self, **changes)
+
+
+def contract_from_metadata(metadata: dict[str, str], source: str) -> Contract:
+    """Read the contract from an ONNX model's custom metadata map."""
+    text = metadata.get(CONTRACT_KEY)
+    if text is None:
+        raise ContractError(
+            f"{source} has no '{CONTRACT_KEY}' metadata: it was not exported by idc-export, "
+            "so its preprocessing is unknown and idc refuses to guess"
+        )
+    return Contract.from_json(text)

@@ -1,0 +1,287 @@
+"""Score patients: decode in worker threads, batch into onnxruntime, stream rows to reports.
+
+Memory is bounded by batch size x lookahead, never by how many patches a directory holds:
+paths are discovered lazily and each row is written to the patient's CSV as soon as it is known.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .discover import Patient, SkipCounter
+from .files import RESEARCH_NOTICE, CsvOut, atomic_path, safe_file_stem, write_csv
+from .metrics import Confusion, safe_ratio, wilson_interval
+from .model import LoadedModel
+from .naming import label_from_parent, parse_patch_name
+from .preprocess import STATUS_OK, Decoded, decode_file
+
+log = logging.getLogger(__name__)
+
+PATCH_COLUMNS = ("path", "x", "y", "width_px", "height_px", "prob_idc", "pred", "label", "status", "message")
+SUMMARY_COLUMNS = (
+    "patient_id", "n_patches", "n_scored", "n_failed", "n_idc", "idc_fraction",
+    "idc_fraction_ci95_low", "idc_fraction_ci95_high", "mean_prob_idc", "threshold",
+    "n_labelled", "true_idc_fraction", "sensitivity", "specificity", "balanced_accuracy",
+    "model_sha256", "notice",
+)
+COHORT_ID = "(cohort)"
+STATE_DIR = ".idc-state"
+
+
+@dataclass
+class PatientTally:
+    """Running counts for one patient (or the cohort), enough for every summary column."""
+
+    n_patches: int = 0
+    n_scored: int = 0
+    n_idc: int = 0
+    sum_prob: float = 0.0
+    n_labelled: int = 0
+    n_true_idc: int = 0
+    confusion: Confusion = field(default_factory=Confusion)
+
+    def add(self, prob: float | None, pred: int | None, label: int | None) -> None:
+        self.n_patches += 1
+        if prob is None:
+            return
+        self.n_scored += 1
+        self.n_idc += pred
+        self.sum_prob += prob
+        if label is not None:
+            self.n_labelled += 1
+            self.n_true_idc += label
+            self.confusion = self.confusion + Confusion.from_labels([label], [pred])
+
+    def merge(self, other: "PatientTally") -> None:
+        for name in ("n_patches", "n_scored", "n_idc", "sum_prob", "n_labelled", "n_true_idc"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.confusion = self.confusion + other.confusion
+
+    def summary_row(self, patient_id: str, threshold: float, model_sha256: str) -> dict:
+        low, high = wilson_interval(self.n_idc, self.n_scored)
+        labelled = self.n_labelled > 0
+        return {
+            "patient_id": patient_id,
+            "n_patches": self.n_patches,
+            "n_scored": self.n_scored,
+            "n_failed": self.n_patches - self.n_scored,
+            "n_idc": self.n_idc,
+            "idc_fraction": safe_ratio(self.n_idc, self.n_scored),
+            "idc_fraction_ci95_low": low,
+            "idc_fraction_ci95_high": high,
+            "mean_prob_idc": safe_ratio(self.sum_prob, self.n_scored),
+            "threshold": float(threshold),
+            "n_labelled": self.n_labelled,
+            "true_idc_fraction": safe_ratio(self.n_true_idc, self.n_labelled) if labelled else None,
+            "sensitivity": self.confusion.sensitivity if labelled else None,
+            "specificity": self.confusion.specificity if labelled else None,
+            "balanced_accuracy": self.confusion.balanced_accuracy if labelled else None,
+            "model_sha256": model_sha256,
+            "notice": RESEARCH_NOTICE,
+        }
+
+    def to_state(self) -> dict:
+        state = {k: getattr(self, k) for k in ("n_patches", "n_scored", "n_idc", "sum_prob", "n_labelled", "n_true_idc")}
+        state["confusion"] = [self.confusion.tp, self.confusion.fp, self.confusion.tn, self.confusion.fn]
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict) -> "PatientTally":
+        tally = cls(**{k: v for k, v in state.items() if k != "confusion"})
+        tally.confusion = Confusion(*state["confusion"])
+        return tally
+
+
+@dataclass
+class ScoredPatch:
+    path: Path
+    decoded: Decoded
+    prob_idc: float | None
+
+
+def _chunks(items: Iterable[Path], size: int) -> Iterator[list[Path]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def score_paths(
+    model: LoadedModel, paths: Iterable[Path], pool: ThreadPoolExecutor, batch_size: int = 64, lookahead: int = 2
+) -> Iterator[ScoredPatch]:
+    """Yield every path with its decode outcome and prob_idc, in input order.
+
+    Decoding of the next ``lookahead`` batches runs in ``pool`` while onnxruntime scores this one.
+    """
+    contract = model.contract
+    pending: deque[tuple[list[Path], list[Future]]] = deque()
+    chunks = _chunks(paths, batch_size)
+
+    def submit(chunk: list[Path]) -> None:
+        pending.append((chunk, [pool.submit(decode_file, p, contract) for p in chunk]))
+
+    for chunk in islice(chunks, lookahead):
+        submit(chunk)
+    while pending:
+        chunk, futures = pending.popleft()
+        following = next(chunks, None)
+        if following is not None:
+            submit(following)
+        decoded = [f.result() for f in futures]
+        ok = [i for i, d in enumerate(decoded) if d.status == STATUS_OK]
+        probs: dict[int, float] = {}
+        if ok:
+            batch = np.stack([decoded[i].tensor for i in ok])
+            probs = dict(zip(ok, model.predict_prob_idc(batch).tolist()))
+        for i, (path, result) in enumerate(zip(chunk, decoded)):
+            result.tensor = None  # let the pixels go as soon as they are scored
+            yield ScoredPatch(path, result, probs.get(i))
+
+
+def _display_path(path: Path, patient: Patient) -> str:
+    if patient.root is not None:
+        try:
+            return path.relative_to(patient.root).as_posix()
+        except ValueError:
+            pass
+    return str(path)
+
+
+def patch_row(scored: ScoredPatch, patient: Patient, threshold: float) -> tuple[dict, int | None, int | None]:
+    """One CSV row for a patch, plus its prediction and label for the tallies."""
+    name = parse_patch_name(scored.path.name)
+    label = name.label if name.label is not None else label_from_parent(scored.path)
+    pred = None if scored.prob_idc is None else int(scored.prob_idc >= threshold)
+    row = {
+        "path": _display_path(scored.path, patient),
+        "x": name.x,
+        "y": name.y,
+        "width_px": scored.decoded.width_px,
+        "height_px": scored.decoded.height_px,
+        "prob_idc": scored.prob_idc,
+        "pred": pred,
+        "label": label,
+        "status": scored.decoded.status,
+        "message": scored.decoded.message,
+    }
+    return row, pred, label
+
+
+@dataclass
+class RunSettings:
+    out_dir: Path
+    threshold: float
+    batch_size: int = 64
+    threads: int = 2
+    resume: bool = False
+
+
+def _state_path(out_dir: Path, stem: str) -> Path:
+    return out_dir / STATE_DIR / f"{stem}.json"
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _completed_tally(out_dir: Path, stem: str, model: LoadedModel, threshold: float) -> PatientTally | None:
+    """The tally of a patient finished by an earlier run with the same model and threshold."""
+    state_file = _state_path(out_dir, stem)
+    csv_file = out_dir / f"{stem}.csv"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        if (
+            state.get("model_sha256") == model.sha256
+            and state.get("threshold") == threshold
+            and state.get("csv_sha256") == _file_sha256(csv_file)
+        ):
+            return PatientTally.from_state(state["tally"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def score_patient(
+    model: LoadedModel, patient: Patient, settings: RunSettings, pool: ThreadPoolExecutor,
+    skipped: SkipCounter, on_patch: Callable[[], None] = lambda: None,
+) -> PatientTally:
+    """Score one patient and write its CSV atomically; returns its tally."""
+    stem = safe_file_stem(patient.patient_id)
+    csv_file = settings.out_dir / f"{stem}.csv"
+    tally = PatientTally()
+    with atomic_path(csv_file, newline="") as handle:
+        out = CsvOut(handle, PATCH_COLUMNS)
+        for scored in score_paths(model, patient.iter_paths(skipped), pool, settings.batch_size):
+            row, pred, label = patch_row(scored, patient, settings.threshold)
+            out.row(row)
+            tally.add(scored.prob_idc, pred, label)
+            on_patch()
+    state = {
+        "patient_id": patient.patient_id,
+        "model_sha256": model.sha256,
+        "threshold": settings.threshold,
+        "csv_sha256": _file_sha256(csv_file),
+        "tally": tally.to_state(),
+    }
+    with atomic_path(_state_path(settings.out_dir, stem)) as handle:
+        json.dump(state, handle, sort_keys=True)
+    return tally
+
+
+@dataclass
+class RunResult:
+    summary_rows: list[dict]
+    cohort: PatientTally
+    skipped: SkipCounter
+    resumed: list[str]
+    elapsed_s: float
+
+
+def existing_reports(out_dir: Path) -> bool:
+    return (out_dir / "summary.csv").exists() or (out_dir / STATE_DIR).exists()
+
+
+def clear_state(out_dir: Path) -> None:
+    shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
+
+
+def run_patients(
+    model: LoadedModel, patients: list[Patient], settings: RunSettings,
+    progress: Callable[[int], None] = lambda n: None, on_patient_done: Callable[[str], None] = lambda pid: None,
+) -> RunResult:
+    """Score every patient (skipping completed ones on resume) and write summary.csv."""
+    start = time.perf_counter()
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    skipped = SkipCounter()
+    rows: list[dict] = []
+    resumed: list[str] = []
+    cohort = PatientTally()
+    with ThreadPoolExecutor(max_workers=max(1, settings.threads), thread_name_prefix="decode") as pool:
+        for patient in patients:
+            stem = safe_file_stem(patient.patient_id)
+            tally = _completed_tally(settings.out_dir, stem, model, settings.threshold) if settings.resume else None
+            if tally is not None:
+                resumed.append(patient.patient_id)
+                progress(tally.n_patches)
+            else:
+                tally = score_patient(model, patient, settings, pool, skipped, on_patch=lambda: progress(1))
+                if tally.n_patches == 0:
+                    log.warning("patient %s: no image files found under %s", patient.patient_id,
+                                patient.root or "the listed paths")
+            rows.append(tally.summary_row(patient.patient_id, settings.threshold, model.sha256))
+            cohort.merge(tally)
+            on_patient_done(patient.patient_id)
+    if len(patients) > 1:
+        rows.append(cohort.summary_row(COHORT_ID, settings.threshold, model.sha256))
+    write_csv(settings.out_dir / "summary.csv", SUMMARY_COLUMNS, rows)
+    return RunResult(rows, cohort, skipped, resumed, time.perf_counter() - start)

@@ -1,0 +1,83 @@
+"""Writing report files safely: atomic replacement and CSV cells that cannot become formulas."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+# A cell starting with one of these is read as a formula by Excel, LibreOffice and Sheets.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r", "\n")
+RESEARCH_NOTICE = "research use only; not for diagnosis"
+
+
+def neutralise_cell(value: Any) -> Any:
+    """Prefix text that a spreadsheet would evaluate with a quote; numbers pass unchanged."""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def safe_file_stem(name: str) -> str:
+    """A file name stem from a patient id, safe on Windows and POSIX."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "_"
+    return stem[:120]
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path, mode: str = "w", newline: str | None = None) -> Iterator[io.IOBase]:
+    """Open a temp file beside ``target``; it replaces ``target`` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": newline}
+    try:
+        with os.fdopen(fd, mode, **kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+class CsvOut:
+    """A CSV writer whose text cells are neutralised; rows go straight to the (temp) file."""
+
+    def __init__(self, handle, header: Sequence[str]):
+        self.header = list(header)
+        self._writer = csv.writer(handle, lineterminator="\n")
+        self._writer.writerow(self.header)
+
+    def row(self, values: dict[str, Any]) -> None:
+        self._writer.writerow([neutralise_cell(_fmt(values.get(key))) for key in self.header])
+
+
+def _fmt(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if value != value:  # nan: unknown, not zero
+            return ""
+        return f"{value:.6f}"
+    return value
+
+
+def write_csv(target: Path, header: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+    with atomic_path(target, newline="") as handle:
+        out = CsvOut(handle, header)
+        for values in rows:
+            out.row(values)
+
+
+def write_json(target: Path, payload: Any) -> None:
+    with atomic_path(target) as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+        handle.write("\n")

@@ -1,0 +1,75 @@
+"""Load an ONNX model with its contract and score batches of patches with onnxruntime."""
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .contract import Contract, ContractError, contract_from_metadata
+
+DEFAULT_MODEL_NAMES = ("cancernet-int8.onnx", "cancernet-fp32.onnx")
+
+
+class ModelError(ValueError):
+    """The model file cannot be used; the message names the file and why."""
+
+
+def default_model_path() -> Path:
+    """The model shipped in the ``idc_models`` package (int8 preferred where present)."""
+    root = importlib.resources.files("idc_models")
+    for name in DEFAULT_MODEL_NAMES:
+        candidate = root / name
+        if candidate.is_file():
+            return Path(str(candidate))
+    raise ModelError("no default model is installed in idc_models; pass --model FILE")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    sha256: str
+    contract: Contract
+    session: object  # onnxruntime.InferenceSession
+    input_name: str
+
+    def predict_prob_idc(self, batch: np.ndarray) -> np.ndarray:
+        """Probability of the positive class for a float32 NHWC batch."""
+        probs = self.session.run(None, {self.input_name: batch})[0]
+        return np.asarray(probs[:, self.contract.positive_class_index], dtype=np.float64)
+
+
+def load_model(path: Path, threads: int = 0) -> LoadedModel:
+    """Open a model file for inference; ModelError (with the file name) for any unusable file."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for every bad file
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path} is not a loadable ONNX model: {first_line[:200]}") from exc
+    try:
+        contract = contract_from_metadata(session.get_modelmeta().custom_metadata_map, str(path))
+    except ContractError as exc:
+        raise ModelError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from exc
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ModelError(f"{path} has {len(inputs)} inputs; idc models take exactly one")
+    return LoadedModel(path, sha256_of(path), contract, session, inputs[0].name)

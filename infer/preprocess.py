@@ -1,0 +1,148 @@
+"""Decode one patch file into the model's input tensor, exactly as the contract says.
+
+Every failure becomes a status code and a message, never an exception: one bad file must not
+stop a run over a hundred thousand good ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .contract import Contract
+
+cv2.setNumThreads(1)  # decode runs in our own worker threads; nested cv2 threads only contend
+try:  # a corrupt file is reported in its row; cv2's own warnings on stderr would only add noise
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+except AttributeError:
+    pass
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# magic numbers of the image formats cv2 decodes, to tell "corrupt image" from "not an image"
+IMAGE_SIGNATURES = (PNG_SIGNATURE[:4], b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")
+
+STATUS_OK = "ok"
+STATUS_EMPTY = "empty_file"
+STATUS_NOT_IMAGE = "not_an_image"
+STATUS_CORRUPT = "corrupt_image"
+STATUS_UNREADABLE = "unreadable"
+STATUS_MISSING = "missing"
+STATUS_UNDERSIZED = "undersized_refused"
+STATUS_OVERSIZED = "oversized_refused"
+STATUS_UNSUPPORTED = "unsupported_pixels"
+
+
+@dataclass
+class Decoded:
+    """The outcome of decoding one file: a tensor when status is ok, else why not."""
+
+    status: str
+    message: str = ""
+    tensor: np.ndarray | None = None
+    width_px: int | None = None
+    height_px: int | None = None
+
+
+def _read_bytes(path: Path) -> tuple[bytes | None, Decoded | None]:
+    try:
+        return path.read_bytes(), None
+    except FileNotFoundError:
+        return None, Decoded(STATUS_MISSING, "file vanished before it could be read")
+    except PermissionError:
+        return None, Decoded(STATUS_UNREADABLE, "permission denied")
+    except IsADirectoryError:
+        return None, Decoded(STATUS_NOT_IMAGE, "is a directory")
+    except OSError as exc:
+        return None, Decoded(STATUS_UNREADABLE, f"read error: {exc.strerror or exc}")
+
+
+def _to_rgb8(image: np.ndarray, notes: list[str]) -> np.ndarray | None:
+    """Bring any decoded image to 8-bit, 3-channel RGB, noting each conversion."""
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+        notes.append("16-bit converted to 8-bit")
+    elif image.dtype != np.uint8:
+        return None
+    if image.ndim == 2:
+        notes.append("grayscale converted to RGB")
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    channels = image.shape[2]
+    if channels == 1:
+        notes.append("grayscale converted to RGB")
+        return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2RGB)
+    if channels == 4:
+        notes.append("alpha channel dropped")
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    if channels == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return None
+
+
+def _fit_size(rgb: np.ndarray, contract: Contract, notes: list[str]) -> tuple[np.ndarray | None, Decoded | None]:
+    height, width = rgb.shape[:2]
+    native = contract.native_patch_px
+    if height < native or width < native:
+        if contract.undersized_policy == "refuse":
+            return None, Decoded(STATUS_UNDERSIZED, f"{width}x{height} px is smaller than {native}x{native}")
+        if contract.undersized_policy == "pad":
+            rgb = cv2.copyMakeBorder(
+                rgb, 0, max(0, native - height), 0, max(0, native - width), cv2.BORDER_CONSTANT, value=(0, 0, 0)
+            )
+            notes.append(f"undersized {width}x{height} px, zero-padded")
+        else:
+            notes.append(f"undersized {width}x{height} px, stretched")
+    elif height > native or width > native:
+        if contract.oversized_policy == "refuse":
+            return None, Decoded(STATUS_OVERSIZED, f"{width}x{height} px is larger than {native}x{native}")
+        notes.append(f"oversized {width}x{height} px, resized")
+    return rgb, None
+
+
+def preprocess_rgb(rgb: np.ndarray, contract: Contract) -> np.ndarray:
+    """Resize and scale an 8-bit RGB image to the model's input (float32, HWC)."""
+    size = (contract.input_width_px, contract.input_height_px)
+    if rgb.shape[:2] != size[::-1]:
+        # INTER_NEAREST_EXACT matches TF/PIL nearest; plain INTER_NEAREST does not on 50->48
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_NEAREST_EXACT)
+    if contract.channel_order == "BGR":
+        rgb = rgb[:, :, ::-1]
+    return rgb.astype(np.float32) * np.float32(contract.scale) + np.float32(contract.offset)
+
+
+def decode_bytes(data: bytes, contract: Contract) -> Decoded:
+    """Decode the bytes of one image file into the model's input tensor."""
+    if not data:
+        return Decoded(STATUS_EMPTY, "zero-byte file")
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    try:
+        image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # cv2 raises on some malformed headers instead of returning None
+        image = None
+        detail = str(exc).strip().splitlines()[-1][:120]
+    else:
+        detail = ""
+    if image is None:
+        if data.startswith(IMAGE_SIGNATURES):
+            return Decoded(STATUS_CORRUPT, ("image data is truncated or corrupt " + detail).strip())
+        return Decoded(STATUS_NOT_IMAGE, "content is not an image")
+    height, width = image.shape[:2]
+    notes: list[str] = []
+    rgb = _to_rgb8(image, notes)
+    if rgb is None:
+        return Decoded(STATUS_UNSUPPORTED, f"pixel type {image.dtype} with shape {image.shape} not supported",
+                       width_px=width, height_px=height)
+    rgb, refused = _fit_size(rgb, contract, notes)
+    if refused is not None:
+        refused.width_px, refused.height_px = width, height
+        return refused
+    return Decoded(STATUS_OK, "; ".join(notes), preprocess_rgb(rgb, contract), width, height)
+
+
+def decode_file(path: Path, contract: Contract) -> Decoded:
+    """Read and decode one patch file; never raises for a bad file."""
+    data, failure = _read_bytes(path)
+    if failure is not None:
+        return failure
+    return decode_bytes(data, contract)

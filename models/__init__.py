@@ -1,0 +1,1 @@
+"""Model files shipped with idc; located at run time with importlib.resources."""

@@ -1,0 +1,179 @@
+"""idc-infer driven as a user drives it: files written, exit codes, messages."""
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from idc_infer.cli import main
+from idc_train.synthetic import write_cohort, write_faulty_files
+
+from ..conftest import SAMPLE_PATIENT
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def run(args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_sample_patient_with_default_model(tmp_path):
+    result = run([SAMPLE_PATIENT, "--out", tmp_path / "out"])
+    assert result.exit_code == 0, result.output
+    rows = read_csv(tmp_path / "out" / "10253.csv")
+    assert len(rows) == 11 and all(r["status"] == "ok" for r in rows)
+    assert {r["label"] for r in rows} == {"0", "1"}
+    summary = read_csv(tmp_path / "out" / "summary.csv")
+    assert [s["patient_id"] for s in summary] == ["10253"]
+    assert summary[0]["notice"] == "research use only; not for diagnosis"
+    run_info = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run_info["model"]["demo"] is False
+    assert run_info["counts"]["patches"] == 11
+    assert "RESEARCH USE ONLY" in result.stderr
+
+
+def test_summary_fractions_agree_with_rows(tmp_path, demo_onnx):
+    root = tmp_path / "cohort"
+    write_cohort(root, n_patients=3, seed=5, grid=5)
+    write_faulty_files(root / "faulty")
+    result = run([root, "--model", demo_onnx, "--out", tmp_path / "out"])
+    assert result.exit_code == 0, result.output
+    summary = {s["patient_id"]: s for s in read_csv(tmp_path / "out" / "summary.csv")}
+    assert set(summary) == {"90001", "90002", "90003", "faulty", "(cohort)"}
+    for pid in ("90001", "90002", "90003", "faulty"):
+        rows = read_csv(tmp_path / "out" / f"{pid}.csv")
+        scored = [r for r in rows if r["status"] == "ok"]
+        n_idc = sum(r["pred"] == "1" for r in scored)
+        assert int(summary[pid]["n_patches"]) == len(rows)
+        assert int(summary[pid]["n_scored"]) == len(scored)
+        assert int(summary[pid]["n_failed"]) == len(rows) - len(scored)
+        assert int(summary[pid]["n_idc"]) == n_idc
+        assert float(summary[pid]["idc_fraction"]) == pytest.approx(n_idc / len(scored), abs=1e-6)
+        low, high = float(summary[pid]["idc_fraction_ci95_low"]), float(summary[pid]["idc_fraction_ci95_high"])
+        assert low <= n_idc / len(scored) <= high
+    assert summary["faulty"]["n_failed"] == "4"
+    assert int(summary["(cohort)"]["n_patches"]) == sum(int(summary[p]["n_patches"]) for p in summary if p != "(cohort)")
+    run_info = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run_info["counts"]["skipped_files"] == 3  # .DS_Store, Thumbs.db, readme.txt
+    assert run_info["model"]["demo"] is True
+    assert "DEMO MODEL" in result.stderr
+
+
+def test_faulty_rows_and_strict(tmp_path, demo_onnx):
+    expected = write_faulty_files(tmp_path / "faulty")
+    result = run([tmp_path / "faulty", "--model", demo_onnx, "--out", tmp_path / "out"])
+    assert result.exit_code == 0
+    rows = {r["path"]: r for r in read_csv(tmp_path / "out" / "faulty.csv")}
+    assert {name.lstrip("=") for name in expected} == {p.lstrip("'=") for p in rows}
+    for name, status in expected.items():
+        key = "'" + name if name.startswith("=") else name
+        assert rows[key]["status"] == status
+        assert (rows[key]["prob_idc"] != "") == (status == "ok")
+    strict = run([tmp_path / "faulty", "--model", demo_onnx, "--out", tmp_path / "out2", "--strict"])
+    assert strict.exit_code == 1
+
+
+@pytest.mark.parametrize("problem", ["missing", "not_onnx", "no_contract"])
+def test_bad_model_is_a_usage_error(tmp_path, demo_onnx, problem):
+    model = tmp_path / "model.onnx"
+    if problem == "not_onnx":
+        model.write_text("not a model")
+    elif problem == "no_contract":
+        import onnx
+
+        proto = onnx.load(str(demo_onnx))
+        del proto.metadata_props[:]
+        onnx.save(proto, str(model))
+    result = run([SAMPLE_PATIENT, "--model", model, "--out", tmp_path / "out"])
+    assert result.exit_code == 2
+    assert str(model) in result.output
+    assert "Traceback" not in result.output
+    if problem == "no_contract":
+        assert "idc.contract" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_arguments_are_usage_errors(tmp_path):
+    assert run([tmp_path / "nope"]).exit_code == 2
+    bad = run([SAMPLE_PATIENT, "--threshold", "1.5", "--out", tmp_path / "o"])
+    assert bad.exit_code == 2 and "1.5" in bad.output
+
+
+def test_existing_reports_are_not_overwritten_silently(tmp_path):
+    out = tmp_path / "out"
+    assert run([SAMPLE_PATIENT, "--out", out]).exit_code == 0
+    again = run([SAMPLE_PATIENT, "--out", out])
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert run([SAMPLE_PATIENT, "--out", out, "--overwrite"]).exit_code == 0
+
+
+def test_empty_directory_gives_zero_row(tmp_path):
+    (tmp_path / "empty_patient").mkdir()
+    result = run([tmp_path / "empty_patient", "--out", tmp_path / "out"])
+    assert result.exit_code == 0
+    summary = read_csv(tmp_path / "out" / "summary.csv")
+    assert summary[0]["n_patches"] == "0" and summary[0]["idc_fraction"] == ""
+
+
+def test_threshold_override_changes_calls(tmp_path):
+    low = run([SAMPLE_PATIENT, "--out", tmp_path / "a", "--threshold", "0"])
+    assert low.exit_code == 0
+    assert read_csv(tmp_path / "a" / "summary.csv")[0]["n_idc"] == "11"
+    high = run([SAMPLE_PATIENT, "--out", tmp_path / "b", "--threshold", "1"])
+    assert read_csv(tmp_path / "b" / "summary.csv")[0]["n_idc"] in ("0", "1")
+
+
+def test_from_list_matches_directory_run(tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(str(p) for p in sorted(SAMPLE_PATIENT.rglob("*.png"))) + "\n")
+    assert run(["--from-list", listing, "--out", tmp_path / "a"]).exit_code == 0
+    assert run([SAMPLE_PATIENT, "--out", tmp_path / "b"]).exit_code == 0
+    a = [(r["prob_idc"], r["label"]) for r in read_csv(tmp_path / "a" / "10253.csv")]
+    b = [(r["prob_idc"], r["label"]) for r in read_csv(tmp_path / "b" / "10253.csv")]
+    assert sorted(a) == sorted(b)
+
+
+def test_cohort_root_equals_separate_calls(tmp_path, demo_onnx):
+    root = tmp_path / "cohort"
+    write_cohort(root, n_patients=2, seed=9, grid=4)
+    assert run([root, "--model", demo_onnx, "--out", tmp_path / "together"]).exit_code == 0
+    for pid in ("90001", "90002"):
+        assert run([root / pid, "--model", demo_onnx, "--out", tmp_path / pid]).exit_code == 0
+        assert (tmp_path / "together" / f"{pid}.csv").read_bytes() == (tmp_path / pid / f"{pid}.csv").read_bytes()
+
+
+def test_resume_skips_completed_patients_and_matches_clean_run(tmp_path, demo_onnx):
+    root = tmp_path / "cohort"
+    write_cohort(root, n_patients=3, seed=2, grid=4)
+    clean = tmp_path / "clean"
+    assert run([root, "--model", demo_onnx, "--out", clean]).exit_code == 0
+    partial = tmp_path / "partial"
+    shutil.copytree(clean, partial)
+    (partial / "90002.csv").write_text("path,x\nhalf")  # as if 90002 had not completed
+    (partial / "summary.csv").unlink()
+    result = run([root, "--model", demo_onnx, "--out", partial, "--resume"])
+    assert result.exit_code == 0
+    info = json.loads((partial / "run.json").read_text())
+    assert info["counts"]["patients_resumed"] == 2
+    for name in ("90001.csv", "90002.csv", "90003.csv", "summary.csv"):
+        assert (partial / name).read_bytes() == (clean / name).read_bytes()
+
+
+def test_infer_never_imports_tensorflow(tmp_path):
+    code = (
+        "import sys\n"
+        "from idc_infer.cli import main\n"
+        f"try:\n    main([{str(SAMPLE_PATIENT)!r}, '--out', {str(tmp_path / 'o')!r}, '-q'])\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx', 'onnx'))\n"
+        "print('FORBIDDEN', bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "FORBIDDEN []" in out
+    assert (tmp_path / "o" / "10253.csv").exists()

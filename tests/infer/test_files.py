@@ -1,0 +1,41 @@
+import csv
+
+import pytest
+from hypothesis import given, strategies as st
+
+from idc_infer.files import FORMULA_PREFIXES, atomic_path, neutralise_cell, safe_file_stem, write_csv
+
+
+@given(st.text())
+def test_no_cell_starts_like_a_formula(text):
+    cell = neutralise_cell(text)
+    assert not cell.startswith(FORMULA_PREFIXES)
+    assert cell == text or cell == "'" + text
+
+
+def test_numbers_are_untouched():
+    assert neutralise_cell(-0.5) == -0.5
+
+
+def test_formula_file_name_is_inert_in_csv(tmp_path):
+    target = tmp_path / "r.csv"
+    write_csv(target, ["path"], [{"path": "=HYPERLINK(\"http://x\").png"}])
+    rows = list(csv.reader(target.open()))
+    assert rows[1][0].startswith("'=")
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "report.csv"
+    target.write_text("complete old report\n")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as handle:
+            handle.write("half a new rep")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "complete old report\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.csv"]
+
+
+@given(st.text(min_size=1, max_size=200))
+def test_safe_file_stem_is_a_plain_name(text):
+    stem = safe_file_stem(text)
+    assert stem and "/" not in stem and "\\" not in stem and ":" not in stem and not stem.startswith(".")

@@ -1,0 +1,43 @@
+from pathlib import Path
+
+from hypothesis import given, strategies as st
+
+from idc_infer.naming import is_candidate_image, label_from_parent, parse_patch_name, patient_dir_of
+
+
+def test_parses_kaggle_name():
+    name = parse_patch_name("10253_idx5_x1001_y451_class0.png")
+    assert (name.patient_id, name.x, name.y, name.label) == ("10253", 1001, 451, 0)
+
+
+def test_unlabelled_and_foreign_names():
+    assert parse_patch_name("10253_idx5_x1_y2.png").label is None
+    assert parse_patch_name("IMG_0001.png").patient_id is None
+    assert parse_patch_name("10253_idx5_x1001_y451_class2.png").patient_id is None
+
+
+@given(pid=st.integers(0, 10**7), x=st.integers(0, 10**6), y=st.integers(0, 10**6), label=st.sampled_from([0, 1]))
+def test_name_round_trip(pid, x, y, label):
+    name = parse_patch_name(f"{pid}_idx5_x{x}_y{y}_class{label}.png")
+    assert (name.patient_id, name.x, name.y, name.label) == (str(pid), x, y, label)
+
+
+@given(st.text(max_size=40))
+def test_parser_never_raises(text):
+    name = parse_patch_name(text)
+    assert name.patient_id is None or name.x is not None
+
+
+def test_label_folders_and_patient_dir():
+    path = Path("cohort/8863/1/a.png")
+    assert label_from_parent(path) == 1
+    assert patient_dir_of(path) == Path("cohort/8863")
+    assert patient_dir_of(Path("cohort/8863/a.png")) == Path("cohort/8863")
+
+
+def test_hidden_and_non_image_files_are_not_candidates():
+    assert not is_candidate_image(".DS_Store")
+    assert not is_candidate_image("._8863_idx5_x1_y1_class0.png")
+    assert not is_candidate_image("Thumbs.db")
+    assert not is_candidate_image("notes.txt")
+    assert is_candidate_image("A.PNG") and is_candidate_image("b.jpg")

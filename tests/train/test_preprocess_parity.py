@@ -1,0 +1,40 @@
+"""Train's TF input pipeline and infer's cv2 decoder give the same tensor on real PNGs."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from idc_infer.contract import Contract
+from idc_infer.preprocess import decode_file
+
+tf = pytest.importorskip("tensorflow")
+
+from idc_train.pipeline import decode_and_preprocess  # noqa: E402
+
+
+def _compare(paths, contract):
+    assert paths
+    for path in paths:
+        ours = decode_file(path, contract)
+        assert ours.status == "ok", path
+        theirs = decode_and_preprocess(tf.constant(str(path)), contract).numpy()
+        np.testing.assert_array_equal(theirs, ours.tensor, err_msg=str(path))
+
+
+def test_tf_and_cv2_agree_on_shared_sample(shared_sample):
+    _compare(sorted(shared_sample.rglob("*.png")), Contract())
+
+
+def test_tf_and_cv2_agree_on_undersized_real_patches(real_data):
+    import csv
+
+    rows = list(csv.DictReader(open(real_data / "manifest.csv")))
+    small = [real_data / r["path"] for r in rows if (r["width"], r["height"]) != ("50", "50")]
+    _compare(small, Contract())
+
+
+def test_tf_and_cv2_agree_on_synthetic_undersized(tmp_path):
+    from idc_train.synthetic import write_patient
+
+    patches = write_patient(tmp_path, "777", seed=1, grid=4)
+    _compare([p.path for p in patches], Contract())

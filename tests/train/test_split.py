@@ -1,0 +1,56 @@
+from hypothesis import given, settings, strategies as st
+
+from idc_train.data import apply_split, counts_by_patient, discover_labelled, patient_split, read_split_manifest, write_split_manifest
+
+counts_strategy = st.dictionaries(
+    st.integers(1000, 99999).map(str), st.tuples(st.integers(0, 500), st.integers(0, 500)), min_size=3, max_size=80
+)
+
+
+@given(counts=counts_strategy, seed=st.integers(0, 1000))
+@settings(max_examples=60)
+def test_every_patient_in_exactly_one_set(counts, seed):
+    assignment = patient_split(counts, seed=seed)
+    assert set(assignment) == set(counts)
+    assert set(assignment.values()) <= {"train", "val", "test"}
+    assert list(assignment.values()).count("val") >= 1 and list(assignment.values()).count("test") >= 1
+
+
+@given(counts=counts_strategy, seed=st.integers(0, 1000))
+@settings(max_examples=30)
+def test_split_is_reproducible_from_seed(counts, seed):
+    assert patient_split(counts, seed=seed) == patient_split(dict(reversed(list(counts.items()))), seed=seed)
+
+
+def test_proportions_follow_80_10_10():
+    counts = {str(i): (100, i) for i in range(100)}
+    values = list(patient_split(counts, seed=1).values())
+    assert (values.count("train"), values.count("val"), values.count("test")) == (80, 10, 10)
+
+
+def test_no_patch_of_a_patient_on_two_sides(synthetic_cohort, tmp_path):
+    patches = discover_labelled(synthetic_cohort)
+    counts = counts_by_patient(patches)
+    assignment = patient_split(counts, seed=4)
+    sets = apply_split(patches, assignment)
+    seen = {name: {p.patient_id for p in items} for name, items in sets.items()}
+    assert not (seen["train"] & seen["val"]) and not (seen["train"] & seen["test"]) and not (seen["val"] & seen["test"])
+    assert sum(len(v) for v in sets.values()) == len(patches)
+    write_split_manifest(tmp_path / "split.csv", assignment, counts)
+    assert read_split_manifest(tmp_path / "split.csv") == assignment
+
+
+def test_discovery_reads_labels_from_names_and_folders(tmp_path):
+    import shutil
+
+    from idc_train.synthetic import write_patient
+
+    write_patient(tmp_path / "kaggle", "123", grid=3)
+    (tmp_path / "folders" / "benign").mkdir(parents=True)
+    (tmp_path / "folders" / "malignant").mkdir(parents=True)
+    first = next((tmp_path / "kaggle").rglob("*.png"))
+    shutil.copy(first, tmp_path / "folders" / "benign" / "a.png")
+    shutil.copy(first, tmp_path / "folders" / "malignant" / "b.png")
+    kaggle = discover_labelled(tmp_path / "kaggle")
+    assert len(kaggle) == 9 and {p.patient_id for p in kaggle} == {"123"}
+    assert sorted(p.label for p in discover_labelled(tmp_path / "folders")) == [0, 1]

@@ -1,0 +1,48 @@
+"""The ``idc-train`` command: train CancerNet on a labelled patch directory."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory: model.keras, split.csv, history.csv, train_meta.json.")
+@click.option("--epochs", type=click.IntRange(1), default=40, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=1e-2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--split", default="patient", show_default=True,
+              help="'patient' (seeded 80/10/10 of patients) or a CSV manifest with patient_id,set.")
+@click.option("--patience", type=click.IntRange(1), default=8, show_default=True,
+              help="Stop after this many epochs without a better validation ROC-AUC.")
+@click.option("--no-augment", is_flag=True, help="Train without flips, rotations and colour jitter.")
+@click.option("-v", "--verbose", count=True)
+def main(data_dir, run_dir, epochs, batch_size, learning_rate, seed, split, patience, no_augment, verbose):
+    """Train CancerNet on DATA_DIR (Kaggle layout <pid>/<0|1>/*.png) with a patient-level split."""
+    logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, format="%(levelname)s %(message)s",
+                        stream=sys.stderr)
+    if split != "patient" and not Path(split).is_file():
+        raise click.BadParameter(f"{split!r} is neither 'patient' nor an existing manifest file", param_hint="--split")
+    from .training import CollapsedModelError, TrainConfig, TrainingDataError, train
+
+    config = TrainConfig(data_dir, run_dir, epochs=epochs, batch_size=batch_size, seed=seed,
+                         learning_rate=learning_rate, split=split, patience=patience, augment=not no_augment)
+    try:
+        meta = train(config)
+    except TrainingDataError as exc:
+        raise click.UsageError(str(exc)) from None
+    except CollapsedModelError as exc:
+        click.echo(f"idc-train: FAILED: {exc}", err=True)
+        sys.exit(3)
+    for name, m in meta["metrics"].items():
+        click.echo(f"{name}: n={m['n']} ROC-AUC={m['roc_auc']:.3f} balanced_accuracy={m['balanced_accuracy']:.3f} "
+                   f"sensitivity={m['sensitivity']:.3f} specificity={m['specificity']:.3f} F1={m['f1']:.3f} "
+                   f"(threshold {m['threshold']:.3f})")
+    if meta["demo"]:
+        click.echo("idc-train: trained on SYNTHETIC data: this is a demo model", err=True)
+    click.echo(f"model written to {Path(run_dir) / 'model.keras'}")

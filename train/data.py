@@ -1,0 +1,134 @@
+"""Labelled patch discovery and patient-level splits, as manifests (never copies of the data)."""
+from __future__ import annotations
+
+import csv
+import logging
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from idc_infer.discover import patient_id_of
+from idc_infer.naming import is_candidate_image, label_from_parent, parse_patch_name
+
+log = logging.getLogger(__name__)
+
+CLASS_DIRS = {"0": 0, "1": 1, "benign": 0, "malignant": 1, "non-idc": 0, "idc": 1}
+SET_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class LabelledPatch:
+    path: Path
+    patient_id: str
+    label: int
+
+
+def _label_of(path: Path) -> int | None:
+    parsed = parse_patch_name(path.name).label
+    if parsed is not None:
+        return parsed
+    folder = label_from_parent(path)
+    return folder if folder is not None else CLASS_DIRS.get(path.parent.name.lower())
+
+
+def discover_labelled(data_dir: Path) -> list[LabelledPatch]:
+    """Every labelled image under ``data_dir`` (Kaggle or class-folder layout), sorted by path."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data directory {data_dir} does not exist")
+    patches = []
+    unlabelled = 0
+    for path in sorted(data_dir.rglob("*")):
+        if not path.is_file() or not is_candidate_image(path.name):
+            continue
+        if any(part.startswith(".") for part in path.relative_to(data_dir).parts):
+            continue
+        label = _label_of(path)
+        if label is None:
+            unlabelled += 1
+            continue
+        patches.append(LabelledPatch(path, patient_id_of(path), label))
+    if unlabelled:
+        log.warning("%d image(s) under %s carry no label and were left out", unlabelled, data_dir)
+    return patches
+
+
+def counts_by_patient(patches: list[LabelledPatch]) -> dict[str, tuple[int, int]]:
+    """patient_id -> (non-IDC count, IDC count)."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for patch in patches:
+        counts[patch.patient_id][patch.label] += 1
+    return {pid: (c[0], c[1]) for pid, c in sorted(counts.items())}
+
+
+def patient_split(
+    patient_counts: dict[str, tuple[int, int]], fractions=(0.8, 0.1, 0.1), seed: int = 0
+) -> dict[str, str]:
+    """Assign whole patients to train/val/test, seeded and stratified by IDC ratio.
+
+    Patients are sorted by their IDC ratio and dealt out in blocks, each block shuffled by the
+    seed, so every set spans the range of ratios. Val and test get at least one patient each
+    when there are three or more patients.
+    """
+    rng = random.Random(seed)
+    pids = sorted(patient_counts, key=lambda p: (patient_counts[p][1] / max(1, sum(patient_counts[p])), p))
+    n = len(pids)
+    n_val = max(1 if n >= 3 else 0, round(n * fractions[1]))
+    n_test = max(1 if n >= 3 else 0, round(n * fractions[2]))
+    n_eval = n_val + n_test
+    assignment = {}
+    if n_eval:
+        block = max(1, n // n_eval)
+        eval_pids = []
+        for start in range(0, n, block):
+            group = pids[start : start + block]
+            eval_pids.append(rng.choice(group))
+            if len(eval_pids) == n_eval:
+                break
+        rng.shuffle(eval_pids)
+        for pid in eval_pids[:n_val]:
+            assignment[pid] = "val"
+        for pid in eval_pids[n_val:]:
+            assignment[pid] = "test"
+    for pid in pids:
+        assignment.setdefault(pid, "train")
+    return dict(sorted(assignment.items()))
+
+
+def read_split_manifest(path: Path) -> dict[str, str]:
+    """A split manifest: CSV with columns patient_id,set (set in train/val/test)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or not {"patient_id", "set"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: a split manifest needs the columns patient_id,set")
+        assignment = {}
+        for row in reader:
+            if row["set"] not in SET_NAMES:
+                raise ValueError(f"{path}: unknown set {row['set']!r} for patient {row['patient_id']}")
+            assignment[row["patient_id"].strip()] = row["set"]
+    return assignment
+
+
+def write_split_manifest(path: Path, assignment: dict[str, str], counts: dict[str, tuple[int, int]]) -> None:
+    from idc_infer.files import write_csv
+
+    rows = [
+        {"patient_id": pid, "set": name, "n_non_idc": counts.get(pid, (0, 0))[0], "n_idc": counts.get(pid, (0, 0))[1]}
+        for pid, name in sorted(assignment.items())
+    ]
+    write_csv(Path(path), ("patient_id", "set", "n_non_idc", "n_idc"), rows)
+
+
+def apply_split(patches: list[LabelledPatch], assignment: dict[str, str]) -> dict[str, list[LabelledPatch]]:
+    sets: dict[str, list[LabelledPatch]] = {name: [] for name in SET_NAMES}
+    missing = Counter()
+    for patch in patches:
+        name = assignment.get(patch.patient_id)
+        if name is None:
+            missing[patch.patient_id] += 1
+            continue
+        sets[name].append(patch)
+    if missing:
+        log.warning("%d patient(s) not in the split were left out: %s", len(missing), ", ".join(sorted(missing)[:10]))
+    return sets

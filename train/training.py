@@ -1,0 +1,232 @@
+"""Train CancerNet on a patient-level split; keep the epoch with the best validation ROC-AUC.
+
+Writes RUN_DIR/model.keras, split.csv, history.csv and train_meta.json (what export puts
+into the contract: data, split, threshold chosen on validation patients, metrics).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from idc_infer import __version__
+from idc_infer.contract import Contract
+from idc_infer.files import write_csv, write_json
+from idc_infer.metrics import best_balanced_threshold, classification_metrics
+
+from .synthetic import SYNTHETIC_MARKER
+from .data import apply_split, counts_by_patient, discover_labelled, patient_split, read_split_manifest, write_split_manifest
+
+log = logging.getLogger(__name__)
+
+COLLAPSE_STD = 1e-3
+
+
+class CollapsedModelError(RuntimeError):
+    """The trained model gives (almost) the same output for every patch."""
+
+
+class TrainingDataError(ValueError):
+    """The data or split cannot train a model (missing class, empty set...)."""
+
+
+@dataclass
+class TrainConfig:
+    data_dir: Path
+    run_dir: Path
+    epochs: int = 40
+    batch_size: int = 32
+    seed: int = 0
+    learning_rate: float = 1e-2
+    split: str = "patient"  # "patient" or a manifest CSV path
+    patience: int = 8
+    min_epochs: int = 3
+    augment: bool = True
+
+
+def _seed_everything(seed: int) -> None:
+    import keras
+
+    os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
+    keras.utils.set_random_seed(seed)
+
+
+def class_weights(labels: list[int]) -> dict[int, float]:
+    """Weights so both classes count equally: n / (2 * n_class)."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    return {c: float(n / (2 * max(1, int(np.sum(labels == c))))) for c in (0, 1)}
+
+
+def predict_prob_idc(model, dataset) -> np.ndarray:
+    probs = model.predict(dataset, verbose=0)
+    return probs[:, 1].astype(np.float64)
+
+
+def check_not_collapsed(probs: np.ndarray, where: str) -> None:
+    spread = float(np.std(probs))
+    if spread < COLLAPSE_STD:
+        raise CollapsedModelError(
+            f"the model's output on {where} is constant (std {spread:.2e}): it has collapsed, usually because "
+            "BatchNormalization statistics had not settled; train longer or with more data"
+        )
+
+
+def recalibrate_batchnorm(model, dataset, max_batches: int = 40) -> None:
+    """Re-estimate BatchNormalization moving statistics as a plain average over training batches.
+
+    With momentum 0.99 the moving statistics need hundreds of steps to forget their initial
+    values; a short run then exports a model with constant output. Averaging the batch
+    statistics of the current weights ("precise BN") fixes that and does not touch the weights.
+    """
+    import keras
+
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [layer.momentum for layer in layers]
+    try:
+        for k, (images, _) in enumerate(dataset.take(max_batches), start=1):
+            for layer in layers:
+                layer.momentum = 1.0 - 1.0 / k  # running mean of batch statistics
+            model(images, training=True)
+    finally:
+        for layer, momentum in zip(layers, saved):
+            layer.momentum = momentum
+
+
+def _make_auc_callback(val_ds, val_labels, bn_ds, patience: int, min_epochs: int):
+    import keras
+
+    from idc_infer.metrics import roc_auc
+
+    class BestByValAuc(keras.callbacks.Callback):
+        """Keep the weights of the epoch with the best validation ROC-AUC (loss can pick an
+        early epoch whose BatchNormalization statistics have not settled)."""
+
+        def __init__(self):
+            super().__init__()
+            self.best_auc, self.best_epoch, self.best_weights, self.wait = -math.inf, -1, None, 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            recalibrate_batchnorm(self.model, bn_ds)
+            probs = predict_prob_idc(self.model, val_ds)
+            auc = roc_auc(val_labels, probs)
+            spread = float(np.std(probs))
+            if logs is not None:
+                logs["val_roc_auc"], logs["val_prob_std"] = auc, spread
+            usable = not math.isnan(auc) and spread >= COLLAPSE_STD
+            if usable and auc > self.best_auc:
+                self.best_auc, self.best_epoch, self.wait = auc, epoch, 0
+                self.best_weights = self.model.get_weights()
+            else:
+                self.wait += 1
+                if self.wait >= patience and epoch + 1 >= min_epochs:
+                    self.model.stop_training = True
+
+        def on_train_end(self, logs=None):
+            if self.best_weights is not None:
+                self.model.set_weights(self.best_weights)
+
+    return BestByValAuc()
+
+
+def resolve_split(config: TrainConfig, counts: dict[str, tuple[int, int]]) -> dict[str, str]:
+    if config.split == "patient":
+        return patient_split(counts, seed=config.seed)
+    return read_split_manifest(Path(config.split))
+
+
+def describe_data(data_dir: Path, counts: dict[str, tuple[int, int]], synthetic: bool) -> str:
+    n0 = sum(c[0] for c in counts.values())
+    n1 = sum(c[1] for c in counts.values())
+    kind = "SYNTHETIC patches (demo)" if synthetic else "real patches"
+    return f"{kind} from {data_dir.name}: {len(counts)} patients, {n0} non-IDC + {n1} IDC"
+
+
+def train(config: TrainConfig, contract: Contract | None = None) -> dict:
+    """Train, pick the threshold on validation patients, evaluate on test patients, write RUN_DIR."""
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    import keras
+
+    from .cancernet import build_cancernet
+    from .pipeline import make_dataset
+
+    contract = contract or Contract()
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _seed_everything(config.seed)
+
+    patches = discover_labelled(config.data_dir)
+    if not patches:
+        raise TrainingDataError(f"no labelled patches found under {config.data_dir}")
+    counts = counts_by_patient(patches)
+    for pid, (n0, n1) in counts.items():
+        log.info("patient %s: %d non-IDC, %d IDC", pid, n0, n1)
+    assignment = resolve_split(config, counts)
+    write_split_manifest(run_dir / "split.csv", assignment, counts)
+    sets = apply_split(patches, assignment)
+    for name in ("train", "val"):
+        labels = {p.label for p in sets[name]}
+        if labels != {0, 1}:
+            raise TrainingDataError(f"the {name} set needs patches of both classes, has {sorted(labels)}; "
+                                    "give more patients or another --split")
+
+    def arrays(name):
+        return [str(p.path) for p in sets[name]], [p.label for p in sets[name]]
+
+    train_paths, train_labels = arrays("train")
+    val_paths, val_labels = arrays("val")
+    train_ds = make_dataset(train_paths, train_labels, contract, config.batch_size, shuffle=True,
+                            augment_images=config.augment, seed=config.seed)
+    bn_ds = make_dataset(train_paths, train_labels, contract, 64, shuffle=True, seed=config.seed + 1)
+    val_ds = make_dataset(val_paths, val_labels, contract, 256)
+
+    model = build_cancernet(contract.input_height_px, contract.input_width_px, 3, len(contract.class_names))
+    schedule = keras.optimizers.schedules.InverseTimeDecay(
+        config.learning_rate, decay_steps=max(1, len(train_paths) // config.batch_size), decay_rate=1.0 / max(1, config.epochs)
+    )  # the seed's Adagrad(lr, decay=lr/epochs), which Keras 3 ignores as an argument
+    model.compile(optimizer=keras.optimizers.Adagrad(learning_rate=schedule), loss="categorical_crossentropy",
+                  metrics=["accuracy"])
+    best = _make_auc_callback(val_ds, val_labels, bn_ds, config.patience, config.min_epochs)
+    history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, class_weight=class_weights(train_labels),
+                        callbacks=[best], verbose=2)
+
+    val_probs = predict_prob_idc(model, val_ds)
+    check_not_collapsed(val_probs, "the validation patients")
+    threshold = best_balanced_threshold(val_labels, val_probs)
+    metrics = {"val": classification_metrics(val_labels, val_probs, threshold)}
+    if sets["test"]:
+        test_paths, test_labels = arrays("test")
+        test_probs = predict_prob_idc(model, make_dataset(test_paths, test_labels, contract, 256))
+        check_not_collapsed(test_probs, "the test patients")
+        metrics["test"] = classification_metrics(test_labels, test_probs, threshold)
+        metrics["test_at_0.5"] = classification_metrics(test_labels, test_probs, 0.5)
+
+    model.save(run_dir / "model.keras")
+    epochs_run = len(history.history["loss"])
+    write_csv(run_dir / "history.csv", ["epoch", *history.history.keys()],
+              [{"epoch": i + 1, **{k: float(v[i]) for k, v in history.history.items()}} for i in range(epochs_run)])
+    synthetic = (Path(config.data_dir) / SYNTHETIC_MARKER).exists()
+    meta = {
+        "training_data": describe_data(Path(config.data_dir), {p: counts[p] for p in counts if assignment.get(p) == "train"}, synthetic),
+        "data_dir": str(config.data_dir),
+        "demo": synthetic,
+        "split": {name: sorted(p for p, s in assignment.items() if s == name) for name in ("train", "val", "test")},
+        "split_method": config.split if config.split == "patient" else f"manifest {Path(config.split).name}",
+        "threshold": threshold,
+        "threshold_chosen_on": "validation patients (max balanced accuracy)",
+        "metrics": metrics,
+        "epochs_run": epochs_run,
+        "best_epoch": best.best_epoch + 1,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in config.__dict__.items()},
+        "arch": "cancernet",
+        "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "code_version": __version__,
+        "tensorflow": __import__("tensorflow").__version__,
+    }
+    write_json(run_dir / "train_meta.json", meta)
+    return meta
