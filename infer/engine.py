@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -177,6 +177,20 @@ def patch_row(scored: ScoredPatch, patient: Patient, threshold: float) -> tuple[
     return row, pred, label
 
 
+class PatchSink(Protocol):
+    """Something that consumes a patient's rows as they stream by (review outputs, for example)."""
+
+    def add(self, row: dict, rgb: np.ndarray | None) -> None:
+        """One patch: its CSV row and its 8-bit RGB pixels (None when it could not be decoded)."""
+
+    def close(self) -> None:
+        """All rows seen: write the outputs (atomically)."""
+
+
+# (patient_id, out_dir, file stem, threshold) -> sink
+SinkFactory = Callable[[str, Path, str, float], PatchSink]
+
+
 @dataclass
 class RunSettings:
     out_dir: Path
@@ -184,6 +198,7 @@ class RunSettings:
     batch_size: int = 64
     threads: int = 2
     resume: bool = False
+    sink_factories: list[SinkFactory] = field(default_factory=list)
 
 
 def _state_path(out_dir: Path, stem: str) -> Path:
@@ -219,13 +234,19 @@ def score_patient(
     stem = safe_file_stem(patient.patient_id)
     csv_file = settings.out_dir / f"{stem}.csv"
     tally = PatientTally()
+    sinks = [make(patient.patient_id, settings.out_dir, stem, settings.threshold) for make in settings.sink_factories]
     with atomic_path(csv_file, newline="") as handle:
         out = CsvOut(handle, PATCH_COLUMNS)
         for scored in score_paths(model, patient.iter_paths(skipped), pool, settings.batch_size):
             row, pred, label = patch_row(scored, patient, settings.threshold)
             out.row(row)
+            for sink in sinks:
+                sink.add(row, scored.decoded.rgb)
+            scored.decoded.rgb = None
             tally.add(scored.prob_idc, pred, label)
             on_patch()
+    for sink in sinks:
+        sink.close()
     state = {
         "patient_id": patient.patient_id,
         "model_sha256": model.sha256,

@@ -43,6 +43,7 @@ class Decoded:
     tensor: np.ndarray | None = None
     width_px: int | None = None
     height_px: int | None = None
+    rgb: np.ndarray | None = None  # the 8-bit RGB patch as read (before resizing), for review images
 
 
 def _read_bytes(path: Path) -> tuple[bytes | None, Decoded | None]:
@@ -133,11 +134,12 @@ def decode_bytes(data: bytes, contract: Contract) -> Decoded:
     if rgb is None:
         return Decoded(STATUS_UNSUPPORTED, f"pixel type {image.dtype} with shape {image.shape} not supported",
                        width_px=width, height_px=height)
+    original = rgb
     rgb, refused = _fit_size(rgb, contract, notes)
     if refused is not None:
         refused.width_px, refused.height_px = width, height
         return refused
-    return Decoded(STATUS_OK, "; ".join(notes), preprocess_rgb(rgb, contract), width, height)
+    return Decoded(STATUS_OK, "; ".join(notes), preprocess_rgb(rgb, contract), width, height, original)
 
 
 def decode_file(path: Path, contract: Contract) -> Decoded:
