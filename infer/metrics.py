@@ -109,33 +109,34 @@ def roc_auc(labels, scores) -> float:
     return (rank_sum_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """False-positive rates, true-positive rates and thresholds, from the highest threshold down."""
+def _threshold_counts(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """For each distinct score t (descending): TP and FP counts of the rule score >= t."""
     labels = np.asarray(labels, dtype=int)
     scores = np.asarray(scores, dtype=float)
-    thresholds = np.unique(scores)[::-1]
-    n_pos = max(1, int(np.sum(labels == 1)))
-    n_neg = max(1, int(np.sum(labels == 0)))
-    tpr = [0.0]
-    fpr = [0.0]
-    for t in thresholds:
-        pred = scores >= t
-        tpr.append(float(np.sum(pred & (labels == 1))) / n_pos)
-        fpr.append(float(np.sum(pred & (labels == 0))) / n_neg)
-    return np.array(fpr), np.array(tpr), np.concatenate([[np.inf], thresholds])
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_scores = scores[order]
+    positives = np.cumsum(labels[order] == 1)
+    negatives = np.cumsum(labels[order] == 0)
+    last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]  # ties share one threshold
+    return (sorted_scores[last_of_run], positives[last_of_run], negatives[last_of_run],
+            int(np.sum(labels == 1)), int(np.sum(labels == 0)))
+
+
+def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False-positive rates, true-positive rates and thresholds, from the highest threshold down."""
+    thresholds, tp, fp, n_pos, n_neg = _threshold_counts(labels, scores)
+    tpr = np.r_[0.0, tp / max(1, n_pos)]
+    fpr = np.r_[0.0, fp / max(1, n_neg)]
+    return fpr, tpr, np.r_[np.inf, thresholds]
 
 
 def best_balanced_threshold(labels, scores) -> float:
     """The threshold on prob_idc that maximises balanced accuracy (pred = score >= threshold)."""
-    labels = np.asarray(labels, dtype=int)
-    scores = np.asarray(scores, dtype=float)
-    candidates = np.unique(np.round(scores, 4))
-    best_t, best_bac = 0.5, -1.0
-    for t in candidates:
-        bac = Confusion.from_labels(labels, scores >= t).balanced_accuracy
-        if not math.isnan(bac) and bac > best_bac + 1e-12:
-            best_t, best_bac = float(t), bac
-    return best_t
+    thresholds, tp, fp, n_pos, n_neg = _threshold_counts(labels, scores)
+    if n_pos == 0 or n_neg == 0 or len(thresholds) == 0:
+        return 0.5
+    balanced = (tp / n_pos + (n_neg - fp) / n_neg) / 2
+    return float(thresholds[int(np.argmax(balanced))])  # argmax: the highest threshold among ties
 
 
 def classification_metrics(labels, scores, threshold: float) -> dict[str, float | int]:

@@ -17,7 +17,8 @@ import click
 @click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=1e-2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--split", default="patient", show_default=True,
-              help="'patient' (seeded 80/10/10 of patients) or a CSV manifest with patient_id,set.")
+              help="'patient' (seeded 80/10/10 of patients), 'janowczyk2016' (published folds), "
+                   "'random-patch' (the seed tutorial's leaky split) or a CSV manifest with patient_id,set.")
 @click.option("--patience", type=click.IntRange(1), default=8, show_default=True,
               help="Stop after this many epochs without a better validation ROC-AUC.")
 @click.option("--no-augment", is_flag=True, help="Train without flips, rotations and colour jitter.")
@@ -26,8 +27,13 @@ def main(data_dir, run_dir, epochs, batch_size, learning_rate, seed, split, pati
     """Train CancerNet on DATA_DIR (Kaggle layout <pid>/<0|1>/*.png) with a patient-level split."""
     logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
-    if split != "patient" and not Path(split).is_file():
-        raise click.BadParameter(f"{split!r} is neither 'patient' nor an existing manifest file", param_hint="--split")
+    from .data import LEAKY_WARNING, PUBLISHED_SPLITS
+
+    if split not in ("patient", "random-patch", *PUBLISHED_SPLITS) and not Path(split).is_file():
+        raise click.BadParameter(f"{split!r} is not 'patient', 'random-patch', {', '.join(PUBLISHED_SPLITS)} "
+                                 "or an existing manifest file", param_hint="--split")
+    if split == "random-patch":
+        click.echo(f"idc-train: WARNING: {LEAKY_WARNING}", err=True)
     from .training import CollapsedModelError, TrainConfig, TrainingDataError, train
 
     config = TrainConfig(data_dir, run_dir, epochs=epochs, batch_size=batch_size, seed=seed,
@@ -46,3 +52,24 @@ def main(data_dir, run_dir, epochs, batch_size, learning_rate, seed, split, pati
     if meta["demo"]:
         click.echo("idc-train: trained on SYNTHETIC data: this is a demo model", err=True)
     click.echo(f"model written to {Path(run_dir) / 'model.keras'}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--split", default=None, help="Evaluate one set of a split (patient, janowczyk2016, random-patch, "
+                                            "or a manifest CSV); default: every labelled patch in DATA_DIR.")
+@click.option("--set", "set_name", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="[default: the model's]")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of a 'patient' or 'random-patch' split.")
+def eval_main(model_path, data_dir, out_dir, split, set_name, threshold, seed):
+    """Evaluate MODEL (.keras or .onnx) on labelled patches in DATA_DIR: metrics.json, report.txt, plots."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    from .evaluate import evaluate
+
+    try:
+        evaluate(model_path, data_dir, out_dir, split=split, set_name=set_name, threshold=threshold, seed=seed)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo((Path(out_dir) / "report.txt").read_text(encoding="utf-8"), nl=False)

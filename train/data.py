@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.resources
 import logging
 import random
 from collections import Counter, defaultdict
@@ -15,6 +16,11 @@ log = logging.getLogger(__name__)
 
 CLASS_DIRS = {"0": 0, "1": 1, "benign": 0, "malignant": 1, "non-idc": 0, "idc": 1}
 SET_NAMES = ("train", "val", "test")
+PUBLISHED_SPLITS = ("janowczyk2016",)
+LEAKY_WARNING = (
+    "--split random-patch puts patches of the same patient on both sides: metrics are inflated and do not "
+    "say how the model does on a new patient (reproduces the seed tutorial only)"
+)
 
 
 @dataclass(frozen=True)
@@ -132,3 +138,39 @@ def apply_split(patches: list[LabelledPatch], assignment: dict[str, str]) -> dic
     if missing:
         log.warning("%d patient(s) not in the split were left out: %s", len(missing), ", ".join(sorted(missing)[:10]))
     return sets
+
+
+def published_split(name: str) -> dict[str, str]:
+    """A published patient split shipped with idc (train.txt/val.txt/test.txt of patient ids)."""
+    if name not in PUBLISHED_SPLITS:
+        raise ValueError(f"unknown published split {name!r}; known: {', '.join(PUBLISHED_SPLITS)}")
+    folder = importlib.resources.files("idc_train") / "splits" / name
+    assignment = {}
+    for set_name in SET_NAMES:
+        for line in (folder / f"{set_name}.txt").read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                assignment[line.strip()] = set_name
+    return assignment
+
+
+def random_patch_split(patches: list[LabelledPatch], seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> dict[str, list[LabelledPatch]]:
+    """The seed tutorial's per-patch split: leaks patients across sets (kept only to reproduce it)."""
+    log.warning(LEAKY_WARNING)
+    shuffled = list(patches)
+    random.Random(seed).shuffle(shuffled)
+    n_train = round(len(shuffled) * fractions[0])
+    n_val = round(len(shuffled) * fractions[1])
+    return {"train": shuffled[:n_train], "val": shuffled[n_train : n_train + n_val], "test": shuffled[n_train + n_val :]}
+
+
+def resolve_split(split: str, patches: list[LabelledPatch], seed: int = 0) -> tuple[dict[str, list[LabelledPatch]], dict[str, str]]:
+    """Sets of patches for a --split value, and the patient assignment (empty for random-patch)."""
+    if split == "random-patch":
+        return random_patch_split(patches, seed), {}
+    if split == "patient":
+        assignment = patient_split(counts_by_patient(patches), seed=seed)
+    elif split in PUBLISHED_SPLITS:
+        assignment = published_split(split)
+    else:
+        assignment = read_split_manifest(Path(split))
+    return apply_split(patches, assignment), assignment

@@ -20,7 +20,7 @@ from idc_infer.files import write_csv, write_json
 from idc_infer.metrics import best_balanced_threshold, classification_metrics
 
 from .synthetic import SYNTHETIC_MARKER
-from .data import apply_split, counts_by_patient, discover_labelled, patient_split, read_split_manifest, write_split_manifest
+from .data import counts_by_patient, discover_labelled, resolve_split, write_split_manifest
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class TrainConfig:
     batch_size: int = 32
     seed: int = 0
     learning_rate: float = 1e-2
-    split: str = "patient"  # "patient" or a manifest CSV path
+    split: str = "patient"  # "patient", "janowczyk2016", "random-patch" or a manifest CSV path
     patience: int = 8
     min_epochs: int = 3
     augment: bool = True
@@ -134,12 +134,6 @@ def _make_auc_callback(val_ds, val_labels, bn_ds, patience: int, min_epochs: int
     return BestByValAuc()
 
 
-def resolve_split(config: TrainConfig, counts: dict[str, tuple[int, int]]) -> dict[str, str]:
-    if config.split == "patient":
-        return patient_split(counts, seed=config.seed)
-    return read_split_manifest(Path(config.split))
-
-
 def describe_data(data_dir: Path, counts: dict[str, tuple[int, int]], synthetic: bool) -> str:
     n0 = sum(c[0] for c in counts.values())
     n1 = sum(c[1] for c in counts.values())
@@ -166,9 +160,14 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
     counts = counts_by_patient(patches)
     for pid, (n0, n1) in counts.items():
         log.info("patient %s: %d non-IDC, %d IDC", pid, n0, n1)
-    assignment = resolve_split(config, counts)
+    sets, assignment = resolve_split(config.split, patches, config.seed)
+    if not assignment:  # random-patch: record each patient's sets so the leak is visible
+        assignment = {}
+        for name, items in sets.items():
+            for patch in items:
+                assignment.setdefault(patch.patient_id, set()).add(name)
+        assignment = {pid: "+".join(sorted(names)) for pid, names in assignment.items()}
     write_split_manifest(run_dir / "split.csv", assignment, counts)
-    sets = apply_split(patches, assignment)
     for name in ("train", "val"):
         labels = {p.label for p in sets[name]}
         if labels != {0, 1}:
@@ -212,11 +211,11 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
               [{"epoch": i + 1, **{k: float(v[i]) for k, v in history.history.items()}} for i in range(epochs_run)])
     synthetic = (Path(config.data_dir) / SYNTHETIC_MARKER).exists()
     meta = {
-        "training_data": describe_data(Path(config.data_dir), {p: counts[p] for p in counts if assignment.get(p) == "train"}, synthetic),
+        "training_data": describe_data(Path(config.data_dir), counts_by_patient(sets["train"]), synthetic),
         "data_dir": str(config.data_dir),
         "demo": synthetic,
-        "split": {name: sorted(p for p, s in assignment.items() if s == name) for name in ("train", "val", "test")},
-        "split_method": config.split if config.split == "patient" else f"manifest {Path(config.split).name}",
+        "split": {name: sorted({p.patient_id for p in sets[name]}) for name in ("train", "val", "test")},
+        "split_method": config.split if not Path(config.split).is_file() else f"manifest {Path(config.split).name}",
         "threshold": threshold,
         "threshold_chosen_on": "validation patients (max balanced accuracy)",
         "metrics": metrics,
@@ -229,4 +228,9 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
         "tensorflow": __import__("tensorflow").__version__,
     }
     write_json(run_dir / "train_meta.json", meta)
+    if sets["test"] and config.split != "random-patch":
+        from .evaluate import evaluate
+
+        evaluate(run_dir / "model.keras", config.data_dir, run_dir / "eval-test", split=str(config.split),
+                 set_name="test", seed=config.seed)
     return meta

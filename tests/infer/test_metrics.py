@@ -58,3 +58,24 @@ def test_threshold_maximises_balanced_accuracy():
     m = classification_metrics(labels, scores, t)
     assert m["balanced_accuracy"] == pytest.approx(5 / 6)
     assert classification_metrics(labels, scores, 0.5)["balanced_accuracy"] < m["balanced_accuracy"]
+
+
+@given(st.lists(st.tuples(st.sampled_from([0, 1]), st.integers(0, 8)), min_size=2, max_size=60))
+def test_best_threshold_is_optimal_among_all_cut_points(pairs):
+    labels = np.array([l for l, _ in pairs])
+    scores = np.array([s / 8 for _, s in pairs])
+    if len(set(labels.tolist())) < 2:
+        return
+    t = best_balanced_threshold(labels, scores)
+    best = classification_metrics(labels, scores, t)["balanced_accuracy"]
+    for candidate in np.unique(scores):
+        assert classification_metrics(labels, scores, candidate)["balanced_accuracy"] <= best + 1e-12
+
+
+def test_roc_curve_ends_at_corners_and_is_monotone():
+    from idc_infer.metrics import roc_curve
+
+    fpr, tpr, thresholds = roc_curve([0, 0, 1, 1, 0, 1], [0.1, 0.4, 0.35, 0.8, 0.4, 0.9])
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc([0, 0, 1, 1, 0, 1], [0.1, 0.4, 0.35, 0.8, 0.4, 0.9]))
