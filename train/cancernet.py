@@ -23,5 +23,5 @@ def build_cancernet(height: int = 48, width: int = 48, channels: int = 3, classe
     x = layers.BatchNormalization()(x)
     x = layers.Dropout(0.5)(x)
     x = layers.Dense(classes)(x)
-    outputs = layers.Activation("softmax", name="prob")(x)
+    outputs = layers.Activation("softmax", dtype="float32", name="prob")(x)  # float32 under mixed precision
     return keras.Model(inputs, outputs, name="cancernet")

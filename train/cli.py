@@ -14,7 +14,10 @@ import click
               help="Run directory: model.keras, split.csv, history.csv, train_meta.json.")
 @click.option("--epochs", type=click.IntRange(1), default=40, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=1e-2, show_default=True)
+@click.option("--arch", type=click.Choice(["cancernet", "simple-cnn", "transfer"]), default="cancernet", show_default=True,
+              help="cancernet (the seed tutorial), simple-cnn (the seed's plain CNN), transfer (MobileNetV2 backbone).")
+@click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=None,
+              help="[default: 1e-2 Adagrad for cancernet as the seed; 1e-3 / 1e-4 Adam for simple-cnn / transfer]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--split", default="patient", show_default=True,
               help="'patient' (seeded 80/10/10 of patients), 'janowczyk2016' (published folds), "
@@ -22,8 +25,13 @@ import click
 @click.option("--patience", type=click.IntRange(1), default=8, show_default=True,
               help="Stop after this many epochs without a better validation ROC-AUC.")
 @click.option("--no-augment", is_flag=True, help="Train without flips, rotations and colour jitter.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last epoch checkpoint.")
+@click.option("--distribute", type=click.Choice(["none", "mirrored", "multiworker"]), default="none", show_default=True,
+              help="tf.distribute: mirrored = all GPUs of this machine; multiworker = several machines (TF_CONFIG).")
+@click.option("--mixed-precision/--no-mixed-precision", default=None, help="[default: on when a GPU is present]")
 @click.option("-v", "--verbose", count=True)
-def main(data_dir, run_dir, epochs, batch_size, learning_rate, seed, split, patience, no_augment, verbose):
+def main(data_dir, run_dir, epochs, batch_size, arch, learning_rate, seed, split, patience, no_augment, resume,
+         distribute, mixed_precision, verbose):
     """Train CancerNet on DATA_DIR (Kaggle layout <pid>/<0|1>/*.png) with a patient-level split."""
     logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
@@ -34,10 +42,15 @@ def main(data_dir, run_dir, epochs, batch_size, learning_rate, seed, split, pati
                                  "or an existing manifest file", param_hint="--split")
     if split == "random-patch":
         click.echo(f"idc-train: WARNING: {LEAKY_WARNING}", err=True)
+    from .architectures import DEFAULT_LEARNING_RATE
     from .training import CollapsedModelError, TrainConfig, TrainingDataError, train
 
+    if resume and not (Path(run_dir) / "checkpoints").is_dir():
+        raise click.BadParameter(f"{run_dir} holds no checkpoints to resume from", param_hint="--resume")
     config = TrainConfig(data_dir, run_dir, epochs=epochs, batch_size=batch_size, seed=seed,
-                         learning_rate=learning_rate, split=split, patience=patience, augment=not no_augment)
+                         learning_rate=learning_rate or DEFAULT_LEARNING_RATE[arch], split=split, patience=patience,
+                         augment=not no_augment, arch=arch, resume=resume, distribute=distribute,
+                         mixed_precision=mixed_precision)
     try:
         meta = train(config)
     except TrainingDataError as exc:

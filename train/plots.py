@@ -56,7 +56,7 @@ def training_curves(path: Path, history_csv: Path) -> None:
         rows = list(csv.DictReader(handle))
     if not rows:
         return
-    epochs = [int(r["epoch"]) for r in rows]
+    epochs = [int(r["epoch"]) + 1 for r in rows]  # CSVLogger counts from 0
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
     for key in ("loss", "val_loss"):
         if key in rows[0]:

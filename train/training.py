@@ -16,7 +16,7 @@ import numpy as np
 
 from idc_infer import __version__
 from idc_infer.contract import Contract
-from idc_infer.files import write_csv, write_json
+from idc_infer.files import write_json
 from idc_infer.metrics import best_balanced_threshold, classification_metrics
 
 from .synthetic import SYNTHETIC_MARKER
@@ -47,6 +47,11 @@ class TrainConfig:
     patience: int = 8
     min_epochs: int = 3
     augment: bool = True
+    arch: str = "cancernet"
+    resume: bool = False
+    distribute: str = "none"  # "none", "mirrored" (all GPUs of this box) or "multiworker" (TF_CONFIG)
+    mixed_precision: bool | None = None  # None: on when a GPU is present
+    transfer_weights: str | None = "imagenet"
 
 
 def _seed_everything(seed: int) -> None:
@@ -86,7 +91,12 @@ def recalibrate_batchnorm(model, dataset, max_batches: int = 40) -> None:
     """
     import keras
 
-    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    def walk(layer):  # BN layers of nested models (a transfer backbone) too
+        for inner in getattr(layer, "layers", []):
+            yield inner
+            yield from walk(inner)
+
+    layers = [layer for layer in walk(model) if isinstance(layer, keras.layers.BatchNormalization)]
     saved = [layer.momentum for layer in layers]
     try:
         for k, (images, _) in enumerate(dataset.take(max_batches), start=1):
@@ -98,18 +108,27 @@ def recalibrate_batchnorm(model, dataset, max_batches: int = 40) -> None:
             layer.momentum = momentum
 
 
-def _make_auc_callback(val_ds, val_labels, bn_ds, patience: int, min_epochs: int):
+def _make_auc_callback(val_ds, val_labels, bn_ds, patience: int, min_epochs: int, state_dir: Path, resume: bool):
+    import json
+
     import keras
 
     from idc_infer.metrics import roc_auc
 
+    best_weights_file = state_dir / "best.weights.h5"
+    state_file = state_dir / "best.json"
+
     class BestByValAuc(keras.callbacks.Callback):
         """Keep the weights of the epoch with the best validation ROC-AUC (loss can pick an
-        early epoch whose BatchNormalization statistics have not settled)."""
+        early epoch whose BatchNormalization statistics have not settled). Its state is saved
+        every epoch so --resume continues the same early stopping."""
 
         def __init__(self):
             super().__init__()
-            self.best_auc, self.best_epoch, self.best_weights, self.wait = -math.inf, -1, None, 0
+            self.best_auc, self.best_epoch, self.wait = -math.inf, -1, 0
+            if resume and state_file.exists() and best_weights_file.exists():
+                saved = json.loads(state_file.read_text())
+                self.best_auc, self.best_epoch, self.wait = saved["best_auc"], saved["best_epoch"], saved["wait"]
 
         def on_epoch_end(self, epoch, logs=None):
             recalibrate_batchnorm(self.model, bn_ds)
@@ -121,17 +140,36 @@ def _make_auc_callback(val_ds, val_labels, bn_ds, patience: int, min_epochs: int
             usable = not math.isnan(auc) and spread >= COLLAPSE_STD
             if usable and auc > self.best_auc:
                 self.best_auc, self.best_epoch, self.wait = auc, epoch, 0
-                self.best_weights = self.model.get_weights()
+                self.model.save_weights(best_weights_file)
             else:
                 self.wait += 1
                 if self.wait >= patience and epoch + 1 >= min_epochs:
                     self.model.stop_training = True
+            write_json(state_file, {"best_auc": self.best_auc, "best_epoch": self.best_epoch, "wait": self.wait})
 
         def on_train_end(self, logs=None):
-            if self.best_weights is not None:
-                self.model.set_weights(self.best_weights)
+            if best_weights_file.exists():
+                self.model.load_weights(best_weights_file)
 
     return BestByValAuc()
+
+
+def _strategy(name: str):
+    import tensorflow as tf
+
+    if name == "none":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"unknown --distribute {name!r}")
+
+
+def _use_mixed_precision(requested: bool | None) -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU")) if requested is None else requested
 
 
 def describe_data(data_dir: Path, counts: dict[str, tuple[int, int]], synthetic: bool) -> str:
@@ -146,7 +184,9 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     import keras
 
-    from .cancernet import build_cancernet
+    import shutil
+
+    from .architectures import build_model, make_optimizer
     from .pipeline import make_dataset
 
     contract = contract or Contract()
@@ -184,15 +224,37 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
     bn_ds = make_dataset(train_paths, train_labels, contract, 64, shuffle=True, seed=config.seed + 1)
     val_ds = make_dataset(val_paths, val_labels, contract, 256)
 
-    model = build_cancernet(contract.input_height_px, contract.input_width_px, 3, len(contract.class_names))
-    schedule = keras.optimizers.schedules.InverseTimeDecay(
-        config.learning_rate, decay_steps=max(1, len(train_paths) // config.batch_size), decay_rate=1.0 / max(1, config.epochs)
-    )  # the seed's Adagrad(lr, decay=lr/epochs), which Keras 3 ignores as an argument
-    model.compile(optimizer=keras.optimizers.Adagrad(learning_rate=schedule), loss="categorical_crossentropy",
-                  metrics=["accuracy"])
-    best = _make_auc_callback(val_ds, val_labels, bn_ds, config.patience, config.min_epochs)
-    history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, class_weight=class_weights(train_labels),
-                        callbacks=[best], verbose=2)
+    mixed = _use_mixed_precision(config.mixed_precision)
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    strategy = _strategy(config.distribute)
+    log.info("training %s on %d replica(s), mixed precision %s", config.arch, strategy.num_replicas_in_sync, mixed)
+    with strategy.scope():
+        model = build_model(config.arch, contract.input_height_px, contract.input_width_px, len(contract.class_names),
+                            transfer_weights=config.transfer_weights)
+        optimizer = make_optimizer(config.arch, config.learning_rate, len(train_paths) // config.batch_size, config.epochs)
+        model.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=["accuracy"])
+
+    state_dir = run_dir / "checkpoints"
+    if not config.resume:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        (run_dir / "history.csv").unlink(missing_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    best = _make_auc_callback(val_ds, val_labels, bn_ds, config.patience, config.min_epochs, state_dir, config.resume)
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(state_dir / "backup"), delete_checkpoint=False),  # every epoch
+        best,
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=config.resume),  # after best: logs val_roc_auc
+    ]
+    # Keras' own validation pass fails on a last batch that does not split evenly across replicas;
+    # the ROC-AUC callback's predict() handles it, so distributed runs rely on that alone.
+    model.fit(train_ds, validation_data=val_ds if strategy.num_replicas_in_sync == 1 else None, epochs=config.epochs, class_weight=class_weights(train_labels),
+              callbacks=callbacks, verbose=2)
+    keras.mixed_precision.set_global_policy("float32")
+    if mixed:  # the exported model runs on CPUs: save a float32 copy of the (float32) weights
+        weights = model.get_weights()
+        model = build_model(config.arch, contract.input_height_px, contract.input_width_px, len(contract.class_names),
+                            transfer_weights=None)
+        model.set_weights(weights)
 
     val_probs = predict_prob_idc(model, val_ds)
     check_not_collapsed(val_probs, "the validation patients")
@@ -206,9 +268,7 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
         metrics["test_at_0.5"] = classification_metrics(test_labels, test_probs, 0.5)
 
     model.save(run_dir / "model.keras")
-    epochs_run = len(history.history["loss"])
-    write_csv(run_dir / "history.csv", ["epoch", *history.history.keys()],
-              [{"epoch": i + 1, **{k: float(v[i]) for k, v in history.history.items()}} for i in range(epochs_run)])
+    epochs_run = sum(1 for _ in open(run_dir / "history.csv")) - 1
     synthetic = (Path(config.data_dir) / SYNTHETIC_MARKER).exists()
     meta = {
         "training_data": describe_data(Path(config.data_dir), counts_by_patient(sets["train"]), synthetic),
@@ -222,7 +282,9 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
         "epochs_run": epochs_run,
         "best_epoch": best.best_epoch + 1,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in config.__dict__.items()},
-        "arch": "cancernet",
+        "arch": config.arch,
+        "replicas": strategy.num_replicas_in_sync,
+        "mixed_precision": mixed,
         "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "code_version": __version__,
         "tensorflow": __import__("tensorflow").__version__,
