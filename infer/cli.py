@@ -83,15 +83,21 @@ def _versions() -> dict:
 @click.option("--overwrite", is_flag=True, help="Replace reports already in --out.")
 @click.option("--resume", is_flag=True, help="Keep patients already completed with the same model and threshold.")
 @click.option("--strict", is_flag=True, help="Exit 1 if any patch could not be scored.")
+@click.option("--review/--no-review", default=True, show_default=True,
+              help="Also write review outputs: <patient_id>_mosaic.png, <patient_id>.geojson, report.html.")
+@click.option("--review-scale", type=click.FloatRange(0.02, 1.0), default=0.25, show_default=True,
+              help="Mosaic pixels per slide pixel (0.25: a 50 px patch becomes 12-13 px).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, warnings only.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.version_option(__version__, prog_name="idc-infer")
-def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads, overwrite, resume, strict, quiet, verbose):
+def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads, overwrite, resume, strict, review,
+         review_scale, quiet, verbose):
     """Score histopathology patches for IDC and write per-patient reports.
 
     INPUTS are patient directories (PNG patches, flat or in 0/ and 1/ folders) or cohort
     roots holding patient directories. Writes <patient_id>.csv, summary.csv and run.json
-    into --out.
+    into --out, and unless --no-review the review outputs: a tissue mosaic with the IDC
+    heatmap and a QuPath GeoJSON per patient, and report.html for the run.
     """
     from .discover import SkipCounter, duplicate_ids, patients_from_dirs, patients_from_list
     from .engine import clear_state, existing_reports, run_patients, RunSettings
@@ -138,7 +144,12 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
         done["patients"] += 1
         bar.set_postfix_str(f"patients {done['patients']}/{len(patients)}")
 
-    settings = RunSettings(out_dir, effective_threshold, batch_size, threads, resume)
+    sink_factories = []
+    if review:
+        from .review import review_sink_factories
+
+        sink_factories = review_sink_factories(review_scale)
+    settings = RunSettings(out_dir, effective_threshold, batch_size, threads, resume, sink_factories=sink_factories)
     try:
         result = run_patients(model, patients, settings, progress=bar.update, on_patient_done=patient_done)
     except KeyboardInterrupt:
@@ -165,6 +176,7 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
             "from_list": None if from_list is None else from_list.name,
             "out": str(out_dir), "threshold": effective_threshold, "batch_size": batch_size,
             "threads": threads, "resume": resume, "overwrite": overwrite, "strict": strict,
+            "review": review, "review_scale": review_scale if review else None,
         },
         "counts": {
             "patients": len(patients),
@@ -182,6 +194,10 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
         },
     }
     write_json(out_dir / "run.json", run_info)
+    if review:
+        from .review import write_report_html
+
+        write_report_html(out_dir, result.summary_rows, run_info)
 
     for row in result.summary_rows:
         fraction = row["idc_fraction"]

@@ -1,0 +1,352 @@
+"""Review outputs: the mosaic is hot exactly at the IDC patches, the GeoJSON validates, report.html opens."""
+import csv
+import json
+import math
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from idc_infer.cli import main
+from idc_infer.files import RESEARCH_NOTICE, safe_file_stem
+from idc_infer.review import (
+    BACKGROUND_RGB, FAILED_RGB, MARK_RGB, GeoJsonSink, MosaicSink, blend, heat_rgb, review_sink_factories,
+    write_report_html,
+)
+from idc_train.synthetic import write_cohort, write_patient
+
+CHROMIUM = Path("/usr/bin/chromium")
+TISSUE_GREY = 200  # uniform patches, so every overlay pixel has one expected value
+THRESHOLD = 0.5
+
+
+def row_for(x, y, prob, label=None, status="ok", width_px=50, height_px=50, path=None):
+    return {
+        "path": path or f"p_idx5_x{x}_y{y}.png", "x": x, "y": y, "width_px": width_px, "height_px": height_px,
+        "prob_idc": prob, "pred": None if prob is None else int(prob >= THRESHOLD), "label": label,
+        "status": status, "message": "",
+    }
+
+
+def grey_patch(width_px, height_px):
+    return np.full((height_px, width_px, 3), TISSUE_GREY, dtype=np.uint8)
+
+
+def expected_colour(prob):
+    return blend(np.array([[TISSUE_GREY] * 3], dtype=np.uint8), heat_rgb(np.array([prob])))[0]
+
+
+def cell_px(layout, x, y, width_px, height_px, panel="heat"):
+    """Image rows/cols of a patch's cell, less a 1 px rim where the threshold outline may run."""
+    c0, r0 = layout.image_px(x, y, panel)
+    c1, r1 = layout.image_px(x + width_px, y + height_px, panel)
+    return slice(r0 + 1, r1 - 1), slice(c0 + 1, c1 - 1)
+
+
+def read_rgb(path):
+    return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="module")
+def known_patient(tmp_path_factory):
+    """An 8x8 synthetic patient with an IDC disc: (x, y, width_px, height_px, label) per patch."""
+    root = tmp_path_factory.mktemp("known")
+    patches = write_patient(root, "91001", seed=4, grid=8, idc_radius=2.6)
+    cells = []
+    for patch in patches:
+        height_px, width_px = cv2.imread(str(patch.path)).shape[:2]
+        cells.append((patch.x, patch.y, width_px, height_px, patch.label))
+    labels = {c[4] for c in cells}
+    assert labels == {0, 1}
+    return cells
+
+
+def grid_px(value, scale):
+    return math.floor(value * scale + 1e-9)
+
+
+@pytest.mark.parametrize("scale", [0.25, 0.3, 1.0])
+def test_overlay_is_hot_exactly_at_idc_patches(tmp_path, known_patient, scale):
+    missing = next(c for c in known_patient if c[4] == 0 and c[0] > 1 and c[1] > 1 and c[2] == 50)
+    fed = [c for c in known_patient if c != missing]
+    sink = MosaicSink("91001", tmp_path, "91001", THRESHOLD, scale=scale)
+    for x, y, w, h, label in fed:
+        sink.add(row_for(x, y, float(label), label, width_px=w, height_px=h), grey_patch(w, h))
+    sink.close()
+    image = read_rgb(tmp_path / "91001_mosaic.png")
+    layout = sink.layout
+    assert image.shape[1::-1] == layout.image_size_px
+    assert layout.origin_px == (grid_px(1, scale), grid_px(1, scale))
+    assert layout.truth_xy is not None
+    hot, cold = expected_colour(1.0), expected_colour(0.0)
+    assert hot[0] > hot[2] + 40 and cold[2] > cold[0] + 40  # red-ish vs blue-ish, as a reader sees it
+    for x, y, w, h, label in known_patient:
+        for panel in ("heat", "truth"):
+            cell = image[cell_px(layout, x, y, w, h, panel)]
+            assert cell.size, (x, y, scale)
+            if (x, y) == missing[:2]:
+                assert (cell == BACKGROUND_RGB).all(), "a missing patch must stay blank"
+            else:
+                assert (cell == (hot if label else cold)).all(), (x, y, label, panel, scale)
+    # patch edges tile the panel without gaps: blank exactly where no patch was given
+    (left, top), (width, height) = layout.heat_xy, layout.panel_size_px
+    covered = np.zeros((height, width), dtype=bool)
+    origin = grid_px(1, scale)
+    for x, y, w, h, _ in fed:
+        covered[grid_px(y, scale) - origin:grid_px(y + h, scale) - origin,
+                grid_px(x, scale) - origin:grid_px(x + w, scale) - origin] = True
+    assert (width, height) == (grid_px(401, scale) - origin, grid_px(401, scale) - origin)
+    blank = (image[top:top + height, left:left + width] == BACKGROUND_RGB).all(axis=2)
+    assert np.array_equal(blank, ~covered)
+
+
+def test_failed_patches_are_crossed_and_unplaced_ones_skipped(tmp_path):
+    sink = MosaicSink("p", tmp_path, "p", THRESHOLD, scale=0.5)
+    sink.add(row_for(1, 1, 0.9), grey_patch(50, 50))
+    sink.add(row_for(51, 1, None, status="corrupt_image", width_px=None, height_px=None), None)
+    sink.add(row_for(None, None, 0.9), grey_patch(50, 50))
+    sink.close()
+    assert sink.n_without_xy == 1
+    image = read_rgb(tmp_path / "p_mosaic.png")
+    col, row = sink.layout.image_px(51, 1)
+    failed = image[row:row + 25, col:col + 25]
+    assert (failed[12, 12] == MARK_RGB).all() and (failed[0, 0] == MARK_RGB).all()  # the X
+    assert (failed[3, 12] == FAILED_RGB).all()  # the grey fill beside it
+    assert sink.layout.panel_size_px == (50, 25)
+    assert sink.layout.truth_xy is None  # no labels: no ground-truth panel
+
+
+def test_no_placeable_patch_removes_a_stale_mosaic(tmp_path):
+    (tmp_path / "p_mosaic.png").write_bytes(b"old")
+    sink = MosaicSink("p", tmp_path, "p", THRESHOLD)
+    sink.add(row_for(None, None, 0.2), grey_patch(50, 50))
+    sink.close()
+    assert not (tmp_path / "p_mosaic.png").exists()
+
+
+def test_absurd_coordinates_skip_the_mosaic_instead_of_exhausting_memory(tmp_path, caplog):
+    sink = MosaicSink("p", tmp_path, "p", THRESHOLD, scale=0.25)
+    sink.add(row_for(1, 1, 0.2), grey_patch(50, 50))
+    sink.add(row_for(10**9, 1, 0.2), grey_patch(50, 50))
+    sink.add(row_for(51, 1, 0.2), grey_patch(50, 50))
+    sink.close()
+    assert not (tmp_path / "p_mosaic.png").exists()
+    assert "no mosaic" in caplog.text and "--review-scale" in caplog.text
+
+
+def test_mosaic_memory_follows_the_slide_not_the_patch_count(tmp_path):
+    """3600 patches arriving last-first (the canvas grows left and up) give the same image as first-last."""
+    grid, scale = 60, 0.1
+    cells = [(1 + c * 50, 1 + r * 50, (r * 7 + c * 3) % 10 / 9) for r in range(grid) for c in range(grid)]
+    images = []
+    for order in (cells, cells[::-1]):
+        out = tmp_path / str(len(images))
+        out.mkdir()
+        sink = MosaicSink("big", out, "big", THRESHOLD, scale=scale)
+        rgb = grey_patch(50, 50)
+        for x, y, prob in order:
+            sink.add(row_for(x, y, prob), rgb)
+        slide_px = (grid * 50 * scale) ** 2
+        assert sink.canvas.nbytes <= 2.5 * slide_px * (3 + 4 + 1 + 1)  # growth slack: at most half again per side
+        sink.close()
+        images.append(read_rgb(out / "big_mosaic.png"))
+    assert np.array_equal(images[0], images[1])
+
+
+def scored_rows():
+    probs = [0.1, 0.7, 0.5, 0.95]
+    rows = [row_for(1 + 50 * i, 101, p, label=i % 2, width_px=50 if i < 3 else 31) for i, p in enumerate(probs)]
+    rows.append(row_for(251, 101, None, status="corrupt_image", width_px=None, height_px=None))
+    rows.append(row_for(None, None, 0.8, path="no_coordinates.png"))
+    return rows
+
+
+def test_geojson_has_one_qupath_tile_per_scored_patch(tmp_path):
+    sink = GeoJsonSink("p<1>", tmp_path, "p_1_", THRESHOLD)
+    rows = scored_rows()
+    for row in rows:
+        sink.add(row, None)
+    sink.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p_1_.geojson"]  # no temp file left
+    collection = json.loads((tmp_path / "p_1_.geojson").read_text(encoding="utf-8"))
+    assert collection["type"] == "FeatureCollection"
+    expected = [r for r in rows if r["status"] == "ok" and r["x"] is not None]
+    features = collection["features"]
+    assert len(features) == len(expected) == 4
+    assert len({f["id"] for f in features}) == 4
+    for feature, row in zip(features, expected):
+        x, y, w, h = row["x"], row["y"], row["width_px"], row["height_px"]
+        assert feature["type"] == "Feature"
+        assert feature["geometry"] == {
+            "type": "Polygon", "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]]}
+        props = feature["properties"]
+        assert props["objectType"] == "tile"
+        assert props["classification"]["name"] == ("IDC" if row["prob_idc"] >= THRESHOLD else "non-IDC")
+        colour = props["classification"]["color"]
+        assert len(colour) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in colour)
+        assert props["measurements"] == {"prob_idc": row["prob_idc"], "pred": row["pred"], "label": row["label"]}
+        assert props["name"] == row["path"]
+
+
+def test_geojson_validates_against_the_spec(tmp_path):
+    geojson_pydantic = pytest.importorskip("geojson_pydantic", reason="geojson-pydantic is in the test extra")
+    sink = GeoJsonSink("p", tmp_path, "p", THRESHOLD)
+    for row in scored_rows():
+        sink.add(row, None)
+    sink.close()
+    collection = geojson_pydantic.FeatureCollection.model_validate_json((tmp_path / "p.geojson").read_text())
+    assert len(collection.features) == 4
+    assert all(f.geometry.type == "Polygon" for f in collection.features)
+    empty = GeoJsonSink("none", tmp_path, "none", THRESHOLD)
+    empty.close()
+    empty_text = (tmp_path / "none.geojson").read_text()
+    assert geojson_pydantic.FeatureCollection.model_validate_json(empty_text).features == []
+
+
+def test_geojson_of_an_interrupted_patient_leaves_nothing(tmp_path):
+    sink = GeoJsonSink("p", tmp_path, "p", THRESHOLD)
+    sink.add(scored_rows()[0], None)
+    del sink  # the run died before close(): the spool was anonymous
+    assert list(tmp_path.iterdir()) == []
+
+
+class LinkCollector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links = []
+        self.text = []
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name in ("src", "href"):
+                self.links.append(value)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def run_info(demo=True):
+    return {"model": {"path": "/models/demo.onnx", "sha256": "ab" * 32, "demo": demo, "trained_on": "synthetic <i>"},
+            "arguments": {"threshold": THRESHOLD}, "counts": {"patients": 2, "patches": 5, "scored": 4, "failed": 1},
+            "timings": {"started_unix": 1.7e9}, "versions": {"idc": "0.1.0"}}
+
+
+TRICKY_ID = '<img src=x onerror=alert(1)>&"'
+
+
+@pytest.fixture()
+def report_dir(tmp_path):
+    """An --out dir holding review outputs for one patient (an id full of markup) and none for another."""
+    out = tmp_path / "reports"
+    out.mkdir()
+    stem = safe_file_stem(TRICKY_ID)
+    sinks = [make(TRICKY_ID, out, stem, THRESHOLD) for make in review_sink_factories(0.25)]
+    for row in scored_rows():
+        for sink in sinks:
+            sink.add(row, grey_patch(row["width_px"], 50) if row["status"] == "ok" else None)
+    for sink in sinks:
+        sink.close()
+    for name in (f"{stem}.csv", "plain.csv", "summary.csv", "run.json"):
+        (out / name).write_text("written by the run\n")
+    nan = float("nan")
+    rows = [
+        {"patient_id": TRICKY_ID, "n_patches": 6, "n_scored": 4, "n_failed": 2, "idc_fraction": 0.5,
+         "idc_fraction_ci95_low": 0.15, "idc_fraction_ci95_high": 0.85, "mean_prob_idc": 0.5625, "n_labelled": 4,
+         "true_idc_fraction": 0.5, "sensitivity": 1.0, "specificity": 0.5, "balanced_accuracy": 0.75},
+        {"patient_id": "plain", "n_patches": 0, "n_scored": 0, "n_failed": 0, "idc_fraction": nan,
+         "idc_fraction_ci95_low": nan, "idc_fraction_ci95_high": nan, "mean_prob_idc": nan, "n_labelled": 0,
+         "true_idc_fraction": None, "sensitivity": None, "specificity": None, "balanced_accuracy": None},
+        {"patient_id": "(cohort)", "n_patches": 6, "n_scored": 4, "n_failed": 2, "idc_fraction": 0.5,
+         "idc_fraction_ci95_low": 0.15, "idc_fraction_ci95_high": 0.85, "mean_prob_idc": 0.5625, "n_labelled": 4},
+    ]
+    write_report_html(out, rows, run_info(demo=True))
+    return out
+
+
+def test_report_escapes_text_and_links_only_existing_files(report_dir):
+    page = (report_dir / "report.html").read_text(encoding="utf-8")
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;&amp;&quot;" in page
+    assert "synthetic &lt;i&gt;" in page
+    parser = LinkCollector()
+    parser.feed(page)
+    for link in parser.links:
+        parsed = urlparse(link)
+        assert not parsed.scheme and not parsed.netloc, f"{link} would leave the disk"
+        assert (report_dir / unquote(parsed.path)).is_file(), f"{link} does not exist"
+    stem = safe_file_stem(TRICKY_ID)
+    assert {f"{stem}_mosaic.png", f"{stem}.geojson", f"{stem}.csv", "plain.csv", "summary.csv", "run.json"} <= set(
+        parser.links)
+    assert "plain_mosaic.png" not in page and "plain.geojson" not in page  # not written, so not linked
+    text = " ".join(parser.text)
+    assert RESEARCH_NOTICE.upper() in text and "DEMO MODEL" in text and "demo.onnx" in text
+    assert "0.500 [0.150\u20130.850]" in text
+    assert "no mosaic" in text and "n/a" in text
+
+
+def test_report_renders_in_headless_chromium(report_dir, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"no browser at {CHROMIUM} (Debian: apt-get install chromium)")
+    page = (report_dir / "report.html").as_uri()
+    flags = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}",
+             "--enable-logging=stderr", "--v=0", "--window-size=1200,900"]
+    shot = tmp_path / "report.png"
+    done = subprocess.run(flags + [f"--screenshot={shot}", page], capture_output=True, text=True, timeout=90)
+    image = cv2.imread(str(shot), cv2.IMREAD_COLOR)
+    assert image is not None, done.stderr[-2000:]
+    assert image.shape[:2] == (900, 1200) and image.std() > 10, "the screenshot is blank"
+    # the mosaic thumbnail is drawn: its dark background shows in the table area
+    assert ((image < 40).all(axis=2)).sum() > 2000
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    assert not console, console  # script errors and blocked loads would be logged here
+    dom = subprocess.run(flags + ["--dump-dom", page], capture_output=True, text=True, timeout=90)
+    assert 'aria-sort="none"' in dom.stdout, "the sorting script did not run"
+    assert not [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_idc_infer_writes_review_outputs(tmp_path, demo_onnx):
+    root = tmp_path / "cohort"
+    write_cohort(root, n_patients=2, seed=7, grid=5)
+    out = tmp_path / "out"
+    args = [str(root), "--model", str(demo_onnx), "--out", str(out), "--review-scale", "0.5"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    parser = LinkCollector()
+    parser.feed((out / "report.html").read_text(encoding="utf-8"))
+    for pid in ("90001", "90002"):
+        mosaic = read_rgb(out / f"{pid}_mosaic.png")
+        assert mosaic.shape[0] >= 125 and mosaic.shape[1] >= 2 * 125  # 250 px slide at 0.5, two panels
+        rows = read_csv(out / f"{pid}.csv")
+        features = json.loads((out / f"{pid}.geojson").read_text(encoding="utf-8"))["features"]
+        assert len(features) == sum(r["status"] == "ok" for r in rows) == 25
+        by_xy = {(int(r["x"]), int(r["y"])): r for r in rows}
+        for feature in features:
+            x, y = feature["geometry"]["coordinates"][0][0]
+            prob_idc = feature["properties"]["measurements"]["prob_idc"]
+            assert prob_idc == pytest.approx(float(by_xy[x, y]["prob_idc"]), abs=1e-6)
+        assert f"{pid}_mosaic.png" in parser.links
+    run_info_json = json.loads((out / "run.json").read_text())
+    assert run_info_json["arguments"]["review"] is True and run_info_json["arguments"]["review_scale"] == 0.5
+
+
+def test_no_review_writes_none(tmp_path, demo_onnx):
+    root = tmp_path / "cohort"
+    write_cohort(root, n_patients=1, seed=7, grid=4)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [str(root), "--model", str(demo_onnx), "--out", str(out), "--no-review"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert (out / "90001.csv").exists()
+    assert not list(out.glob("*_mosaic.png")) and not list(out.glob("*.geojson"))
+    assert not (out / "report.html").exists()
