@@ -16,6 +16,16 @@ FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r", "\n")
 RESEARCH_NOTICE = "research use only; not for diagnosis"
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp makes files owner-only; reports get the permissions any new file of the user gets
+FILE_MODE = 0o666 & ~_current_umask()
+
+
 def neutralise_cell(value: Any) -> Any:
     """Prefix text that a spreadsheet would evaluate with a quote; numbers pass unchanged."""
     if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
@@ -41,6 +51,7 @@ def atomic_path(target: Path, mode: str = "w", newline: str | None = None) -> It
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, FILE_MODE)
         os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -39,3 +39,13 @@ def test_failed_write_keeps_the_old_file(tmp_path):
 def test_safe_file_stem_is_a_plain_name(text):
     stem = safe_file_stem(text)
     assert stem and "/" not in stem and "\\" not in stem and ":" not in stem and not stem.startswith(".")
+
+
+def test_reports_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    write_csv(tmp_path / "r.csv", ["a"], [{"a": 1}])
+    assert stat.S_IMODE(os.stat(tmp_path / "r.csv").st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
