@@ -1,7 +1,8 @@
 """Evaluate a Keras or ONNX model on labelled patients, the way the field reports it.
 
 Both model kinds are fed by the infer-side decoder and streaming scorer, so an exported model
-is judged by the same code that runs in the lab. Writes metrics.json, report.txt and plots.
+is judged by the same code that runs in the lab. Writes metrics.json, report.txt,
+predictions.csv (one row per patch) and plots.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from idc_infer.contract import Contract
 from idc_infer.engine import score_paths
-from idc_infer.files import RESEARCH_NOTICE, atomic_path, write_json
+from idc_infer.files import RESEARCH_NOTICE, atomic_path, write_csv, write_json
 from idc_infer.metrics import classification_metrics, roc_auc
 
 from .data import LabelledPatch, discover_labelled, resolve_split
@@ -59,6 +60,7 @@ def load_scorer(model_path: Path, threads: int = 2):
 
 @dataclass
 class Scores:
+    paths: list[str] = field(default_factory=list)
     patient_ids: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     probs: list[float] = field(default_factory=list)
@@ -76,6 +78,7 @@ def score_patches(scorer, patches: list[LabelledPatch], threshold: float, batch_
             if scored.prob_idc is None:
                 scores.failed.append(f"{scored.path}: {scored.decoded.status}")
                 continue
+            scores.paths.append(str(scored.path))
             scores.patient_ids.append(patch.patient_id)
             scores.labels.append(patch.label)
             scores.probs.append(scored.prob_idc)
@@ -163,6 +166,9 @@ def evaluate(model_path: Path, data_dir: Path, out_dir: Path, split: str | None 
     if split == "janowczyk2016" and set_name == "test":
         payload["published"] = PUBLISHED
     write_json(out_dir / "metrics.json", payload)
+    write_csv(out_dir / "predictions.csv", ("path", "patient_id", "label", "prob_idc"),
+              [{"path": p, "patient_id": pid, "label": l, "prob_idc": prob}
+               for p, pid, l, prob in zip(scores.paths, scores.patient_ids, scores.labels, scores.probs)])
     plots.roc_plot(out_dir / "roc.png", scores.labels, scores.probs, scores.darkness, metrics)
     plots.confusion_plot(out_dir / "confusion.png", metrics)
     plots.examples_grid(out_dir / "examples.png", scores.examples)

@@ -33,6 +33,8 @@ def augment(image: tf.Tensor, contract: Contract) -> tf.Tensor:
     unit = tf.image.random_flip_left_right(unit)
     unit = tf.image.random_flip_up_down(unit)
     unit = tf.image.rot90(unit, k=tf.random.uniform((), 0, 4, dtype=tf.int32))
+    # stronger jitter (brightness 0.25, contrast/saturation 0.6-1.4, hue 0.08) lowered validation
+    # ROC-AUC on the real patches from 0.95 to 0.92; these values kept the better model
     unit = tf.image.random_brightness(unit, 0.12)
     unit = tf.image.random_contrast(unit, 0.75, 1.25)
     unit = tf.image.random_saturation(unit, 0.75, 1.25)

@@ -19,6 +19,8 @@ def test_train_ends_with_an_evaluation_of_the_test_patients(demo_run):
     report = (demo_run / "eval-test" / "report.txt").read_text()
     metrics = json.loads((demo_run / "eval-test" / "metrics.json").read_text())
     assert "confusion matrix" in report and "research use only" in report
+    predictions = (demo_run / "eval-test" / "predictions.csv").read_text().splitlines()
+    assert len(predictions) == metrics["metrics"]["n"] + 1
     assert {p["patient_id"] for p in metrics["per_patient"]} == set(_meta(demo_run)["split"]["test"])
     for name in ("roc.png", "confusion.png", "examples.png", "curves.png"):
         image = cv2.imread(str(demo_run / "eval-test" / name))
