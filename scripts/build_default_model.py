@@ -4,18 +4,23 @@
     python scripts/build_default_model.py /data/IDC_regular_ps50_idx5 --split janowczyk2016-like.csv
 
 Runs idc-train (patient-level split from --split, default models/default-split.csv, which
-holds out whole patients for validation and test) then idc-export with the parity gate on the
-held-out patients, and writes models/cancernet-fp32.onnx plus models/MODEL_CARD.json.
+holds out whole patients for validation and test) then idc-export --int8 into RUN_DIR/export
+(parity gate on the held-out patients; int8 calibrated on training patients and gated on the
+validation patients), and copies into models/: cancernet-fp32.onnx, cancernet-int8.onnx (only
+if it passed its accuracy gate), export-report.json and MODEL_CARD.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+EXIT_INT8_GATE = 3  # idc-export: fp32 written, int8 failed its accuracy gate
 
 
 def main() -> int:
@@ -34,30 +39,33 @@ def main() -> int:
              "--epochs", str(args.epochs), "--seed", str(args.seed)]
     print("+", " ".join(train), flush=True)
     subprocess.run(train, check=True)
+    return export_and_ship(args.run_dir, args.models_dir, bin_dir)
 
-    meta = json.loads((args.run_dir / "train_meta.json").read_text())
-    held_out = [args.data_dir / pid for name in ("val", "test") for pid in meta["split"][name]]
-    out = args.models_dir / "cancernet-fp32.onnx"
-    export = [str(bin_dir / "idc-export"), str(args.run_dir / "model.keras"), "--out", str(out)]
-    for directory in held_out:
-        if directory.is_dir():
-            export += ["--parity-data", str(directory)]
+
+def export_and_ship(run_dir: Path, models_dir: Path, bin_dir: Path) -> int:
+    """idc-export --int8 into RUN_DIR/export; copy only files that passed their gates into models/."""
+    export_dir = run_dir / "export"
+    export = [str(bin_dir / "idc-export"), str(run_dir / "model.keras"), "--out", str(export_dir), "--int8",
+              "--bench-threads", "2"]
     print("+", " ".join(export), flush=True)
-    subprocess.run(export, check=True)
-
-    card = {
-        "model": out.name,
-        "training_data": meta["training_data"],
-        "split": meta["split"],
-        "threshold": meta["threshold"],
-        "metrics": meta["metrics"],
-        "demo": meta["demo"],
-        "export": json.loads(out.with_suffix(".export.json").read_text())["parity"],
-        "intended_use": "research use only; not for diagnosis",
-    }
-    (args.models_dir / "MODEL_CARD.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-    out.with_suffix(".export.json").unlink()
-    print(f"wrote {out} and {args.models_dir / 'MODEL_CARD.json'}")
+    status = subprocess.run(export).returncode
+    if status not in (0, EXIT_INT8_GATE):
+        return status
+    report = json.loads((export_dir / "export-report.json").read_text())
+    shipped = ["cancernet-fp32.onnx", "export-report.json", "MODEL_CARD.md"]
+    if report["int8_usable"]:
+        shipped.append("cancernet-int8.onnx")
+    else:
+        print("int8 failed its accuracy gate: shipping fp32 only (see MODEL_CARD.md)", file=sys.stderr)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("cancernet-int8.onnx", "MODEL_CARD.json"):  # stale files of an earlier build
+        if name not in shipped and (models_dir / name).exists():
+            (models_dir / name).unlink()
+    for name in shipped:
+        tmp = models_dir / f".{name}.tmp"
+        shutil.copyfile(export_dir / name, tmp)
+        os.replace(tmp, models_dir / name)
+    print(f"wrote {', '.join(shipped)} into {models_dir}")
     return 0
 
 

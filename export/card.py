@@ -1,0 +1,198 @@
+"""Throughput on this machine, CPU features, and the human-readable MODEL_CARD.md of an export."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from idc_infer.files import RESEARCH_NOTICE
+
+# the CPU features that decide whether int8 kernels beat fp32 (VNNI: int8 dot products in one instruction)
+INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_info(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> dict:
+    """CPU model and the int8-relevant flags (Linux /proc/cpuinfo; elsewhere flags are unknown)."""
+    model, flags = platform.processor() or platform.machine(), None
+    try:
+        text = Path(cpuinfo_path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and value.strip():
+            model = value.strip()
+        elif key == "flags" and flags is None:
+            present = set(value.split())
+            flags = {flag: flag in present for flag in INT8_CPU_FLAGS}
+    return {"model": model, "logical_cores": os.cpu_count(), "flags": flags}
+
+
+def describe_flags(info: dict) -> str:
+    flags = info.get("flags")
+    if flags is None:
+        return "unknown (no /proc/cpuinfo)"
+    present = [name for name, on in flags.items() if on]
+    return ", ".join(present) if present else "none of " + ", ".join(INT8_CPU_FLAGS)
+
+
+def measure_throughput(model_path: Path, batch_size: int = 32, threads: int = 2, duration_s: float = 1.0,
+                       input_hw: tuple[int, int] = (48, 48), seed: int = 0) -> float:
+    """Patches per second of one onnxruntime session at a fixed batch size (median of three timed rounds)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    batch = np.random.default_rng(seed).uniform(0, 1, (batch_size, *input_hw, 3)).astype(np.float32)
+    for _ in range(3):  # first runs allocate and pick kernels
+        session.run(None, {name: batch})
+    rates = []
+    for _ in range(3):
+        n_runs, started = 0, time.perf_counter()
+        while True:
+            session.run(None, {name: batch})
+            n_runs += 1
+            elapsed = time.perf_counter() - started
+            if elapsed >= duration_s / 3:
+                break
+        rates.append(n_runs * batch_size / elapsed)
+    return float(np.median(rates))
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and value != value:
+        return "n/a"
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def _metrics_lines(metrics: dict) -> list[str]:
+    keys = ("n", "roc_auc", "balanced_accuracy", "sensitivity", "specificity", "threshold")
+    return [f"| {k} | {_fmt(metrics.get(k), 'd' if k == 'n' else '.4f')} |" for k in keys if k in metrics]
+
+
+def render_model_card(report: dict) -> str:
+    """MODEL_CARD.md from an export report (pure: the same report gives the same card)."""
+    contract = report["contract"]
+    prov = contract.get("provenance", {})
+    files = report["files"]
+    lines = [
+        "# CancerNet IDC patch classifier — model card",
+        "",
+        f"**{RESEARCH_NOTICE.upper()}.** This model scores 50x50 px H&E patches for invasive ductal carcinoma "
+        "(IDC). It is a research tool; it does not screen or diagnose patients, and a pathologist reviews every output.",
+        "",
+    ]
+    if prov.get("demo", True):
+        lines += ["> **DEMO MODEL**: trained on synthetic or unknown data. Its outputs say nothing about real tissue.", ""]
+    lines += [
+        "## Files",
+        "",
+        f"Throughput: onnxruntime {report['machine']['onnxruntime']}, batch {report['throughput_batch']}, "
+        f"{report['throughput_threads']} thread(s), random inputs, on {report['machine']['cpu']['model']} "
+        f"(int8-relevant CPU flags: {describe_flags(report['machine']['cpu'])}; 1-minute load average "
+        f"{_fmt(report['machine'].get('load_average_1min'), '.2f')} while measuring: other work on the machine "
+        "lowers these figures).",
+        "",
+        "| file | precision | status | size (MB) | throughput (patches/s) | sha256 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for precision, entry in files.items():
+        lines.append(f"| {Path(entry['path']).name} | {precision} | {entry['status']} | {entry['size_bytes'] / 1e6:.2f} | "
+                     f"{_fmt(entry.get('throughput_patches_per_s'), '.0f')} | `{entry['sha256'][:16]}` |")
+    lines += [
+        "",
+        "## Input contract (stored in each file, metadata key `idc.contract`)",
+        "",
+        f"- input {contract['input_height_px']}x{contract['input_width_px']} px, {contract['layout']}, "
+        f"{contract['channel_order']}, pixel = raw * {contract['scale']:.6g} + {contract['offset']:g}",
+        f"- resize {contract['resize_method']} from native {contract['native_patch_px']} px; undersized patches: "
+        f"{contract['undersized_policy']}; oversized: {contract['oversized_policy']}",
+        f"- classes {', '.join(contract['class_names'])}; positive class {contract['class_names'][contract['positive_class_index']]}",
+        f"- threshold on prob_idc: {contract['threshold']:.4f} ({prov.get('threshold_chosen_on', 'unknown')})",
+        "",
+        "## Training and evaluation",
+        "",
+        f"- training data: {prov.get('training_data', 'unknown')}",
+        f"- split: {prov.get('split', 'unknown')}; patients "
+        + "; ".join(f"{k}: {', '.join(v) or '-'}" for k, v in (prov.get("split_patients") or {}).items()),
+        f"- trained {prov.get('trained_at')}, exported {prov.get('exported_at')}, code version {prov.get('code_version')}",
+        f"- source Keras model sha256 `{prov.get('source_model_sha256', 'unknown')}`",
+        "",
+        f"Metrics of the Keras model on {prov.get('metrics_on', 'held-out patients')} (patch level):",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *_metrics_lines(prov.get("metrics", {})),
+        "",
+        "## Gates",
+        "",
+    ]
+    parity = report["parity"]
+    lines.append(f"- **fp32 parity** (Keras vs onnxruntime): max |prob diff| {parity['max_abs_diff']:.2e} on "
+                 f"{parity['n_inputs']} inputs (limit {parity['tolerance']:g}), {parity['label_flips']} label flip(s): passed")
+    quant = report.get("quantization")
+    if quant is None:
+        error = report.get("int8_error")
+        lines.append(f"- int8: requested but could not run: {error}" if error else "- int8: not requested")
+    else:
+        gate = quant["gate"]
+        verdict = "PASSED" if gate["passed"] else "FAILED"
+        chosen = quant["chosen"]
+        lines += [
+            f"- **int8 accuracy gate: {verdict}** on {gate['n_patches']} patches ({gate['n_idc']} IDC) of "
+            f"{quant['gate_data']['description']}, threshold {gate['threshold']:.4f}:",
+            f"  ROC-AUC {_fmt(gate['fp32_roc_auc'])} (fp32) -> {_fmt(gate['int8_roc_auc'])} (int8), drop "
+            f"{_fmt(gate['roc_auc_drop'])} (limit {gate['max_roc_auc_drop']}); balanced accuracy "
+            f"{_fmt(gate['fp32_balanced_accuracy'])} -> {_fmt(gate['int8_balanced_accuracy'])}, drop "
+            f"{_fmt(gate['balanced_accuracy_drop'])} (limit {gate['max_balanced_accuracy_drop']}); "
+            f"{gate['label_flips']} label flip(s); max |prob diff| {_fmt(gate['max_abs_prob_diff'])}, "
+            f"mean {_fmt(gate['mean_abs_prob_diff'])}",
+        ]
+        lines += [f"  - why it failed: {reason}" for reason in gate["reasons"]]
+        lines += [
+            f"- int8 recipe: static QDQ, int8 per-channel weights ({7 if chosen['reduce_range'] else 8}-bit range), "
+            f"{chosen['activation_type']} activations, "
+            f"final Dense in {'float' if chosen['float_head'] else 'int8'}, "
+            f"{chosen['calibration_method']} calibration on {quant['calibration']['n_patches']} patches "
+            f"({quant['calibration']['n_idc']} IDC) from {len(quant['calibration']['patients'])} patient(s): "
+            f"{quant['calibration']['description']}; left in float: {', '.join(quant['nodes_left_in_float']) or 'nothing'}",
+            f"- recipe chosen by {chosen['chosen_by']}:",
+            "",
+            "| activations | calibration | weight bits | final Dense | label flips | mean abs prob diff | max abs prob diff |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {c['activation_type']} | {c['calibration_method']} | {7 if c['reduce_range'] else 8} | "
+                  f"{'float' if c['float_head'] else 'int8'} | "
+                  f"{c['label_flips']} | "
+                  f"{_fmt(c['mean_abs_prob_diff'])} | {_fmt(c['max_abs_prob_diff'])} |" for c in quant["candidates"]]
+    lines += [
+        "",
+        "## Intended use",
+        "",
+        "- Research on H&E breast tissue patches in the layout of the public *Breast Histopathology Images* set "
+        "(50x50 px patches at the same magnification and staining conditions), scored with `idc-infer` on CPUs.",
+        "- Outputs are per-patch probabilities and per-patient IDC fractions for a pathologist to review.",
+        "",
+        "## Limits",
+        "",
+        "- Not a medical device; not validated for screening or diagnosis of any patient.",
+        "- Patch-level metrics on few patients; patient-to-patient and stain variation beyond the training data is "
+        "untested. Brightness alone separates many patches of this data set: check the model against a "
+        "colour-statistics baseline before trusting it on new data.",
+        "- The threshold was chosen on validation patients; a different cohort may need its own.",
+        "- int8 results depend on the CPU's kernels: the gate was measured on the machine above. With 8-bit weights, CPUs "
+        "with AVX2 but no VNNI can saturate intermediate sums (7-bit weights avoid that); CPUs with and without VNNI "
+        "can differ slightly.",
+        "",
+    ]
+    return "\n".join(lines)
