@@ -10,17 +10,37 @@ import numpy as np
 
 from .contract import Contract, ContractError, contract_from_metadata
 
-DEFAULT_MODEL_NAMES = ("cancernet-int8.onnx", "cancernet-fp32.onnx")
+FP32_NAME, INT8_NAME = "cancernet-fp32.onnx", "cancernet-int8.onnx"
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 class ModelError(ValueError):
     """The model file cannot be used; the message names the file and why."""
 
 
-def default_model_path() -> Path:
-    """The model shipped in the ``idc_models`` package (int8 preferred where present)."""
+def cpu_flags() -> set[str]:
+    """CPU feature flags from /proc/cpuinfo (Linux); empty where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def preferred_precision(flags: set[str]) -> str:
+    """int8 only where the CPU has VNNI: without it onnxruntime's int8 kernels are slower than fp32."""
+    return "int8" if any(flag in flags for flag in VNNI_FLAGS) else "fp32"
+
+
+def default_model_path(flags: set[str] | None = None) -> Path:
+    """The model shipped in the ``idc_models`` package, in the precision that suits this CPU."""
     root = importlib.resources.files("idc_models")
-    for name in DEFAULT_MODEL_NAMES:
+    names = (INT8_NAME, FP32_NAME) if preferred_precision(cpu_flags() if flags is None else flags) == "int8" \
+        else (FP32_NAME, INT8_NAME)
+    for name in names:
         candidate = root / name
         if candidate.is_file():
             return Path(str(candidate))

@@ -32,9 +32,13 @@ def main() -> int:
     parser.add_argument("--models-dir", type=Path, default=REPO / "models")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--export-only", action="store_true",
+                        help="skip training: export the model already in --run-dir (e.g. after idc-train --resume)")
     args = parser.parse_args()
 
     bin_dir = Path(sys.executable).parent
+    if args.export_only:
+        return export_and_ship(args.run_dir, args.models_dir, bin_dir)
     train = [str(bin_dir / "idc-train"), str(args.data_dir), "--out", str(args.run_dir), "--split", str(args.split),
              "--epochs", str(args.epochs), "--seed", str(args.seed)]
     print("+", " ".join(train), flush=True)

@@ -13,7 +13,7 @@ REQUIRED_METRICS = ("roc_auc", "balanced_accuracy", "f1", "sensitivity", "specif
 
 @pytest.fixture(scope="module")
 def shipped():
-    return load_model(default_model_path())
+    return load_model(default_model_path(set()))  # fp32
 
 
 def test_shipped_model_is_real_and_documented(shipped):
@@ -39,3 +39,16 @@ def test_shipped_model_separates_real_held_out_patients(shipped, real_data):
     auc = roc_auc([labels[s.path] for s in scored], [s.prob_idc for s in scored])
     assert auc == pytest.approx(shipped.contract.provenance["metrics"]["roc_auc"], abs=0.01)
     assert auc > 0.7
+
+
+def test_default_precision_follows_the_cpu():
+    assert default_model_path({"avx2", "avx512_vnni"}).name == "cancernet-int8.onnx"
+    assert default_model_path({"avx2", "fma"}).name == "cancernet-fp32.onnx"
+    assert default_model_path(set()).name == "cancernet-fp32.onnx"
+
+
+def test_shipped_int8_passed_its_gate_and_keeps_the_contract(shipped):
+    int8 = load_model(default_model_path({"avx512_vnni"}))
+    assert int8.contract.threshold == shipped.contract.threshold
+    assert int8.contract.provenance["training_data"] == shipped.contract.provenance["training_data"]
+    assert int8.contract.provenance.get("quantization_gate") != "failed"
