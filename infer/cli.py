@@ -17,7 +17,7 @@ EXIT_OK, EXIT_FAILED_PATCHES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 HELP_EPILOG = f"""\b
 Exit codes:
   {EXIT_OK}    reports written (failed patches are listed in their rows)
-  {EXIT_FAILED_PATCHES}    --strict and at least one patch could not be scored
+  {EXIT_FAILED_PATCHES}    --strict and at least one patch could not be scored, or reports could not be written
   {EXIT_USAGE}    usage error: bad path, model or option
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); completed patients are kept, rerun with --resume
 
@@ -69,7 +69,7 @@ def _versions() -> dict:
 
 @click.command(epilog=HELP_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--from-list", "from_list", type=click.File("r", encoding="utf-8"),
+@click.option("--from-list", "from_list", type=click.File("r", encoding="utf-8-sig"),
               help="Text file listing patch paths, one per line ('-' for stdin).")
 @click.option("--model", "model_path", type=click.Path(path_type=Path),
               help="ONNX model exported by idc-export [default: the model shipped with idc].")
@@ -79,7 +79,7 @@ def _versions() -> dict:
               help="prob_idc at or above which a patch counts as IDC [default: the model's].")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 256), default=_default_threads, show_default="min(4, cores)",
-              help="Decode worker threads and onnxruntime intra-op threads.")
+              help="onnxruntime intra-op threads; half as many decode workers overlap with it.")
 @click.option("--overwrite", is_flag=True, help="Replace reports already in --out.")
 @click.option("--resume", is_flag=True, help="Keep patients already completed with the same model and threshold.")
 @click.option("--strict", is_flag=True, help="Exit 1 if any patch could not be scored.")
@@ -100,7 +100,7 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
     heatmap and a QuPath GeoJSON per patient, and report.html for the run.
     """
     from .discover import SkipCounter, duplicate_ids, patients_from_dirs, patients_from_list
-    from .engine import clear_state, existing_reports, run_patients, RunSettings
+    from .engine import clear_previous_run, existing_reports, run_patients, RunSettings
     from .files import RESEARCH_NOTICE, write_json
     from .model import ModelError, default_model_path, load_model
 
@@ -112,13 +112,14 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
         raise click.UsageError("--overwrite and --resume contradict each other; pick one")
 
     try:
-        model = load_model(model_path if model_path is not None else default_model_path(), threads=threads)
+        # no spin-waiting: idle onnxruntime threads would steal the cores the decode workers need
+        model = load_model(model_path if model_path is not None else default_model_path(), threads=threads, spin=False)
     except ModelError as exc:
         raise click.BadParameter(str(exc), param_hint="--model") from None
     effective_threshold = model.contract.threshold if threshold is None else threshold
 
     list_skips = SkipCounter()
-    patients = patients_from_dirs(inputs)
+    patients = patients_from_dirs(inputs, exclude=[out_dir])
     if from_list is not None:
         base = Path.cwd() if from_list.name == "<stdin>" else Path(from_list.name).resolve().parent
         patients += patients_from_list(from_list, base, list_skips)
@@ -131,7 +132,7 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
     if existing_reports(out_dir) and not (overwrite or resume):
         raise click.UsageError(f"{out_dir} already holds idc reports; pass --resume to continue or --overwrite")
     if overwrite:
-        clear_state(out_dir)
+        clear_previous_run(out_dir)
 
     _announce(model, quiet)
     from tqdm import tqdm
@@ -156,6 +157,11 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
         bar.close()
         click.echo(f"idc-infer: interrupted; completed patients are kept in {out_dir}, rerun with --resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except OSError as exc:  # a report open in Excel on Windows, a full disk, a read-only --out
+        bar.close()
+        click.echo(f"idc-infer: cannot write reports in {out_dir}: {exc}; completed patients are kept, "
+                   "fix the cause and rerun with --resume", err=True)
+        sys.exit(EXIT_FAILED_PATCHES)
     finally:
         bar.close()
 

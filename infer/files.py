@@ -8,6 +8,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -33,10 +34,16 @@ def neutralise_cell(value: Any) -> Any:
     return value
 
 
+# names idc writes itself, and names Windows reserves for devices
+RESERVED_STEMS = {"summary", "run", "report", "con", "prn", "aux", "nul",
+                  *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
 def safe_file_stem(name: str) -> str:
-    """A file name stem from a patient id, safe on Windows and POSIX."""
+    """A file name stem from a patient id, safe on Windows and POSIX, never one of idc's own."""
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "_"
-    return stem[:120]
+    stem = stem[:120]
+    return f"{stem}_patient" if stem.casefold() in RESERVED_STEMS else stem
 
 
 @contextlib.contextmanager
@@ -45,18 +52,31 @@ def atomic_path(target: Path, mode: str = "w", newline: str | None = None) -> It
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": newline}
+    # backslashreplace: a file name that is not valid UTF-8 (possible on Linux) must not crash a report
+    kwargs = {} if "b" in mode else {"encoding": "utf-8", "errors": "backslashreplace", "newline": newline}
     try:
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp_name, FILE_MODE)
-        os.replace(tmp_name, target)
+        _replace_with_retry(tmp_name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+def _replace_with_retry(source: str, target: Path, attempts: int = 5, wait_s: float = 0.2) -> None:
+    """os.replace, retried briefly: on Windows a virus scanner or an open viewer can hold the target."""
+    for attempt in range(attempts):
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if attempt == attempts - 1:
+                raise PermissionError(f"cannot replace {target}: is it open in another program?") from None
+            time.sleep(wait_s)
 
 
 class CsvOut:
@@ -68,7 +88,8 @@ class CsvOut:
         self._writer.writerow(self.header)
 
     def row(self, values: dict[str, Any]) -> None:
-        self._writer.writerow([neutralise_cell(_fmt(values.get(key))) for key in self.header])
+        # neutralise text only: a formatted negative number is a number, not a formula
+        self._writer.writerow([_fmt(neutralise_cell(values.get(key))) for key in self.header])
 
 
 def _fmt(value: Any) -> Any:

@@ -69,7 +69,7 @@ class LoadedModel:
         return np.asarray(probs[:, self.contract.positive_class_index], dtype=np.float64)
 
 
-def load_model(path: Path, threads: int = 0) -> LoadedModel:
+def load_model(path: Path, threads: int = 0, spin: bool | None = None) -> LoadedModel:
     """Open a model file for inference; ModelError (with the file name) for any unusable file."""
     import onnxruntime as ort
 
@@ -80,6 +80,8 @@ def load_model(path: Path, threads: int = 0) -> LoadedModel:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if spin is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for every bad file

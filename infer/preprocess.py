@@ -112,10 +112,28 @@ def preprocess_rgb(rgb: np.ndarray, contract: Contract) -> np.ndarray:
     return rgb.astype(np.float32) * np.float32(contract.scale) + np.float32(contract.offset)
 
 
+MAX_FILE_BYTES = 16 * 1024 * 1024  # a 50x50 patch is a few kB; anything this big is not a patch
+
+
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk, without decoding the pixels."""
+    if len(data) >= 24 and data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return None
+
+
 def decode_bytes(data: bytes, contract: Contract) -> Decoded:
     """Decode the bytes of one image file into the model's input tensor."""
     if not data:
         return Decoded(STATUS_EMPTY, "zero-byte file")
+    header_size = png_size(data)
+    if contract.oversized_policy == "refuse" and header_size and max(header_size) > contract.native_patch_px:
+        # refused from the header: a slide overview saved among patches must not be decoded (GBs)
+        width, height = header_size
+        return Decoded(STATUS_OVERSIZED, f"{width}x{height} px is larger than {contract.native_patch_px}x"
+                                         f"{contract.native_patch_px}", width_px=width, height_px=height)
+    if len(data) > MAX_FILE_BYTES:
+        return Decoded(STATUS_OVERSIZED, f"{len(data) / 1e6:.0f} MB file is far too large for a patch")
     buffer = np.frombuffer(data, dtype=np.uint8)
     try:
         image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)

@@ -357,6 +357,9 @@ class MosaicSink:
             log.warning("patient %s: no mosaic: %s (lower --review-scale)", self.patient_id, exc)
             self.canvas = None
 
+    def abort(self) -> None:
+        self.canvas = None  # the run stopped mid-patient: write nothing
+
     def close(self) -> None:
         if self.canvas is None or self.canvas.bounds is None:
             # no placeable patch: a mosaic left by an earlier run would now describe other data
@@ -413,6 +416,9 @@ class GeoJsonSink:
             self._spool.write(",\n")
         self._spool.write(json.dumps(patch_feature(row, self.patient_id), allow_nan=False, separators=(",", ":")))
         self.n_features += 1
+
+    def abort(self) -> None:
+        self._spool.close()  # the run stopped mid-patient: write nothing
 
     def close(self) -> None:
         try:

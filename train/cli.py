@@ -24,14 +24,18 @@ import click
                    "'random-patch' (the seed tutorial's leaky split) or a CSV manifest with patient_id,set.")
 @click.option("--patience", type=click.IntRange(1), default=8, show_default=True,
               help="Stop after this many epochs without a better validation ROC-AUC.")
-@click.option("--no-augment", is_flag=True, help="Train without flips, rotations and colour jitter.")
+@click.option("--augment", type=click.Choice(["idc", "seed", "both", "none"]), default="idc", show_default=True,
+              help="idc: flips, right-angle rotations, colour jitter (breaks the brightness shortcut); seed: the "
+                   "tutorial's rotation 20, zoom, shifts, shear and flips; both; none.")
+@click.option("--early-stopping", type=click.Choice(["val-auc", "val-loss"]), default="val-auc", show_default=True,
+              help="What --patience counts and which epoch is kept.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last epoch checkpoint.")
 @click.option("--distribute", type=click.Choice(["none", "mirrored", "multiworker"]), default="none", show_default=True,
               help="tf.distribute: mirrored = all GPUs of this machine; multiworker = several machines (TF_CONFIG).")
 @click.option("--mixed-precision/--no-mixed-precision", default=None, help="[default: on when a GPU is present]")
 @click.option("-v", "--verbose", count=True)
-def main(data_dir, run_dir, epochs, batch_size, arch, learning_rate, seed, split, patience, no_augment, resume,
-         distribute, mixed_precision, verbose):
+def main(data_dir, run_dir, epochs, batch_size, arch, learning_rate, seed, split, patience, augment, early_stopping,
+         resume, distribute, mixed_precision, verbose):
     """Train CancerNet on DATA_DIR (Kaggle layout <pid>/<0|1>/*.png) with a patient-level split."""
     logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
@@ -49,7 +53,7 @@ def main(data_dir, run_dir, epochs, batch_size, arch, learning_rate, seed, split
         raise click.BadParameter(f"{run_dir} holds no checkpoints to resume from", param_hint="--resume")
     config = TrainConfig(data_dir, run_dir, epochs=epochs, batch_size=batch_size, seed=seed,
                          learning_rate=learning_rate or DEFAULT_LEARNING_RATE[arch], split=split, patience=patience,
-                         augment=not no_augment, arch=arch, resume=resume, distribute=distribute,
+                         augment=augment, early_stopping=early_stopping, arch=arch, resume=resume, distribute=distribute,
                          mixed_precision=mixed_precision)
     try:
         meta = train(config)

@@ -5,16 +5,18 @@ import csv
 import importlib.resources
 import logging
 import random
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from idc_infer.discover import patient_id_of
-from idc_infer.naming import is_candidate_image, label_from_parent, parse_patch_name
+from idc_infer.naming import is_candidate_image, parse_patch_name
 
 log = logging.getLogger(__name__)
 
 CLASS_DIRS = {"0": 0, "1": 1, "benign": 0, "malignant": 1, "non-idc": 0, "idc": 1}
+# BreakHis: SOB_<B|M>_<tumour type>-<year>-<slide id>-<magnification>-<seq>.png
+BREAKHIS_NAME = re.compile(r"^SOB_(?P<cls>[BM])_[A-Z]+-(?P<patient>\d+-[A-Za-z0-9]+)-\d+-\d+\.\w+$")
 SET_NAMES = ("train", "val", "test")
 PUBLISHED_SPLITS = ("janowczyk2016",)
 LEAKY_WARNING = (
@@ -30,12 +32,29 @@ class LabelledPatch:
     label: int
 
 
+def _patient_of(path: Path, data_dir: Path) -> str:
+    """From the file name (Kaggle, BreakHis), else the folder above a class folder
+    (``<pid>/benign/x.png``), else the folder holding the file."""
+    parsed = parse_patch_name(path.name).patient_id
+    if parsed is not None:
+        return parsed
+    breakhis = BREAKHIS_NAME.match(path.name)
+    if breakhis:
+        return breakhis.group("patient")
+    folder = path.parent
+    if folder.name.lower() in CLASS_DIRS and folder.parent != data_dir and folder.parent.name not in SET_NAMES:
+        return folder.parent.name
+    return folder.name
+
+
 def _label_of(path: Path) -> int | None:
     parsed = parse_patch_name(path.name).label
     if parsed is not None:
         return parsed
-    folder = label_from_parent(path)
-    return folder if folder is not None else CLASS_DIRS.get(path.parent.name.lower())
+    breakhis = BREAKHIS_NAME.match(path.name)
+    if breakhis:
+        return int(breakhis.group("cls") == "M")
+    return CLASS_DIRS.get(path.parent.name.lower())
 
 
 def discover_labelled(data_dir: Path) -> list[LabelledPatch]:
@@ -54,9 +73,13 @@ def discover_labelled(data_dir: Path) -> list[LabelledPatch]:
         if label is None:
             unlabelled += 1
             continue
-        patches.append(LabelledPatch(path, patient_id_of(path), label))
+        patches.append(LabelledPatch(path, _patient_of(path, data_dir), label))
     if unlabelled:
         log.warning("%d image(s) under %s carry no label and were left out", unlabelled, data_dir)
+    folder_ids = sorted({p.patient_id for p in patches if p.patient_id.lower() in CLASS_DIRS})
+    if folder_ids:
+        log.warning("patient ids of some patches could not be read from their file names (they got the class "
+                    "folder names %s): a patient-level split cannot keep those patients apart", ", ".join(folder_ids))
     return patches
 
 
@@ -104,7 +127,7 @@ def patient_split(
 
 def read_split_manifest(path: Path) -> dict[str, str]:
     """A split manifest: CSV with columns patient_id,set (set in train/val/test)."""
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: manifests saved by Excel
         reader = csv.DictReader(handle)
         if not reader.fieldnames or not {"patient_id", "set"} <= set(reader.fieldnames):
             raise ValueError(f"{path}: a split manifest needs the columns patient_id,set")

@@ -43,11 +43,36 @@ def augment(image: tf.Tensor, contract: Contract) -> tf.Tensor:
     return unit * (hi - lo) + lo
 
 
+AUGMENTATIONS = ("idc", "seed", "both", "none")
+
+
+def seed_geometric_augmenter(seed: int = 0):
+    """The seed tutorial's ImageDataGenerator: rotation 20 deg, zoom 0.05, shifts 0.1, shear 0.05,
+    flips, fill 'nearest' -- as Keras preprocessing layers, applied to whole batches in tf.data."""
+    import keras
+    from keras import layers
+
+    return keras.Sequential([
+        layers.RandomFlip("horizontal_and_vertical", seed=seed),
+        layers.RandomRotation(20 / 360, fill_mode="nearest", seed=seed),
+        layers.RandomZoom(0.05, fill_mode="nearest", seed=seed),
+        layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", seed=seed),
+        layers.RandomShear(0.05, 0.05, fill_mode="nearest", seed=seed),
+    ], name="seed_augmentation")
+
+
 def make_dataset(
     paths: list[str], labels: list[int], contract: Contract, batch_size: int, *, shuffle: bool = False,
-    augment_images: bool = False, seed: int = 0, cache: bool = True,
+    augment_images: bool | str = False, seed: int = 0, cache: bool = True,
 ) -> tf.data.Dataset:
-    """Batched (image, one-hot label) dataset; decoded patches cached once, shuffled and augmented per epoch."""
+    """Batched (image, one-hot label) dataset; decoded patches cached once, shuffled and augmented per epoch.
+
+    ``augment_images``: "idc" (flips, right-angle rotations, colour jitter; True means this),
+    "seed" (the tutorial's geometric augmentation), "both", or "none"/False.
+    """
+    mode = "idc" if augment_images is True else "none" if augment_images is False else augment_images
+    if mode not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {mode!r}; choose from {', '.join(AUGMENTATIONS)}")
     ds = tf.data.Dataset.from_tensor_slices((list(paths), list(labels)))
     ds = ds.map(lambda p, y: (decode_and_preprocess(p, contract), tf.one_hot(y, len(contract.class_names))),
                 num_parallel_calls=AUTOTUNE)
@@ -55,6 +80,10 @@ def make_dataset(
         ds = ds.cache()
     if shuffle:
         ds = ds.shuffle(min(len(paths), 20000), seed=seed, reshuffle_each_iteration=True)
-    if augment_images:
+    if mode in ("idc", "both"):
         ds = ds.map(lambda x, y: (augment(x, contract), y), num_parallel_calls=AUTOTUNE)
-    return ds.batch(batch_size).prefetch(AUTOTUNE)
+    ds = ds.batch(batch_size)
+    if mode in ("seed", "both"):
+        geometric = seed_geometric_augmenter(seed)
+        ds = ds.map(lambda x, y: (geometric(x, training=True), y), num_parallel_calls=AUTOTUNE)
+    return ds.prefetch(AUTOTUNE)

@@ -79,7 +79,8 @@ def write_patient(
             image = render_patch(rng, label, width, height)
             path = root / patient_id / str(label) / f"{patient_id}_idx5_x{x}_y{y}_class{label}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            # imencode + write_bytes: cv2.imwrite fails silently on non-ASCII Windows paths
+            path.write_bytes(cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes())
             written.append(SyntheticPatch(patient_id, x, y, label, path))
     return written
 

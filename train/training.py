@@ -46,7 +46,8 @@ class TrainConfig:
     split: str = "patient"  # "patient", "janowczyk2016", "random-patch" or a manifest CSV path
     patience: int = 8
     min_epochs: int = 3
-    augment: bool = True
+    augment: str = "idc"  # "idc", "seed" (the tutorial's), "both" or "none"
+    early_stopping: str = "val-auc"  # what patience counts and which epoch is kept: "val-auc" or "val-loss"
     arch: str = "cancernet"
     resume: bool = False
     distribute: str = "none"  # "none", "mirrored" (all GPUs of this box) or "multiworker" (TF_CONFIG)
@@ -108,7 +109,15 @@ def recalibrate_batchnorm(model, dataset, max_batches: int = 40) -> None:
             layer.momentum = momentum
 
 
-def _make_auc_callback(val_ds, val_labels, bn_ds, patience: int, min_epochs: int, state_dir: Path, resume: bool):
+def validation_loss(labels, probs_idc) -> float:
+    """Categorical cross-entropy of the validation patches (computed here, so it works distributed)."""
+    labels = np.asarray(labels)
+    p_true = np.where(labels == 1, probs_idc, 1.0 - np.asarray(probs_idc))
+    return float(-np.mean(np.log(np.clip(p_true, 1e-7, 1.0))))
+
+
+def _make_auc_callback(val_ds, val_labels, bn_ds, patience: int, min_epochs: int, state_dir: Path, resume: bool,
+                       monitor: str = "val-auc"):
     import json
 
     import keras
@@ -119,16 +128,20 @@ def _make_auc_callback(val_ds, val_labels, bn_ds, patience: int, min_epochs: int
     state_file = state_dir / "best.json"
 
     class BestByValAuc(keras.callbacks.Callback):
-        """Keep the weights of the epoch with the best validation ROC-AUC (loss can pick an
-        early epoch whose BatchNormalization statistics have not settled). Its state is saved
-        every epoch so --resume continues the same early stopping."""
+        """Keep the weights of the epoch with the best validation ROC-AUC (default; loss can pick
+        an early epoch whose BatchNormalization statistics have not settled) or lowest validation
+        loss, stop after ``patience`` epochs without one. State is saved every epoch so --resume
+        continues the same early stopping."""
 
         def __init__(self):
             super().__init__()
-            self.best_auc, self.best_epoch, self.wait = -math.inf, -1, 0
+            self.best_score, self.best_epoch, self.wait = -math.inf, -1, 0
             if resume and state_file.exists() and best_weights_file.exists():
                 saved = json.loads(state_file.read_text())
-                self.best_auc, self.best_epoch, self.wait = saved["best_auc"], saved["best_epoch"], saved["wait"]
+                if saved.get("monitor", "val-auc") != monitor:
+                    raise TrainingDataError(f"the run was started with --early-stopping {saved.get('monitor', 'val-auc')}; "
+                                     f"resume it with the same setting, not {monitor}")
+                self.best_score, self.best_epoch, self.wait = saved["best_score"], saved["best_epoch"], saved["wait"]
 
         def on_epoch_end(self, epoch, logs=None):
             recalibrate_batchnorm(self.model, bn_ds)
@@ -137,15 +150,20 @@ def _make_auc_callback(val_ds, val_labels, bn_ds, patience: int, min_epochs: int
             spread = float(np.std(probs))
             if logs is not None:
                 logs["val_roc_auc"], logs["val_prob_std"] = auc, spread
-            usable = not math.isnan(auc) and spread >= COLLAPSE_STD
-            if usable and auc > self.best_auc:
-                self.best_auc, self.best_epoch, self.wait = auc, epoch, 0
+            loss = validation_loss(val_labels, probs)
+            if logs is not None:
+                logs["val_idc_loss"] = loss
+            score = auc if monitor == "val-auc" else -loss  # higher is better either way
+            usable = not math.isnan(score) and spread >= COLLAPSE_STD
+            if usable and score > self.best_score:
+                self.best_score, self.best_epoch, self.wait = score, epoch, 0
                 self.model.save_weights(best_weights_file)
             else:
                 self.wait += 1
                 if self.wait >= patience and epoch + 1 >= min_epochs:
                     self.model.stop_training = True
-            write_json(state_file, {"best_auc": self.best_auc, "best_epoch": self.best_epoch, "wait": self.wait})
+            write_json(state_file, {"best_score": self.best_score, "best_epoch": self.best_epoch, "wait": self.wait,
+                                    "monitor": monitor})
 
         def on_train_end(self, logs=None):
             if best_weights_file.exists():
@@ -239,7 +257,8 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
         shutil.rmtree(state_dir, ignore_errors=True)
         (run_dir / "history.csv").unlink(missing_ok=True)
     state_dir.mkdir(parents=True, exist_ok=True)
-    best = _make_auc_callback(val_ds, val_labels, bn_ds, config.patience, config.min_epochs, state_dir, config.resume)
+    best = _make_auc_callback(val_ds, val_labels, bn_ds, config.patience, config.min_epochs, state_dir, config.resume,
+                              monitor=config.early_stopping)
     callbacks = [
         keras.callbacks.BackupAndRestore(str(state_dir / "backup"), delete_checkpoint=False),  # every epoch
         best,
@@ -268,7 +287,8 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
         metrics["test_at_0.5"] = classification_metrics(test_labels, test_probs, 0.5)
 
     model.save(run_dir / "model.keras")
-    epochs_run = sum(1 for _ in open(run_dir / "history.csv")) - 1
+    with open(run_dir / "history.csv", encoding="utf-8") as handle:
+        epochs_run = sum(1 for _ in handle) - 1
     synthetic = (Path(config.data_dir) / SYNTHETIC_MARKER).exists()
     meta = {
         "training_data": describe_data(Path(config.data_dir), counts_by_patient(sets["train"]), synthetic),

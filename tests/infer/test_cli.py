@@ -177,3 +177,30 @@ def test_infer_never_imports_tensorflow(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "FORBIDDEN []" in out
     assert (tmp_path / "o" / "10253.csv").exists()
+
+
+def test_report_dir_inside_the_patient_dir_is_not_scored_on_rerun(tmp_path, monkeypatch):
+    patient = tmp_path / "10253"
+    shutil.copytree(SAMPLE_PATIENT, patient)
+    monkeypatch.chdir(patient)
+    assert run(["."]).exit_code == 0  # default --out ./idc-reports, inside the input
+    again = run([".", "--overwrite", "--strict"])
+    assert again.exit_code == 0, again.output
+    summary = read_csv(patient / "idc-reports" / "summary.csv")
+    assert [s["patient_id"] for s in summary] == ["10253"] and summary[0]["n_patches"] == "11"
+
+
+def test_ids_that_collide_as_file_names_are_a_usage_error(tmp_path):
+    for name in ("a b", "a_b"):
+        shutil.copytree(SAMPLE_PATIENT, tmp_path / "cohort" / name)
+    result = run([tmp_path / "cohort", "--out", tmp_path / "out"])
+    assert result.exit_code == 2 and "a b" in result.output and "a_b" in result.output
+
+
+def test_overwrite_removes_stale_review_outputs(tmp_path):
+    out = tmp_path / "out"
+    assert run([SAMPLE_PATIENT, "--out", out]).exit_code == 0
+    assert (out / "report.html").exists() and (out / "10253_mosaic.png").exists()
+    assert run([SAMPLE_PATIENT, "--out", out, "--overwrite", "--no-review"]).exit_code == 0
+    assert not (out / "report.html").exists() and not (out / "10253_mosaic.png").exists()
+    assert (out / "10253.csv").exists()

@@ -13,8 +13,14 @@ def test_no_cell_starts_like_a_formula(text):
     assert cell == text or cell == "'" + text
 
 
-def test_numbers_are_untouched():
-    assert neutralise_cell(-0.5) == -0.5
+def test_numbers_are_untouched_in_the_written_csv(tmp_path):
+    write_csv(tmp_path / "n.csv", ["value", "text"], [{"value": -0.5, "text": "-0.5"}])
+    assert (tmp_path / "n.csv").read_text().splitlines()[1] == "-0.500000,'-0.5"
+
+
+def test_non_utf8_file_name_does_not_crash_a_report(tmp_path):
+    write_csv(tmp_path / "u.csv", ["path"], [{"path": "caf\udce9.png"}])  # surrogate from os.scandir
+    assert "caf" in (tmp_path / "u.csv").read_text()
 
 
 def test_formula_file_name_is_inert_in_csv(tmp_path):

@@ -76,3 +76,30 @@ def test_bgr_file_is_read_as_rgb(tmp_path):
     cv2.imwrite(str(tmp_path / "r.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     tensor = decode_file(tmp_path / "r.png", CONTRACT).tensor
     assert tensor[..., 0].mean() == pytest.approx(200 / 255) and tensor[..., 2].mean() == 0.0
+
+
+def test_oversized_png_is_refused_from_its_header_without_decoding(tmp_path, monkeypatch):
+    big = np.zeros((3000, 4000, 3), np.uint8)
+    path = tmp_path / "overview.png"
+    path.write_bytes(cv2.imencode(".png", big)[1].tobytes())
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("decoded a file the header already refuses")
+
+    monkeypatch.setattr(cv2, "imdecode", no_decode)
+    decoded = decode_file(path, CONTRACT)
+    assert decoded.status == "oversized_refused" and (decoded.width_px, decoded.height_px) == (4000, 3000)
+
+
+def test_permission_error_is_reported_in_the_row(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    path = tmp_path / "locked.png"
+    path.write_bytes(b"x")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    decoded = decode_file(path, CONTRACT)
+    assert decoded.status == "unreadable" and "permission" in decoded.message

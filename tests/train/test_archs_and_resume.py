@@ -25,11 +25,15 @@ def _history(run_dir):
     return list(csv.DictReader(open(run_dir / "history.csv")))
 
 
-@pytest.mark.parametrize("arch", ["simple-cnn", "transfer"])
-def test_two_epoch_run_of_each_arch(small_cohort, tmp_path, arch):
+@pytest.mark.parametrize("arch,augment,early_stopping", [("simple-cnn", "both", "val-loss"),
+                                                         ("transfer", "seed", "val-auc")])
+def test_two_epoch_run_of_each_arch(small_cohort, tmp_path, arch, augment, early_stopping):
     meta = train(TrainConfig(small_cohort, tmp_path / arch, epochs=2, batch_size=16, arch=arch, patience=5,
-                             learning_rate=1e-3, transfer_weights=None))
+                             learning_rate=1e-3, transfer_weights=None, augment=augment, early_stopping=early_stopping))
     assert meta["arch"] == arch and meta["epochs_run"] == 2
+    assert meta["config"]["augment"] == augment
+    history = _history(tmp_path / arch)
+    assert "val_idc_loss" in history[0] and float(history[0]["val_idc_loss"]) > 0
     assert (tmp_path / arch / "model.keras").exists()
     assert (tmp_path / arch / "eval-test" / "metrics.json").exists()
 

@@ -38,3 +38,15 @@ def test_tf_and_cv2_agree_on_synthetic_undersized(tmp_path):
 
     patches = write_patient(tmp_path, "777", seed=1, grid=4)
     _compare([p.path for p in patches], Contract())
+
+
+def test_seed_augmentation_moves_pixels_but_keeps_shape_and_range(tmp_path):
+    from idc_train.pipeline import make_dataset
+    from idc_train.synthetic import write_patient
+
+    paths = [str(p.path) for p in write_patient(tmp_path, "5", seed=2, grid=4, undersized_edge=False)]
+    plain = next(make_dataset(paths, [0] * len(paths), Contract(), 16).as_numpy_iterator())[0]
+    moved = next(make_dataset(paths, [0] * len(paths), Contract(), 16, augment_images="seed", seed=3).as_numpy_iterator())[0]
+    assert moved.shape == plain.shape == (16, 48, 48, 3)
+    assert 0.0 <= moved.min() and moved.max() <= 1.0
+    assert np.abs(moved - plain).mean() > 0.01

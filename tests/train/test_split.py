@@ -54,3 +54,24 @@ def test_discovery_reads_labels_from_names_and_folders(tmp_path):
     kaggle = discover_labelled(tmp_path / "kaggle")
     assert len(kaggle) == 9 and {p.patient_id for p in kaggle} == {"123"}
     assert sorted(p.label for p in discover_labelled(tmp_path / "folders")) == [0, 1]
+    for pid in ("P1", "P2"):  # <pid>/benign|malignant/ layouts keep patients apart
+        for cls in ("benign", "malignant"):
+            (tmp_path / "per_patient" / pid / cls).mkdir(parents=True)
+            shutil.copy(first, tmp_path / "per_patient" / pid / cls / "x.png")
+    found = sorted((p.patient_id, p.label) for p in discover_labelled(tmp_path / "per_patient"))
+    assert found == [("P1", 0), ("P1", 1), ("P2", 0), ("P2", 1)]
+
+
+def test_breakhis_names_give_patient_and_label(tmp_path):
+    import shutil
+
+    from idc_train.synthetic import write_patient
+
+    source = write_patient(tmp_path / "src", "1", grid=2)[0].path
+    for rel in ("train/benign/SOB_B_A-14-22549AB-40-001.png", "train/malignant/SOB_M_DC-14-2523-400-007.png",
+                "test/malignant/SOB_M_DC-14-2523-100-001.png"):
+        (tmp_path / "breakhis" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, tmp_path / "breakhis" / rel)
+    found = {(p.path.name, p.patient_id, p.label) for p in discover_labelled(tmp_path / "breakhis")}
+    assert found == {("SOB_B_A-14-22549AB-40-001.png", "14-22549AB", 0),
+                     ("SOB_M_DC-14-2523-400-007.png", "14-2523", 1), ("SOB_M_DC-14-2523-100-001.png", "14-2523", 1)}
