@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -145,12 +144,12 @@ def main() -> None:
     rows.append(("peak RSS, with review outputs", f"{rss_small:,.0f} MB / {rss_big:,.0f} MB", f"{len(small):,} / {len(big):,} patches"))
     rows.append(("`idc-infer --help` start-up", f"{help_startup_s():.2f} s", "best of 5"))
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        model_name = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-        cpu = model_name
-    except (OSError, StopIteration):
-        pass
+    from idc_infer.model import read_cpuinfo
+
+    model_name, flags = read_cpuinfo()
+    cpu = model_name or platform.processor() or platform.machine()
+    if flags is not None:
+        cpu += " (" + ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in flags) + ")"
     print(f"Machine: {cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}; "
           f"model {Path(model_path).name}; threads {args.threads}\n")
     print("| measure | result | note |\n|---|---|---|")

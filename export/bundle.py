@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import platform
 from dataclasses import dataclass, field
@@ -10,6 +9,8 @@ from pathlib import Path
 
 from idc_infer import __version__
 from idc_infer.files import RESEARCH_NOTICE, atomic_path, write_json
+
+from .convert import held_out_dirs, read_meta
 
 FP32_NAME = "cancernet-fp32.onnx"
 INT8_NAME = "cancernet-int8.onnx"
@@ -37,17 +38,7 @@ class ExportOptions:
     bench_seconds: float = 1.5
 
 
-def read_meta(keras_path: Path) -> dict | None:
-    meta_file = Path(keras_path).parent / "train_meta.json"
-    return json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else None
 
-
-def held_out_dirs(meta: dict | None) -> list[Path]:
-    """Validation and test patient directories of the split: real patches the parity gate should see."""
-    if not meta or not meta.get("data_dir"):
-        return []
-    root = Path(meta["data_dir"])
-    return [root / pid for name in ("val", "test") for pid in meta.get("split", {}).get(name, []) if (root / pid).is_dir()]
 
 
 def _file_entry(path: Path, status: str) -> dict:

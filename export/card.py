@@ -16,20 +16,11 @@ INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
 def cpu_info(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> dict:
     """CPU model and the int8-relevant flags (Linux /proc/cpuinfo; elsewhere flags are unknown)."""
-    model, flags = platform.processor() or platform.machine(), None
-    try:
-        text = Path(cpuinfo_path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and value.strip():
-            model = value.strip()
-        elif key == "flags" and flags is None:
-            present = set(value.split())
-            flags = {flag: flag in present for flag in INT8_CPU_FLAGS}
-    return {"model": model, "logical_cores": os.cpu_count(), "flags": flags}
+    from idc_infer.model import read_cpuinfo
+
+    model, present = read_cpuinfo(Path(cpuinfo_path))
+    flags = None if present is None else {flag: flag in present for flag in INT8_CPU_FLAGS}
+    return {"model": model or platform.processor() or platform.machine(), "logical_cores": os.cpu_count(), "flags": flags}
 
 
 def describe_flags(info: dict) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 
 from idc_infer import __version__
 from idc_infer.contract import CONTRACT_KEY, Contract
+from idc_infer.model import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,20 @@ def check_parity(keras_model, onnx_bytes: bytes, inputs: np.ndarray, tolerance: 
     return report
 
 
+def read_meta(keras_path: Path) -> dict | None:
+    """The training run's train_meta.json beside the model, or None."""
+    meta_file = Path(keras_path).parent / "train_meta.json"
+    return json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else None
+
+
+def held_out_dirs(meta: dict | None) -> list[Path]:
+    """Validation and test patient directories of the split: real patches the parity gate should see."""
+    if not meta or not meta.get("data_dir"):
+        return []
+    root = Path(meta["data_dir"])
+    return [root / pid for name in ("val", "test") for pid in meta.get("split", {}).get(name, []) if (root / pid).is_dir()]
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -118,7 +133,7 @@ def contract_for(keras_path: Path, meta: dict | None, opset: int) -> Contract:
         "trained_at": meta.get("trained_at"),
         "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "code_version": __version__,
-        "source_model_sha256": hashlib.sha256(Path(keras_path).read_bytes()).hexdigest(),
+        "source_model_sha256": sha256_of(Path(keras_path)),
         "export": {"tool": "tf2onnx", "opset": opset, "precision": "fp32"},
         "arch": meta.get("arch", "cancernet"),
     }
@@ -133,8 +148,7 @@ def export_fp32(keras_path: Path, out_path: Path, sample_dirs: list[Path], opset
     from idc_infer.files import atomic_path
 
     keras_path = Path(keras_path)
-    meta_file = keras_path.parent / "train_meta.json"
-    meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else None
+    meta = read_meta(keras_path)
     if meta is None:
         log.warning("no train_meta.json beside %s: the contract will say the training data is unknown (demo)", keras_path)
     model = keras.models.load_model(keras_path, compile=False)
@@ -142,7 +156,8 @@ def export_fp32(keras_path: Path, out_path: Path, sample_dirs: list[Path], opset
     onnx_model = keras_to_onnx(model, contract, opset)
     set_contract(onnx_model, contract)
     data = onnx_model.SerializeToString()
-    parity = check_parity(model, data, load_parity_inputs(contract, sample_dirs))
+    # without --parity-data, the held-out patients of the run's split: real patches, not noise alone
+    parity = check_parity(model, data, load_parity_inputs(contract, list(sample_dirs) or held_out_dirs(meta)))
     with atomic_path(Path(out_path), mode="wb") as handle:
         handle.write(data)
     return {"path": str(out_path), "sha256": sha256_bytes(data), "size_bytes": len(data), "parity": parity.as_dict(),

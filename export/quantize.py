@@ -448,14 +448,16 @@ def quantize_int8(fp32_path: Path, calibration: PatchSet, selection: PatchSet, g
     """
     import onnx
 
-    from .convert import set_contract, sha256_bytes
+    from idc_infer.model import sha256_of
+
+    from .convert import set_contract
 
     if not candidates:
         raise QuantizationError("no quantization recipe to try")
     fp32_path = Path(fp32_path)
     contract = read_contract(fp32_path)
     pos = contract.positive_class_index
-    fp32_sha = sha256_bytes(fp32_path.read_bytes())
+    fp32_sha = sha256_of(fp32_path)
     with tempfile.TemporaryDirectory(prefix="idc-quant-", dir=work_dir) as tmp:
         pre = Path(tmp) / "pre.onnx"
         preprocess_for_quantization(fp32_path, pre)

@@ -5,7 +5,6 @@ paths are discovered lazily and each row is written to the patient's CSV as soon
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -22,7 +21,7 @@ import numpy as np
 from .discover import Patient, SkipCounter
 from .files import RESEARCH_NOTICE, CsvOut, atomic_path, safe_file_stem, write_csv
 from .metrics import Confusion, safe_ratio, wilson_interval
-from .model import LoadedModel
+from .model import LoadedModel, sha256_of
 from .naming import label_from_parent, parse_patch_name
 from .preprocess import STATUS_OK, Decoded, decode_file
 
@@ -222,10 +221,6 @@ def _state_path(out_dir: Path, stem: str) -> Path:
     return out_dir / STATE_DIR / f"{stem}.json"
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _completed_tally(out_dir: Path, stem: str, patient_id: str, model: LoadedModel, threshold: float) -> PatientTally | None:
     """The tally of a patient finished by an earlier run with the same model and threshold."""
     state_file = _state_path(out_dir, stem)
@@ -236,7 +231,7 @@ def _completed_tally(out_dir: Path, stem: str, patient_id: str, model: LoadedMod
             state.get("patient_id") == patient_id
             and state.get("model_sha256") == model.sha256
             and state.get("threshold") == threshold
-            and state.get("csv_sha256") == _file_sha256(csv_file)
+            and state.get("csv_sha256") == sha256_of(csv_file)
         ):
             return PatientTally.from_state(state["tally"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -274,7 +269,7 @@ def score_patient(
         "patient_id": patient.patient_id,
         "model_sha256": model.sha256,
         "threshold": settings.threshold,
-        "csv_sha256": _file_sha256(csv_file),
+        "csv_sha256": sha256_of(csv_file),
         "tally": tally.to_state(),
     }
     with atomic_path(_state_path(settings.out_dir, stem)) as handle:

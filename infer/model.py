@@ -18,16 +18,28 @@ class ModelError(ValueError):
     """The model file cannot be used; the message names the file and why."""
 
 
-def cpu_flags() -> set[str]:
-    """CPU feature flags from /proc/cpuinfo (Linux); empty where they cannot be read."""
+def read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None, set[str] | None]:
+    """CPU model name and feature flags from /proc/cpuinfo (Linux); None where unknown."""
+    model_name, flags = None, None
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+        with open(path, encoding="utf-8", errors="replace") as handle:
             for line in handle:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model_name is None:
+                    model_name = value.strip() or None
+                elif key == "flags" and flags is None:
+                    flags = set(value.split())
+                if model_name is not None and flags is not None:
+                    break
     except OSError:
         pass
-    return set()
+    return model_name, flags
+
+
+def cpu_flags() -> set[str]:
+    """CPU feature flags; empty where they cannot be read."""
+    return read_cpuinfo()[1] or set()
 
 
 def preferred_precision(flags: set[str]) -> str:

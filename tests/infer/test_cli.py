@@ -126,6 +126,7 @@ def test_threshold_override_changes_calls(tmp_path):
     assert low.exit_code == 0
     assert read_csv(tmp_path / "a" / "summary.csv")[0]["n_idc"] == "11"
     high = run([SAMPLE_PATIENT, "--out", tmp_path / "b", "--threshold", "1"])
+    assert high.exit_code == 0
     assert read_csv(tmp_path / "b" / "summary.csv")[0]["n_idc"] in ("0", "1")
 
 

@@ -20,6 +20,8 @@ from idc_infer.review import (
 )
 from idc_train.synthetic import write_cohort, write_patient
 
+from ..conftest import SAMPLE_PATIENT
+
 CHROMIUM = Path("/usr/bin/chromium")
 TISSUE_GREY = 200  # uniform patches, so every overlay pixel has one expected value
 THRESHOLD = 0.5
@@ -208,11 +210,28 @@ def test_geojson_validates_against_the_spec(tmp_path):
     assert geojson_pydantic.FeatureCollection.model_validate_json(empty_text).features == []
 
 
-def test_geojson_of_an_interrupted_patient_leaves_nothing(tmp_path):
-    sink = GeoJsonSink("p", tmp_path, "p", THRESHOLD)
-    sink.add(scored_rows()[0], None)
-    del sink  # the run died before close(): the spool was anonymous
-    assert list(tmp_path.iterdir()) == []
+def test_interrupted_patient_leaves_no_review_files(tmp_path):
+    from idc_infer.engine import RunSettings, score_patient
+    from idc_infer.discover import Patient, SkipCounter
+    from idc_infer.review import review_sink_factories
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Boom(Exception):
+        pass
+
+    def exploding_paths(skipped=None):
+        yield from sorted(SAMPLE_PATIENT.rglob("*.png"))[:3]
+        raise Boom("interrupted mid-patient")
+
+    from idc_infer.model import default_model_path, load_model
+
+    model = load_model(default_model_path(set()))
+    patient = Patient("p", root=SAMPLE_PATIENT)
+    patient.iter_paths = exploding_paths
+    settings = RunSettings(tmp_path, 0.5, batch_size=2, sink_factories=review_sink_factories(0.5))
+    with ThreadPoolExecutor(1) as pool, pytest.raises(Boom):
+        score_patient(model, patient, settings, pool, SkipCounter())
+    assert list(tmp_path.iterdir()) == []  # no CSV, no mosaic, no GeoJSON, no temp file
 
 
 class LinkCollector(HTMLParser):

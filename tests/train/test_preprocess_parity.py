@@ -1,6 +1,4 @@
 """Train's TF input pipeline and infer's cv2 decoder give the same tensor on real PNGs."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 
