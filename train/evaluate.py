@@ -137,14 +137,16 @@ def format_report(metrics: dict, baseline_auc: float, patients: list[dict], mode
 
 
 def evaluate(model_path: Path, data_dir: Path, out_dir: Path, split: str | None = None, set_name: str = "test",
-             threshold: float | None = None, history_csv: Path | None = None, seed: int = 0) -> dict:
+             threshold: float | None = None, history_csv: Path | None = None, seed: int = 0,
+             patches: list[LabelledPatch] | None = None) -> dict:
     """Score the chosen patients, write metrics.json, report.txt and the plots; return the metrics."""
     from . import plots
 
-    patches = discover_labelled(data_dir)
-    if split is not None:
-        sets, _ = resolve_split(split, patches, seed)
-        patches = sets[set_name]
+    if patches is None:  # idc-train passes the patches it already holds: no second walk of the data
+        patches = discover_labelled(data_dir)
+        if split is not None:
+            sets, _ = resolve_split(split, patches, seed)
+            patches = sets[set_name]
     if not patches:
         raise ValueError(f"no labelled patches to evaluate under {data_dir} (split {split}, set {set_name})")
     scorer = load_scorer(model_path)

@@ -314,5 +314,5 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
         from .evaluate import evaluate
 
         evaluate(run_dir / "model.keras", config.data_dir, run_dir / "eval-test", split=str(config.split),
-                 set_name="test", seed=config.seed)
+                 set_name="test", seed=config.seed, patches=sets["test"])
     return meta
