@@ -101,19 +101,29 @@ def eval_main(model_path, data_dir, out_dir, split, set_name, threshold, seed):
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--patience", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def crossval_main(data_dir, out_dir, folds, arch, epochs, batch_size, patience, seed):
-    """Patient-level k-fold cross-validation of the training recipe on DATA_DIR (pooled out-of-fold metrics)."""
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted cross-validation in --out: finished folds are reused, the interrupted "
+                   "one continues from its last epoch checkpoint. Needs the same data and options.")
+def crossval_main(data_dir, out_dir, folds, arch, epochs, batch_size, patience, seed, resume):
+    """Patient-level k-fold cross-validation of the training recipe on DATA_DIR (pooled out-of-fold metrics).
+
+    \b
+    Exit codes: 0 done; 2 usage error; 3 a fold's model collapsed to a constant output.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     from .architectures import DEFAULT_LEARNING_RATE
     from .crossval import cross_validate
-    from .training import TrainConfig
+    from .training import CollapsedModelError, TrainConfig
 
     base = TrainConfig(data_dir, out_dir, epochs=epochs, batch_size=batch_size, seed=seed, patience=patience,
                        arch=arch, learning_rate=DEFAULT_LEARNING_RATE[arch])
     try:
-        result = cross_validate(base, folds, out_dir)
+        result = cross_validate(base, folds, out_dir, resume=resume)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    except CollapsedModelError as exc:
+        click.echo(f"idc-crossval: FAILED: {exc} (finished folds are kept for --resume)", err=True)
+        sys.exit(3)
     m = result["pooled_out_of_fold"]
     click.echo(f"{folds}-fold patient CV, pooled out-of-fold (n={m['n']}): ROC-AUC {m['roc_auc']:.3f}, balanced accuracy "
                f"{m['balanced_accuracy']:.3f}, sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}, "

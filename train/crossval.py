@@ -7,6 +7,7 @@ model never saw. With few patients this says more than one held-out split.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +38,16 @@ def fold_split(folds: dict[str, int], fold: int, k: int) -> dict[str, str]:
     return {pid: "test" if f == fold else "val" if f == val_fold else "train" for pid, f in folds.items()}
 
 
+def _check_same_folds(folds_csv: Path, folds: dict[str, int]) -> None:
+    if not folds_csv.exists():
+        raise ValueError(f"{folds_csv.parent} holds no cross-validation to resume (no folds.csv)")
+    with open(folds_csv, newline="", encoding="utf-8") as handle:
+        previous = {row["patient_id"]: int(row["fold"]) for row in csv.DictReader(handle)}
+    if previous != folds:
+        raise ValueError(f"{folds_csv} assigns patients to other folds than this data and --folds give; "
+                         "start a new --out")
+
+
 def pooled_metrics(rows: list[dict]) -> dict:
     """ROC-AUC over all out-of-fold probabilities; confusion from each fold's own threshold."""
     labels = np.array([int(r["label"]) for r in rows])
@@ -48,10 +59,57 @@ def pooled_metrics(rows: list[dict]) -> dict:
             "accuracy": conf.accuracy, "tp": conf.tp, "fp": conf.fp, "tn": conf.tn, "fn": conf.fn}
 
 
-def cross_validate(base: TrainConfig, k: int, out_dir: Path) -> dict:
+# What may differ between the folds of one cross-validation, or between a run and its resumption.
+_PER_FOLD_KEYS = ("run_dir", "split", "resume")
+
+
+def recipe_of(config: TrainConfig) -> dict:
+    """The training recipe as train_meta.json records it, less what each fold sets for itself."""
+    return {key: str(v) if isinstance(v, Path) else v for key, v in config.__dict__.items() if key not in _PER_FOLD_KEYS}
+
+
+def _finished_meta(run_dir: Path, base: TrainConfig, test_patients: set[str]) -> dict | None:
+    """train_meta.json of a fold trained with this recipe on these patients, else None."""
+    meta_file = run_dir / "train_meta.json"
+    if not meta_file.exists():
+        return None
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    # data_dir may be spelt differently (relative, absolute); folds.csv and the test patients check the data.
+    recorded = {key: v for key, v in meta.get("config", {}).items() if key not in _PER_FOLD_KEYS + ("data_dir",)}
+    wanted = {key: v for key, v in recipe_of(base).items() if key != "data_dir"}
+    if recorded != wanted:
+        changed = sorted(key for key in set(recorded) | set(wanted) if recorded.get(key) != wanted.get(key))
+        raise ValueError(f"{run_dir} was trained with a different recipe ({', '.join(changed)}); "
+                         "resume with the same options or start a new --out")
+    if set(meta.get("split", {}).get("test", ())) != test_patients:
+        raise ValueError(f"{run_dir} tested other patients than this fold; the data changed, start a new --out")
+    return meta
+
+
+def _run_fold(base: TrainConfig, fold_dir: Path, manifest: Path, test_patients: set[str], resume: bool) -> dict:
+    """Train and evaluate one fold; with resume, reuse a finished fold and continue an interrupted one."""
+    run_dir = fold_dir / "run"
+    config = replace(base, run_dir=run_dir, split=str(manifest))
+    meta = _finished_meta(run_dir, base, test_patients) if resume else None
+    if meta is None:
+        return train(replace(config, resume=resume and (run_dir / "checkpoints").is_dir()))
+    if not (run_dir / "eval-test" / "predictions.csv").exists():  # stopped between training and evaluation
+        from .evaluate import evaluate
+
+        evaluate(run_dir / "model.keras", base.data_dir, run_dir / "eval-test", split=str(manifest), seed=base.seed)
+    log.info("%s already done (train_meta.json and test predictions found): reusing it", fold_dir.name)
+    return meta
+
+
+def cross_validate(base: TrainConfig, k: int, out_dir: Path, resume: bool = False) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     folds = assign_folds(counts_by_patient(discover_labelled(base.data_dir)), k)
+    if resume:
+        _check_same_folds(out_dir / "folds.csv", folds)
+    else:  # a fresh start must not later resume into folds left by an older cross-validation
+        for stale in out_dir.glob("fold*/run/train_meta.json"):
+            stale.unlink()
     write_csv(out_dir / "folds.csv", ("patient_id", "fold"), [{"patient_id": p, "fold": f} for p, f in sorted(folds.items())])
     pooled: list[dict] = []
     per_fold = []
@@ -60,8 +118,9 @@ def cross_validate(base: TrainConfig, k: int, out_dir: Path) -> dict:
         fold_dir.mkdir(parents=True, exist_ok=True)
         manifest = fold_dir / "split-in.csv"
         write_csv(manifest, ("patient_id", "set"), [{"patient_id": p, "set": s} for p, s in sorted(fold_split(folds, fold, k).items())])
-        log.info("fold %d/%d: test patients %s", fold + 1, k, sorted(p for p, f in folds.items() if f == fold))
-        meta = train(replace(base, run_dir=fold_dir / "run", split=str(manifest)))
+        test_patients = {p for p, f in folds.items() if f == fold}
+        log.info("fold %d/%d: test patients %s", fold + 1, k, sorted(test_patients))
+        meta = _run_fold(base, fold_dir, manifest, test_patients, resume)
         with open(fold_dir / "run" / "eval-test" / "predictions.csv", newline="", encoding="utf-8") as handle:
             for row in csv.DictReader(handle):
                 pooled.append({**row, "fold": fold, "threshold": meta["threshold"]})
@@ -69,6 +128,6 @@ def cross_validate(base: TrainConfig, k: int, out_dir: Path) -> dict:
                          "test": meta["metrics"].get("test"), "val": meta["metrics"]["val"]})
     write_csv(out_dir / "oof_predictions.csv", ("path", "patient_id", "label", "prob_idc", "fold", "threshold"), pooled)
     result = {"k": k, "pooled_out_of_fold": pooled_metrics(pooled), "folds": per_fold,
-              "recipe": {key: str(v) for key, v in base.__dict__.items()}}
+              "recipe": recipe_of(base)}
     write_json(out_dir / "crossval.json", result)
     return result
