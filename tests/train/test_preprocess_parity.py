@@ -48,3 +48,21 @@ def test_seed_augmentation_moves_pixels_but_keeps_shape_and_range(tmp_path):
     assert moved.shape == plain.shape == (16, 48, 48, 3)
     assert 0.0 <= moved.min() and moved.max() <= 1.0
     assert np.abs(moved - plain).mean() > 0.01
+
+
+def test_idc_augmentation_draws_per_image_and_stays_in_range(tmp_path):
+    """Each patch gets its own flips, turn and colour jitter, not one draw for the whole batch."""
+    import tensorflow as tf
+
+    from idc_train.pipeline import make_dataset
+    from idc_train.synthetic import write_patient
+
+    tf.random.set_seed(4)
+    path = str(write_patient(tmp_path, "6", seed=2, grid=2, undersized_edge=False)[0].path)
+    same = next(make_dataset([path] * 32, [0] * 32, Contract(), 32).as_numpy_iterator())[0]
+    dataset = make_dataset([path] * 32, [0] * 32, Contract(), 32, augment_images="idc")
+    out = next(dataset.as_numpy_iterator())[0]
+    assert out.shape == same.shape and 0.0 <= out.min() and out.max() <= 1.0
+    assert len({np.round(img, 4).tobytes() for img in out}) > 24  # 32 copies of one patch come out different
+    assert out.mean(axis=(1, 2, 3)).std() > 0.01  # brightness/contrast jitter varies between images
+    assert not np.allclose(out, next(dataset.as_numpy_iterator())[0])  # fresh draws every epoch
