@@ -128,3 +128,6 @@ def crossval_main(data_dir, out_dir, folds, arch, epochs, batch_size, patience, 
     click.echo(f"{folds}-fold patient CV, pooled out-of-fold (n={m['n']}): ROC-AUC {m['roc_auc']:.3f}, balanced accuracy "
                f"{m['balanced_accuracy']:.3f}, sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}, "
                f"F1 {m['f1']:.3f}")
+    if "baseline_darkness_roc_auc" in m:
+        click.echo(f"darkness baseline on the same patches: ROC-AUC {m['baseline_darkness_roc_auc']:.3f} "
+                   f"(1 - mean intensity; the CNN should beat it)")

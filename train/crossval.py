@@ -54,9 +54,12 @@ def pooled_metrics(rows: list[dict]) -> dict:
     probs = np.array([float(r["prob_idc"]) for r in rows])
     preds = np.array([float(r["prob_idc"]) >= float(r["threshold"]) for r in rows])
     conf = Confusion.from_labels(labels, preds)
-    return {"n": conf.n, "roc_auc": roc_auc(labels, probs), "balanced_accuracy": conf.balanced_accuracy,
-            "sensitivity": conf.sensitivity, "specificity": conf.specificity, "f1": conf.f1,
-            "accuracy": conf.accuracy, "tp": conf.tp, "fp": conf.fp, "tn": conf.tn, "fn": conf.fn}
+    result = {"n": conf.n, "roc_auc": roc_auc(labels, probs), "balanced_accuracy": conf.balanced_accuracy,
+              "sensitivity": conf.sensitivity, "specificity": conf.specificity, "f1": conf.f1,
+              "accuracy": conf.accuracy, "tp": conf.tp, "fp": conf.fp, "tn": conf.tn, "fn": conf.fn}
+    if rows and all(r.get("darkness") not in (None, "") for r in rows):  # folds evaluated by older versions lack it
+        result["baseline_darkness_roc_auc"] = roc_auc(labels, np.array([float(r["darkness"]) for r in rows]))
+    return result
 
 
 # What may differ between the folds of one cross-validation, or between a run and its resumption.
@@ -126,7 +129,8 @@ def cross_validate(base: TrainConfig, k: int, out_dir: Path, resume: bool = Fals
                 pooled.append({**row, "fold": fold, "threshold": meta["threshold"]})
         per_fold.append({"fold": fold, "threshold": meta["threshold"], "best_epoch": meta["best_epoch"],
                          "test": meta["metrics"].get("test"), "val": meta["metrics"]["val"]})
-    write_csv(out_dir / "oof_predictions.csv", ("path", "patient_id", "label", "prob_idc", "fold", "threshold"), pooled)
+    write_csv(out_dir / "oof_predictions.csv", ("path", "patient_id", "label", "prob_idc", "darkness", "fold", "threshold"),
+              pooled)
     result = {"k": k, "pooled_out_of_fold": pooled_metrics(pooled), "folds": per_fold,
               "recipe": recipe_of(base)}
     write_json(out_dir / "crossval.json", result)

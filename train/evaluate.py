@@ -168,9 +168,10 @@ def evaluate(model_path: Path, data_dir: Path, out_dir: Path, split: str | None 
     if split == "janowczyk2016" and set_name == "test":
         payload["published"] = PUBLISHED
     write_json(out_dir / "metrics.json", payload)
-    write_csv(out_dir / "predictions.csv", ("path", "patient_id", "label", "prob_idc"),
-              [{"path": p, "patient_id": pid, "label": l, "prob_idc": prob}
-               for p, pid, l, prob in zip(scores.paths, scores.patient_ids, scores.labels, scores.probs)])
+    write_csv(out_dir / "predictions.csv", ("path", "patient_id", "label", "prob_idc", "darkness"),
+              [{"path": p, "patient_id": pid, "label": l, "prob_idc": prob, "darkness": dark}
+               for p, pid, l, prob, dark in zip(scores.paths, scores.patient_ids, scores.labels, scores.probs,
+                                                scores.darkness)])
     plots.roc_plot(out_dir / "roc.png", scores.labels, scores.probs, scores.darkness, metrics)
     plots.confusion_plot(out_dir / "confusion.png", metrics)
     plots.examples_grid(out_dir / "examples.png", scores.examples)

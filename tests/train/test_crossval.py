@@ -23,3 +23,11 @@ def test_pooled_metrics_use_each_folds_threshold():
     m = pooled_metrics(rows)
     assert (m["tp"], m["fn"], m["tn"], m["fp"]) == (2, 0, 2, 0)
     assert m["roc_auc"] == 0.875
+
+
+def test_pooled_darkness_baseline_only_when_every_fold_recorded_it():
+    rows = [{"label": 1, "prob_idc": 0.9, "threshold": 0.5, "darkness": 0.2},
+            {"label": 0, "prob_idc": 0.1, "threshold": 0.5, "darkness": 0.6}]
+    assert pooled_metrics(rows)["baseline_darkness_roc_auc"] == 0.0  # darker is non-IDC here: baseline inverted
+    rows[1]["darkness"] = ""
+    assert "baseline_darkness_roc_auc" not in pooled_metrics(rows)

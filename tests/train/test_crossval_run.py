@@ -34,6 +34,8 @@ def test_crossval_pools_every_patient_once_and_resumes_only_what_is_missing(coho
     assert sorted(tested) == sorted(p.name for p in cohort.iterdir() if p.is_dir())  # each patient tested once
     n_patches = sum(1 for _ in cohort.rglob("*.png"))
     assert result["pooled_out_of_fold"]["n"] == n_patches
+    assert 0.0 <= result["pooled_out_of_fold"]["baseline_darkness_roc_auc"] <= 1.0
+    assert "darkness baseline on the same patches" in first.output
 
     # Simulate a stop during the last fold: its training record and evaluation are gone.
     kept = (out / "fold0" / "run" / "model.keras").stat().st_mtime_ns
