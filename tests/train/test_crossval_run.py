@@ -9,30 +9,21 @@ pytest.importorskip("tensorflow")
 from idc_train.cli import crossval_main  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    from idc_train.synthetic import write_cohort
-
-    root = tmp_path_factory.mktemp("cv-data")
-    write_cohort(root, n_patients=6, seed=5, grid=4)
-    return root
-
-
 def _cv(cohort, out, *extra):
     args = [str(cohort), "--out", str(out), "--folds", "3", "--epochs", "2", "--batch-size", "16", "--seed", "2", *extra]
     return CliRunner().invoke(crossval_main, args)
 
 
-def test_crossval_pools_every_patient_once_and_resumes_only_what_is_missing(cohort, tmp_path):
+def test_crossval_pools_every_patient_once_and_resumes_only_what_is_missing(synthetic_cohort, tmp_path):
     out = tmp_path / "cv"
-    first = _cv(cohort, out)
+    first = _cv(synthetic_cohort, out)
     assert first.exit_code == 0, first.output
     assert "3-fold patient CV, pooled out-of-fold" in first.output
     result = json.loads((out / "crossval.json").read_text())
     tested = [p for fold in result["folds"] for p in json.loads(
         (out / f"fold{fold['fold']}" / "run" / "train_meta.json").read_text())["split"]["test"]]
-    assert sorted(tested) == sorted(p.name for p in cohort.iterdir() if p.is_dir())  # each patient tested once
-    n_patches = sum(1 for _ in cohort.rglob("*.png"))
+    assert sorted(tested) == sorted(p.name for p in synthetic_cohort.iterdir() if p.is_dir())  # each patient tested once
+    n_patches = sum(1 for _ in synthetic_cohort.rglob("*.png"))
     assert result["pooled_out_of_fold"]["n"] == n_patches
     assert 0.0 <= result["pooled_out_of_fold"]["baseline_darkness_roc_auc"] <= 1.0
     assert "darkness baseline on the same patches" in first.output
@@ -43,7 +34,7 @@ def test_crossval_pools_every_patient_once_and_resumes_only_what_is_missing(coho
     for f in (out / "fold2" / "run" / "eval-test").iterdir():
         f.unlink()
     (out / "crossval.json").unlink()
-    resumed = _cv(cohort, out, "--resume")
+    resumed = _cv(synthetic_cohort, out, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert (out / "fold0" / "run" / "model.keras").stat().st_mtime_ns == kept  # finished folds are not retrained
     again = json.loads((out / "crossval.json").read_text())
@@ -51,10 +42,10 @@ def test_crossval_pools_every_patient_once_and_resumes_only_what_is_missing(coho
     assert [f["threshold"] for f in again["folds"][:2]] == [f["threshold"] for f in result["folds"][:2]]
 
     # Resuming with another recipe would pool incomparable folds: a usage error naming what changed.
-    other = _cv(cohort, out, "--resume", "--patience", "3")
+    other = _cv(synthetic_cohort, out, "--resume", "--patience", "3")
     assert other.exit_code == 2 and "different recipe (patience)" in other.output
 
 
-def test_resume_without_a_previous_crossval_is_a_usage_error(cohort, tmp_path):
-    result = _cv(cohort, tmp_path / "empty", "--resume")
+def test_resume_without_a_previous_crossval_is_a_usage_error(synthetic_cohort, tmp_path):
+    result = _cv(synthetic_cohort, tmp_path / "empty", "--resume")
     assert result.exit_code == 2 and "no cross-validation to resume" in result.output
