@@ -12,6 +12,8 @@ import click
 
 from . import __version__
 
+log = logging.getLogger("idc_infer")
+
 EXIT_OK, EXIT_FAILED_PATCHES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 HELP_EPILOG = f"""\b
@@ -34,6 +36,12 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def _finite_threshold(_ctx, _param, value):
+    if value is not None and value != value:  # click's FloatRange lets NaN through
+        raise click.BadParameter(f"{value} is not a number in [0, 1]")
+    return value
+
+
 def _announce(model, quiet: bool) -> None:
     contract = model.contract
     lines = [
@@ -44,11 +52,13 @@ def _announce(model, quiet: bool) -> None:
         lines.insert(0, "!" * 72)
         lines.insert(1, "!! DEMO MODEL: trained on synthetic data. Its outputs say nothing about real tissue.")
         lines.append("!" * 72)
-    if contract.provenance.get("quantization_gate") == "failed":
-        lines.append("idc-infer: WARNING this model failed its int8 accuracy gate")
+    failed_gate = contract.provenance.get("quantization_gate") == "failed"
+    if failed_gate:
+        lines.append("idc-infer: WARNING this model FAILED its int8 accuracy gate (used because of "
+                     "--allow-failed-gate); its results may differ from the model that was evaluated")
     lines.append("idc-infer: RESEARCH USE ONLY - not for diagnosis.")
     for line in lines:
-        if not quiet or contract.is_demo:
+        if not quiet or contract.is_demo or failed_gate:
             click.echo(line, err=True)
 
 
@@ -75,11 +85,13 @@ def _versions() -> dict:
               help="ONNX model exported by idc-export [default: the model shipped with idc].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("idc-reports"),
               show_default=True, help="Directory for the reports.")
-@click.option("--threshold", type=click.FloatRange(0.0, 1.0),
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), callback=_finite_threshold,
               help="prob_idc at or above which a patch counts as IDC [default: the model's].")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 256), default=_default_threads, show_default="min(4, cores)",
               help="onnxruntime intra-op threads; half as many decode workers overlap with it.")
+@click.option("--allow-failed-gate", is_flag=True,
+              help="Use an int8 model that failed its accuracy gate at export (refused otherwise).")
 @click.option("--overwrite", is_flag=True, help="Replace reports already in --out.")
 @click.option("--resume", is_flag=True, help="Keep patients already completed with the same model and threshold.")
 @click.option("--strict", is_flag=True, help="Exit 1 if any patch could not be scored.")
@@ -90,8 +102,8 @@ def _versions() -> dict:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, warnings only.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.version_option(__version__, prog_name="idc-infer")
-def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads, overwrite, resume, strict, review,
-         review_scale, quiet, verbose):
+def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads, allow_failed_gate, overwrite, resume,
+         strict, review, review_scale, quiet, verbose):
     """Score histopathology patches for IDC and write per-patient reports.
 
     INPUTS are patient directories (PNG patches, flat or in 0/ and 1/ folders) or cohort
@@ -116,18 +128,25 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
         model = load_model(model_path if model_path is not None else default_model_path(), threads=threads, spin=False)
     except ModelError as exc:
         raise click.BadParameter(str(exc), param_hint="--model") from None
+    if model.contract.provenance.get("quantization_gate") == "failed" and not allow_failed_gate:
+        raise click.BadParameter(f"{model.path} failed its int8 accuracy gate at export (see its contract); use the "
+                                 "fp32 model, or pass --allow-failed-gate to use it anyway", param_hint="--model")
     effective_threshold = model.contract.threshold if threshold is None else threshold
 
     list_skips = SkipCounter()
     patients = patients_from_dirs(inputs, exclude=[out_dir])
     if from_list is not None:
         base = Path.cwd() if from_list.name == "<stdin>" else Path(from_list.name).resolve().parent
-        patients += patients_from_list(from_list, base, list_skips)
+        try:
+            patients += patients_from_list(from_list, base, list_skips)
+        except ValueError as exc:  # not UTF-8 text, for one
+            raise click.BadParameter(str(exc), param_hint="--from-list") from None
     dupes = duplicate_ids(patients)
     if dupes:
         raise click.UsageError(f"patient id(s) given more than once: {', '.join(dupes[:10])}")
     if not patients:
         raise click.UsageError("no patient directories found in the inputs")
+    log.info("%d patient(s) to score with %s, threshold %.4f", len(patients), model.path, effective_threshold)
 
     if existing_reports(out_dir) and not (overwrite or resume):
         raise click.UsageError(f"{out_dir} already holds idc reports; pass --resume to continue or --overwrite")
@@ -150,7 +169,8 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
         from .review import review_sink_factories
 
         sink_factories = review_sink_factories(review_scale)
-    settings = RunSettings(out_dir, effective_threshold, batch_size, threads, resume, sink_factories=sink_factories)
+    settings = RunSettings(out_dir, effective_threshold, batch_size, threads, resume, sink_factories=sink_factories,
+                           output_settings={"review": review, "review_scale": review_scale if review else None})
     try:
         result = run_patients(model, patients, settings, progress=bar.update, on_patient_done=patient_done)
     except KeyboardInterrupt:

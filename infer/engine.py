@@ -153,12 +153,20 @@ def score_paths(
         following = next(chunks, None)
         if following is not None:
             submit(following)
+        waited = time.perf_counter()
         decoded = [d for f in futures for d in f.result()]
         ok = [i for i, d in enumerate(decoded) if d.status == STATUS_OK]
         probs: dict[int, float] = {}
+        scoring = time.perf_counter()
         if ok:
             batch = np.stack([decoded[i].tensor for i in ok])
             probs = dict(zip(ok, model.predict_prob_idc(batch).tolist()))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("batch of %d: waited %.1f ms for decoding, scored %d in %.1f ms", len(chunk),
+                      (scoring - waited) * 1e3, len(ok), (time.perf_counter() - scoring) * 1e3)
+            for path, result in zip(chunk, decoded):
+                if result.status != STATUS_OK:
+                    log.debug("%s: %s (%s)", path, result.status, result.message)
         for i, (path, result) in enumerate(zip(chunk, decoded)):
             result.tensor = None  # let the pixels go as soon as they are scored
             yield ScoredPatch(path, result, probs.get(i))
@@ -215,28 +223,37 @@ class RunSettings:
     threads: int = 2
     resume: bool = False
     sink_factories: list[SinkFactory] = field(default_factory=list)
+    # what else a patient's outputs depend on (review on/off, mosaic scale): --resume redoes a
+    # patient finished with other values
+    output_settings: dict = field(default_factory=dict)
 
 
 def _state_path(out_dir: Path, stem: str) -> Path:
     return out_dir / STATE_DIR / f"{stem}.json"
 
 
-def _completed_tally(out_dir: Path, stem: str, patient_id: str, model: LoadedModel, threshold: float) -> PatientTally | None:
-    """The tally of a patient finished by an earlier run with the same model and threshold."""
-    state_file = _state_path(out_dir, stem)
-    csv_file = out_dir / f"{stem}.csv"
+def _completed_tally(settings: RunSettings, stem: str, patient_id: str, model: LoadedModel) -> PatientTally | None:
+    """The tally of a patient finished by an earlier run with the same model, threshold and outputs."""
+    state_file = _state_path(settings.out_dir, stem)
+    csv_file = settings.out_dir / f"{stem}.csv"
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))
-        if (
-            state.get("patient_id") == patient_id
-            and state.get("model_sha256") == model.sha256
-            and state.get("threshold") == threshold
-            and state.get("csv_sha256") == sha256_of(csv_file)
-        ):
-            return PatientTally.from_state(state["tally"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
+        checks = {
+            "patient": state.get("patient_id") == patient_id,
+            "model": state.get("model_sha256") == model.sha256,
+            "threshold": state.get("threshold") == settings.threshold,
+            "output settings": state.get("output_settings", {}) == settings.output_settings,
+            "CSV unchanged": state.get("csv_sha256") == sha256_of(csv_file),
+        }
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.info("patient %s: no usable record of an earlier run (%s); scoring it", patient_id, exc)
+        return None
+    differs = [name for name, same in checks.items() if not same]
+    if differs:
+        log.info("patient %s: earlier run differs (%s); scoring it again", patient_id, ", ".join(differs))
+        return None
+    log.info("patient %s: already done with this model and settings; kept", patient_id)
+    return PatientTally.from_state(state["tally"])
 
 
 def score_patient(
@@ -246,6 +263,9 @@ def score_patient(
     """Score one patient and write its CSV atomically; returns its tally."""
     stem = safe_file_stem(patient.patient_id)
     csv_file = settings.out_dir / f"{stem}.csv"
+    if settings.resume:  # outputs of an earlier run for this patient are stale: a sink may not rewrite them
+        for suffix in PATIENT_SUFFIXES:
+            (settings.out_dir / f"{stem}{suffix}").unlink(missing_ok=True)
     tally = PatientTally()
     sinks = [make(patient.patient_id, settings.out_dir, stem, settings.threshold) for make in settings.sink_factories]
     try:
@@ -270,6 +290,7 @@ def score_patient(
         "model_sha256": model.sha256,
         "threshold": settings.threshold,
         "csv_sha256": sha256_of(csv_file),
+        "output_settings": settings.output_settings,
         "tally": tally.to_state(),
     }
     with atomic_path(_state_path(settings.out_dir, stem)) as handle:
@@ -327,12 +348,15 @@ def run_patients(
     with ThreadPoolExecutor(max_workers=decode_workers(settings.threads), thread_name_prefix="decode") as pool:
         for patient in patients:
             stem = safe_file_stem(patient.patient_id)
-            tally = _completed_tally(settings.out_dir, stem, patient.patient_id, model, settings.threshold) if settings.resume else None
+            tally = _completed_tally(settings, stem, patient.patient_id, model) if settings.resume else None
             if tally is not None:
                 resumed.append(patient.patient_id)
                 progress(tally.n_patches)
             else:
+                patient_start = time.perf_counter()
                 tally = score_patient(model, patient, settings, pool, skipped, on_patch=lambda: progress(1))
+                log.info("patient %s: %d patches, %d failed, in %.1f s", patient.patient_id, tally.n_patches,
+                         tally.n_patches - tally.n_scored, time.perf_counter() - patient_start)
                 if tally.n_patches == 0:
                     log.warning("patient %s: no image files found under %s", patient.patient_id,
                                 patient.root or "the listed paths")

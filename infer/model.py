@@ -86,6 +86,8 @@ def load_model(path: Path, threads: int = 0, spin: bool | None = None) -> Loaded
     import onnxruntime as ort
 
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"{path} is a directory, not a model file")
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
     options = ort.SessionOptions()
@@ -106,4 +108,18 @@ def load_model(path: Path, threads: int = 0, spin: bool | None = None) -> Loaded
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise ModelError(f"{path} has {len(inputs)} inputs; idc models take exactly one")
+    _check_graph_matches_contract(path, contract, inputs[0].shape, session.get_outputs()[0].shape)
     return LoadedModel(path, sha256_of(path), contract, session, inputs[0].name)
+
+
+def _check_graph_matches_contract(path: Path, contract: Contract, input_shape: list, output_shape: list) -> None:
+    """The contract says how patches are fed; a graph that wants something else is a broken model file."""
+    expected = [contract.input_height_px, contract.input_width_px, 3]  # the contract allows NHWC only
+    fixed = [(dim, want) for dim, want in zip(list(input_shape)[1:], expected) if isinstance(dim, int)]
+    if len(input_shape) != 4 or any(dim != want for dim, want in fixed):
+        raise ModelError(f"{path}: its contract says {contract.layout} input {contract.input_height_px}x"
+                         f"{contract.input_width_px}x3 but the graph takes {list(input_shape)}; the file is inconsistent")
+    n_classes = output_shape[-1] if output_shape else None
+    if isinstance(n_classes, int) and n_classes != len(contract.class_names):
+        raise ModelError(f"{path}: its contract names {len(contract.class_names)} classes but the graph outputs "
+                         f"{n_classes}; the file is inconsistent")

@@ -79,10 +79,29 @@ def test_faulty_rows_and_strict(tmp_path, demo_onnx):
     assert strict.exit_code == 1
 
 
-@pytest.mark.parametrize("problem", ["missing", "not_onnx", "no_contract"])
+def _with_contract(source, target, provenance=None, **fields):
+    """A copy of an ONNX model whose idc.contract has some fields changed."""
+    import onnx
+
+    from idc_infer.contract import CONTRACT_KEY
+
+    proto = onnx.load(str(source))
+    for prop in proto.metadata_props:
+        if prop.key == CONTRACT_KEY:
+            contract = json.loads(prop.value)
+            contract.update(fields)
+            contract["provenance"].update(provenance or {})
+            prop.value = json.dumps(contract)
+    onnx.save(proto, str(target))
+    return target
+
+
+@pytest.mark.parametrize("problem", ["missing", "directory", "not_onnx", "no_contract", "contract_mismatch"])
 def test_bad_model_is_a_usage_error(tmp_path, demo_onnx, problem):
     model = tmp_path / "model.onnx"
-    if problem == "not_onnx":
+    if problem == "directory":
+        model.mkdir()
+    elif problem == "not_onnx":
         model.write_text("not a model")
     elif problem == "no_contract":
         import onnx
@@ -90,19 +109,33 @@ def test_bad_model_is_a_usage_error(tmp_path, demo_onnx, problem):
         proto = onnx.load(str(demo_onnx))
         del proto.metadata_props[:]
         onnx.save(proto, str(model))
+    elif problem == "contract_mismatch":  # the contract says 50x50 patches, the graph takes 48x48
+        _with_contract(demo_onnx, model, input_height_px=50, input_width_px=50)
     result = run([SAMPLE_PATIENT, "--model", model, "--out", tmp_path / "out"])
     assert result.exit_code == 2
     assert str(model) in result.output
     assert "Traceback" not in result.output
-    if problem == "no_contract":
-        assert "idc.contract" in result.output
+    expected = {"no_contract": "idc.contract", "directory": "is a directory", "contract_mismatch": "inconsistent"}
+    assert expected.get(problem, "") in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_model_that_failed_its_int8_gate_is_refused_unless_allowed(tmp_path, demo_onnx):
+    model = _with_contract(demo_onnx, tmp_path / "rejected.onnx", provenance={"quantization_gate": "failed"})
+    refused = run([SAMPLE_PATIENT, "--model", model, "--out", tmp_path / "a"])
+    assert refused.exit_code == 2 and "failed its int8 accuracy gate" in refused.output
+    assert not (tmp_path / "a").exists()
+    allowed = run([SAMPLE_PATIENT, "--model", model, "--out", tmp_path / "b", "--allow-failed-gate", "-q"])
+    assert allowed.exit_code == 0
+    assert "FAILED its int8 accuracy gate" in allowed.stderr  # said even with --quiet
 
 
 def test_bad_arguments_are_usage_errors(tmp_path):
     assert run([tmp_path / "nope"]).exit_code == 2
-    bad = run([SAMPLE_PATIENT, "--threshold", "1.5", "--out", tmp_path / "o"])
-    assert bad.exit_code == 2 and "1.5" in bad.output
+    for bad_threshold in ("1.5", "nan", "-0.1"):
+        bad = run([SAMPLE_PATIENT, "--threshold", bad_threshold, "--out", tmp_path / "o"])
+        assert bad.exit_code == 2 and bad_threshold in bad.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_existing_reports_are_not_overwritten_silently(tmp_path):
@@ -140,13 +173,16 @@ def test_from_list_matches_directory_run(tmp_path):
     assert sorted(a) == sorted(b)
 
 
-def test_cohort_root_equals_separate_calls(tmp_path, demo_onnx):
+def test_cohort_root_and_several_patient_dirs_equal_separate_calls(tmp_path, demo_onnx):
     root = tmp_path / "cohort"
     write_cohort(root, n_patients=2, seed=9, grid=4)
     assert run([root, "--model", demo_onnx, "--out", tmp_path / "together"]).exit_code == 0
+    assert run([root / "90001", root / "90002", "--model", demo_onnx, "--out", tmp_path / "listed"]).exit_code == 0
     for pid in ("90001", "90002"):
         assert run([root / pid, "--model", demo_onnx, "--out", tmp_path / pid]).exit_code == 0
-        assert (tmp_path / "together" / f"{pid}.csv").read_bytes() == (tmp_path / pid / f"{pid}.csv").read_bytes()
+        alone = (tmp_path / pid / f"{pid}.csv").read_bytes()
+        assert (tmp_path / "together" / f"{pid}.csv").read_bytes() == alone
+        assert (tmp_path / "listed" / f"{pid}.csv").read_bytes() == alone
 
 
 def test_resume_skips_completed_patients_and_matches_clean_run(tmp_path, demo_onnx):
@@ -164,6 +200,30 @@ def test_resume_skips_completed_patients_and_matches_clean_run(tmp_path, demo_on
     assert info["counts"]["patients_resumed"] == 2
     for name in ("90001.csv", "90002.csv", "90003.csv", "summary.csv"):
         assert (partial / name).read_bytes() == (clean / name).read_bytes()
+
+
+def test_resume_redoes_patients_finished_with_other_review_settings(tmp_path, demo_onnx):
+    root = tmp_path / "cohort"
+    write_cohort(root, n_patients=2, seed=2, grid=4)
+    out = tmp_path / "out"
+    assert run([root, "--model", demo_onnx, "--out", out, "--no-review"]).exit_code == 0
+    assert not list(out.glob("*_mosaic.png"))
+    result = run([root, "--model", demo_onnx, "--out", out, "--resume"])  # now with review outputs
+    assert result.exit_code == 0
+    assert json.loads((out / "run.json").read_text())["counts"]["patients_resumed"] == 0
+    assert sorted(p.name for p in out.glob("*_mosaic.png")) == ["90001_mosaic.png", "90002_mosaic.png"]
+    again = run([root, "--model", demo_onnx, "--out", out, "--resume"])  # same settings: nothing to redo
+    assert json.loads((out / "run.json").read_text())["counts"]["patients_resumed"] == 2 and again.exit_code == 0
+
+
+def test_verbose_logs_what_it_does(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "idc_infer", str(SAMPLE_PATIENT), "--out", str(tmp_path / "o"),
+                           "--no-review", "-v"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 patient(s) to score" in proc.stderr and "patient 10253: 11 patches, 0 failed" in proc.stderr
+    quiet = subprocess.run([sys.executable, "-m", "idc_infer", str(SAMPLE_PATIENT), "--out", str(tmp_path / "q"),
+                            "--no-review", "-q"], capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0 and "patient 10253: 11 patches" not in quiet.stderr
 
 
 def test_infer_never_imports_tensorflow(tmp_path):
