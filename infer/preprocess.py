@@ -5,11 +5,17 @@ stop a run over a hundred thousand good ones.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
-import numpy as np
+# A bound on what cv2 may allocate for a file whose header we do not read here (TIFF, BMP, WebP...):
+# generous for any patch, far below a slide overview. OpenCV reads the variable once, when cv2 loads.
+MAX_DECODE_PIXELS = 8192 * 8192
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_DECODE_PIXELS))
+
+import cv2  # noqa: E402  (after the limit above)
+import numpy as np  # noqa: E402
 
 from .contract import Contract
 
@@ -20,8 +26,10 @@ except AttributeError:
     pass
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
 # magic numbers of the image formats cv2 decodes, to tell "corrupt image" from "not an image"
-IMAGE_SIGNATURES = (PNG_SIGNATURE[:4], b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")
+IMAGE_SIGNATURES = (PNG_SIGNATURE[:4], JPEG_SIGNATURE, b"II*\x00", b"MM\x00*", b"BM")
+PNG_COLOUR_TYPE_PALETTE = 3
 
 STATUS_OK = "ok"
 STATUS_EMPTY = "empty_file"
@@ -32,6 +40,8 @@ STATUS_MISSING = "missing"
 STATUS_UNDERSIZED = "undersized_refused"
 STATUS_OVERSIZED = "oversized_refused"
 STATUS_UNSUPPORTED = "unsupported_pixels"
+
+MAX_FILE_BYTES = 16 * 1024 * 1024  # a 50x50 patch is a few kB; anything this big is not a patch
 
 
 @dataclass
@@ -48,7 +58,11 @@ class Decoded:
 
 def _read_bytes(path: Path) -> tuple[bytes | None, Decoded | None]:
     try:
-        return path.read_bytes(), None
+        with path.open("rb") as handle:
+            # one byte past the limit is enough to refuse the file; a multi-GB file must not land in memory
+            return handle.read(MAX_FILE_BYTES + 1), None
+    except ValueError as exc:  # a NUL byte or an unencodable character in a --from-list line
+        return None, Decoded(STATUS_UNREADABLE, f"path cannot be opened: {exc}")
     except FileNotFoundError:
         return None, Decoded(STATUS_MISSING, "file vanished before it could be read")
     except PermissionError:
@@ -112,9 +126,6 @@ def preprocess_rgb(rgb: np.ndarray, contract: Contract) -> np.ndarray:
     return rgb.astype(np.float32) * np.float32(contract.scale) + np.float32(contract.offset)
 
 
-MAX_FILE_BYTES = 16 * 1024 * 1024  # a 50x50 patch is a few kB; anything this big is not a patch
-
-
 def png_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a PNG's IHDR chunk, without decoding the pixels."""
     if len(data) >= 24 and data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR":
@@ -122,22 +133,84 @@ def png_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _is_sof(marker: int) -> bool:
+    # SOF0-SOF15 carry the frame size; C4 (DHT), C8 (reserved) and CC (DAC) share the range but do not
+    return 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header (SOFn segment), without decoding the pixels."""
+    if not data.startswith(JPEG_SIGNATURE):
+        return None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None  # not at a marker: a corrupt stream, for cv2 to report
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # standalone markers have no length field
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if _is_sof(marker):
+            if pos + 9 > len(data):
+                return None
+            height = int.from_bytes(data[pos + 5:pos + 7], "big")
+            width = int.from_bytes(data[pos + 7:pos + 9], "big")
+            return (width, height) if height else None  # height 0: defined later by a DNL segment
+        if length < 2:
+            return None
+        pos += 2 + length  # APPn (EXIF thumbnails with their own SOF included) skipped whole
+    return None
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) read from a PNG or JPEG header; None for other formats or unreadable headers."""
+    return png_size(data) or jpeg_size(data)
+
+
+def _source_notes(data: bytes) -> list[str]:
+    """Notes on what the file was before conversion, that the decoded pixels no longer tell."""
+    if data.startswith(JPEG_SIGNATURE):
+        return ["lossy JPEG source"]
+    if png_size(data) and len(data) > 25 and data[25] == PNG_COLOUR_TYPE_PALETTE:
+        return ["palette converted to RGB"]
+    return []
+
+
+def _too_large(width: int, height: int, contract: Contract) -> Decoded:
+    native = contract.native_patch_px
+    return Decoded(STATUS_OVERSIZED, f"{width}x{height} px is larger than {native}x{native}",
+                   width_px=width, height_px=height)
+
+
 def decode_bytes(data: bytes, contract: Contract) -> Decoded:
     """Decode the bytes of one image file into the model's input tensor."""
     if not data:
         return Decoded(STATUS_EMPTY, "zero-byte file")
-    header_size = png_size(data)
-    if contract.oversized_policy == "refuse" and header_size and max(header_size) > contract.native_patch_px:
+    size = header_size(data)
+    if size is not None:
         # refused from the header: a slide overview saved among patches must not be decoded (GBs)
-        width, height = header_size
-        return Decoded(STATUS_OVERSIZED, f"{width}x{height} px is larger than {contract.native_patch_px}x"
-                                         f"{contract.native_patch_px}", width_px=width, height_px=height)
+        width, height = size
+        if contract.oversized_policy == "refuse" and max(size) > contract.native_patch_px:
+            return _too_large(width, height, contract)
+        if width * height > MAX_DECODE_PIXELS:
+            refused = _too_large(width, height, contract)
+            refused.message += f", beyond the {MAX_DECODE_PIXELS / 1e6:.0f} Mpx any patch could need"
+            return refused
     if len(data) > MAX_FILE_BYTES:
-        return Decoded(STATUS_OVERSIZED, f"{len(data) / 1e6:.0f} MB file is far too large for a patch")
+        return Decoded(STATUS_OVERSIZED, f"file over {MAX_FILE_BYTES / 1e6:.0f} MB is far too large for a patch")
     buffer = np.frombuffer(data, dtype=np.uint8)
     try:
         image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:  # cv2 raises on some malformed headers instead of returning None
+        if "CV_IO_MAX_IMAGE" in str(exc):  # refused by OPENCV_IO_MAX_IMAGE_PIXELS (or _WIDTH/_HEIGHT)
+            return Decoded(STATUS_OVERSIZED, "image dimensions beyond the decode limit "
+                                             "(OPENCV_IO_MAX_IMAGE_PIXELS): far too large for a patch")
         image = None
         detail = str(exc).strip().splitlines()[-1][:120]
     else:
@@ -147,7 +220,7 @@ def decode_bytes(data: bytes, contract: Contract) -> Decoded:
             return Decoded(STATUS_CORRUPT, ("image data is truncated or corrupt " + detail).strip())
         return Decoded(STATUS_NOT_IMAGE, "content is not an image")
     height, width = image.shape[:2]
-    notes: list[str] = []
+    notes = _source_notes(data)
     rgb = _to_rgb8(image, notes)
     if rgb is None:
         return Decoded(STATUS_UNSUPPORTED, f"pixel type {image.dtype} with shape {image.shape} not supported",

@@ -262,9 +262,11 @@ def compose(
     """Lay out header, panels side by side and the colour bar with its ticks on one image."""
     panel_h, panel_w = heat.shape[:2]
     top = _PAD_PX + _LINE_PX * len(header) + _LINE_PX  # header lines, then one line of panel titles
-    heat_xy = (_PAD_PX, top)
-    truth_xy = (heat_xy[0] + panel_w + 2 * _PAD_PX, top) if truth is not None else None
     heat_title, truth_title = "model: prob_idc", "ground truth: IDC label"
+    heat_xy = (_PAD_PX, top)
+    # a small patient's panel is narrower than its title: the next panel starts after whichever is wider
+    truth_left = heat_xy[0] + max(panel_w, _text_width_px(heat_title)) + 2 * _PAD_PX
+    truth_xy = (truth_left, top) if truth is not None else None
     titles_right = max(heat_xy[0] + max(panel_w, _text_width_px(heat_title)),
                        (truth_xy[0] + max(panel_w, _text_width_px(truth_title))) if truth_xy else 0)
     bar_left = titles_right + 2 * _PAD_PX

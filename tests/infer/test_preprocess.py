@@ -1,4 +1,8 @@
 import os
+import struct
+import subprocess
+import sys
+import textwrap
 
 import cv2
 import numpy as np
@@ -35,6 +39,9 @@ def test_conversions_are_noted(faulty_dir):
     assert "alpha" in decode_file(directory / "rgba.png", CONTRACT).message
     assert "16-bit" in decode_file(directory / "deep16.png", CONTRACT).message
     assert "undersized 31x50" in decode_file(directory / "edge.png", CONTRACT).message
+    assert "palette" in decode_file(directory / "palette.png", CONTRACT).message
+    assert "JPEG" in decode_file(directory / "photo.jpg", CONTRACT).message
+    assert decode_file(directory / "=HYPERLINK(1).png", CONTRACT).message == ""  # nothing converted, no note
 
 
 def test_sixteen_bit_and_rgba_give_the_same_tensor_as_the_8bit_original(faulty_dir):
@@ -97,9 +104,94 @@ def test_permission_error_is_reported_in_the_row(tmp_path, monkeypatch):
     path = tmp_path / "locked.png"
     path.write_bytes(b"x")
 
-    def denied(self):
+    def denied(self, *args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr(Path, "open", denied)
     decoded = decode_file(path, CONTRACT)
     assert decoded.status == "unreadable" and "permission" in decoded.message
+
+
+def jpeg_claiming(width_px: int, height_px: int, thumbnail: bool = False) -> bytes:
+    """A small real JPEG whose frame header (SOF0) claims another size; optionally an EXIF-like APP1
+    segment first, holding a thumbnail frame header of its own that must not be taken for the image's."""
+    data = bytearray(cv2.imencode(".jpg", np.full((50, 50, 3), 128, np.uint8))[1].tobytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height_px, width_px)
+    if thumbnail:
+        body = b"Exif\x00\x00" + b"\xff\xc0\x00\x11\x08" + struct.pack(">HH", 16, 16) + bytes(12)
+        data[2:2] = b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body
+    return bytes(data)
+
+
+def refuse_to_decode(monkeypatch):
+    def no_decode(*args, **kwargs):
+        raise AssertionError("decoded a file the header already refuses")
+
+    monkeypatch.setattr(cv2, "imdecode", no_decode)
+
+
+@pytest.mark.parametrize("thumbnail", [False, True])
+def test_oversized_jpeg_is_refused_from_its_header_without_decoding(tmp_path, monkeypatch, thumbnail):
+    path = tmp_path / "overview.jpg"
+    path.write_bytes(jpeg_claiming(30000, 20000, thumbnail))
+    refuse_to_decode(monkeypatch)
+    decoded = decode_file(path, CONTRACT)
+    assert decoded.status == "oversized_refused" and "30000x20000 px is larger than 50x50" in decoded.message
+    assert (decoded.width_px, decoded.height_px) == (30000, 20000)
+
+
+def test_jpeg_beyond_the_decode_limit_is_refused_even_where_oversized_patches_are_resized(tmp_path, monkeypatch):
+    path = tmp_path / "overview.jpg"
+    path.write_bytes(jpeg_claiming(30000, 30000))
+    refuse_to_decode(monkeypatch)
+    decoded = decode_file(path, CONTRACT.replace(oversized_policy="resize"))
+    assert decoded.status == "oversized_refused" and "30000x30000" in decoded.message
+
+
+def test_jpeg_header_size_matches_the_decoded_size(tmp_path):
+    path = tmp_path / "big.jpg"
+    path.write_bytes(cv2.imencode(".jpg", np.zeros((60, 70, 3), np.uint8))[1].tobytes())
+    decoded = decode_file(path, CONTRACT)
+    assert decoded.status == "oversized_refused" and (decoded.width_px, decoded.height_px) == (70, 60)
+    assert decode_file(path, CONTRACT.replace(oversized_policy="resize")).status == "ok"
+
+
+def bmp_claiming(width_px: int, height_px: int) -> bytes:
+    """A 24-bit BMP header claiming a huge image, followed by a few bytes of pixels: a few dozen bytes on disk."""
+    info = struct.pack("<IiiHHIIiiII", 40, width_px, height_px, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + len(info) + 16, 0, 0, 14 + len(info)) + info + bytes(16)
+
+
+def test_decode_limit_refusal_is_reported_in_the_row(tmp_path):
+    """A format whose header is not read here (BMP) claiming 10000x10000 px: cv2's decode limit refuses it.
+
+    Run in a fresh interpreter: OpenCV reads its limit once, when cv2 is first imported."""
+    path = tmp_path / "slide.bmp"
+    path.write_bytes(bmp_claiming(10000, 10000))
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from idc_infer.contract import Contract
+        from idc_infer.preprocess import decode_file
+        decoded = decode_file(Path({str(path)!r}), Contract(oversized_policy="resize"))
+        print(decoded.status)
+        print(decoded.message)
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_IO_")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    status, message = result.stdout.splitlines()[:2]
+    assert status == "oversized_refused" and "decode limit" in message
+
+
+def test_path_with_a_nul_byte_is_unreadable_not_a_crash(tmp_path):
+    decoded = decode_file(tmp_path / "a.png\0b.png", CONTRACT)
+    assert decoded.status == "unreadable" and "null byte" in decoded.message
+
+
+def test_huge_file_is_refused_without_reading_it_whole(tmp_path):
+    path = tmp_path / "disk.png"
+    with path.open("wb") as handle:
+        handle.truncate(256 * 1024**2)  # sparse: long, yet nothing on disk
+    decoded = decode_file(path, CONTRACT)
+    assert decoded.status == "oversized_refused" and "MB" in decoded.message

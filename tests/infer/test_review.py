@@ -123,6 +123,28 @@ def test_failed_patches_are_crossed_and_unplaced_ones_skipped(tmp_path):
     assert sink.layout.truth_xy is None  # no labels: no ground-truth panel
 
 
+def ink_runs(columns: np.ndarray, min_gap_px: int = 7) -> list[tuple[int, int]]:
+    """(first, last) column of each run of inked columns; a title's own letter and word gaps are narrower."""
+    cols = np.flatnonzero(columns)
+    breaks = np.flatnonzero(np.diff(cols) > min_gap_px)
+    return [(int(cols[a]), int(cols[b])) for a, b in zip(np.r_[0, breaks + 1], np.r_[breaks, len(cols) - 1])]
+
+
+def test_panel_titles_of_a_tiny_patient_do_not_overprint(tmp_path):
+    """One labelled patch at scale 0.25: 12 px panels, far narrower than their titles."""
+    sink = MosaicSink("p", tmp_path, "p", THRESHOLD, scale=0.25)
+    sink.add(row_for(1, 1, 0.9, label=1), grey_patch(50, 50))
+    sink.close()
+    image = read_rgb(tmp_path / "p_mosaic.png")
+    (heat_left, top), (truth_left, _) = sink.layout.heat_xy, sink.layout.truth_xy
+    titles = image[top - 16:top]  # the line of panel titles just above the panels
+    runs = ink_runs((titles != image[0, 0]).any(axis=2).any(axis=0))
+    heat_run = next(run for run in runs if abs(run[0] - heat_left) <= 1)
+    truth_run = next((run for run in runs if abs(run[0] - truth_left) <= 1), None)
+    assert truth_run is not None, f"the ground-truth title runs into the model's: ink runs {runs}"
+    assert heat_run[1] < truth_run[0] - 7
+
+
 def test_no_placeable_patch_removes_a_stale_mosaic(tmp_path):
     (tmp_path / "p_mosaic.png").write_bytes(b"old")
     sink = MosaicSink("p", tmp_path, "p", THRESHOLD)
