@@ -134,7 +134,7 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
     effective_threshold = model.contract.threshold if threshold is None else threshold
 
     list_skips = SkipCounter()
-    patients = patients_from_dirs(inputs, exclude=[out_dir])
+    patients = patients_from_dirs(inputs, exclude=[out_dir], skipped=list_skips)
     if from_list is not None:
         base = Path.cwd() if from_list.name == "<stdin>" else Path(from_list.name).resolve().parent
         try:

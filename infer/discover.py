@@ -1,6 +1,7 @@
 """Find patients and their patch files: patient dirs, cohort roots and path lists, lazily."""
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from collections import Counter
@@ -10,15 +11,21 @@ from typing import Iterable, Iterator
 
 from .naming import LABEL_DIRS, is_candidate_image, parse_patch_name, patient_dir_of
 
+log = logging.getLogger(__name__)
+
+LOOSE_IMAGE_IN_COHORT_ROOT = "image beside patient folders in a cohort root"
+DIRECTORY_ALREADY_WALKED = "link to a directory already walked"
+DUPLICATE_LIST_PATH = "path listed more than once"
+
 
 @dataclass
 class SkipCounter:
-    """Files seen but not scored (hidden files, non-image suffixes), by reason."""
+    """Files and folders seen but not scored (hidden files, non-image suffixes, repeats), by reason."""
 
     counts: Counter = field(default_factory=Counter)
 
-    def skip(self, reason: str) -> None:
-        self.counts[reason] += 1
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.counts[reason] += n
 
     @property
     def total(self) -> int:
@@ -71,60 +78,206 @@ def _is_walkable_dir(entry: os.DirEntry, exclude: frozenset[Path]) -> bool:
     return _is_dir(entry) and not _is_hidden(entry) and Path(entry.path).resolve() not in exclude
 
 
-def _walk_patches(directory: Path, skipped: SkipCounter, exclude: frozenset[Path] = frozenset()) -> Iterator[Path]:
-    """Image files under a patient dir, depth first in name order, so runs are reproducible."""
+def _directory_key(path: str | Path) -> tuple | None:
+    """What makes a directory the same one however it is reached (through links, junctions,
+    bind mounts): its device and inode; the real path where the file system has no inodes."""
+    try:
+        # os.stat, not DirEntry.stat: on Windows the latter leaves st_ino at 0
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    if info.st_ino:
+        return info.st_dev, info.st_ino
+    return "path", os.path.normcase(os.path.realpath(path))
+
+
+def _walk_patches(directory: Path, skipped: SkipCounter, exclude: frozenset[Path] = frozenset(),
+                  visited: set | None = None) -> Iterator[Path]:
+    """Image files under a patient dir, depth first in name order, so runs are reproducible.
+
+    Each real directory is walked once: a link back up the tree (``ln -s .. back``) or a
+    second link to a folder already walked would otherwise score the same patches again,
+    or forever. ``visited`` holds one key per directory, so memory follows the number of
+    folders, never the number of files.
+    """
+    if visited is None:
+        visited = set()
+        root_key = _directory_key(directory)
+        if root_key is not None:
+            visited.add(root_key)
     for entry in _sorted_entries(directory, skipped):
         if _is_dir(entry):
-            if _is_walkable_dir(entry, exclude):
-                yield from _walk_patches(Path(entry.path), skipped, exclude)
-            else:
+            if not _is_walkable_dir(entry, exclude):
                 skipped.skip("hidden or excluded directory")
+                continue
+            key = _directory_key(entry.path)
+            if key is not None and key in visited:
+                log.debug("%s leads to a directory already walked; not walked again", entry.path)
+                skipped.skip(DIRECTORY_ALREADY_WALKED)
+                continue
+            if key is not None:
+                visited.add(key)
+            yield from _walk_patches(Path(entry.path), skipped, exclude, visited)
         elif is_candidate_image(entry.name) and not _is_hidden(entry):
             yield Path(entry.path)
         else:
             skipped.skip("hidden file" if _is_hidden(entry) else "not an image file name")
 
 
-def _looks_like_patient_dir(directory: Path, exclude: frozenset[Path]) -> bool:
-    """A patient dir holds images directly or ``0/``/``1/`` folders; a cohort root holds dirs."""
-    subdirs = []
+def _holds_patches(directory: str, exclude: frozenset[Path]) -> bool:
+    """A shallow look: images directly, or ``0/``/``1/`` label folders. Stops at the first
+    hit, so a patient folder of 100,000 flat patches costs one directory read, not a sort."""
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if _is_hidden(entry):
+                    continue
+                if _is_dir(entry):
+                    if entry.name in LABEL_DIRS and _is_walkable_dir(entry, exclude):
+                        return True
+                elif is_candidate_image(entry.name):
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def _classify(directory: Path, exclude: frozenset[Path]) -> tuple[bool, list[os.DirEntry], list[os.DirEntry]]:
+    """(is a patient dir, walkable subdirectories, loose image files) of one input directory.
+
+    A patient dir holds images directly and/or ``0/``/``1/`` folders; a cohort root holds
+    patient dirs. Loose images beside patient dirs (a slide overview, a stray export) do not
+    turn a cohort root into one patient: that would merge every patient of the cohort into
+    a single row. Images whose Kaggle names carry this directory's name are the exception:
+    they say this is the patient's own folder, whatever subfolders sit beside them.
+    """
+    subdirs, loose = [], []
     for entry in _sorted_entries(directory):
         if _is_walkable_dir(entry, exclude):
-            subdirs.append(entry.name)
-        elif is_candidate_image(entry.name):
-            return True
-    return not subdirs or all(name in LABEL_DIRS for name in subdirs)
+            subdirs.append(entry)
+        elif not _is_dir(entry) and not _is_hidden(entry) and is_candidate_image(entry.name):
+            loose.append(entry)
+    if not subdirs or any(entry.name in LABEL_DIRS for entry in subdirs):
+        return True, subdirs, loose
+    if not loose:
+        return False, subdirs, loose
+    own_name = directory.resolve().name
+    if any(parse_patch_name(entry.name).patient_id == own_name for entry in loose):
+        return True, subdirs, loose
+    if any(_holds_patches(entry.path, exclude) for entry in subdirs):
+        return False, subdirs, loose
+    return True, subdirs, loose  # images plus folders that hold none: a patient with extras
 
 
-def patients_from_dirs(directories: Iterable[Path], exclude: Iterable[Path] = ()) -> list[Patient]:
+def patients_from_dirs(directories: Iterable[Path], exclude: Iterable[Path] = (),
+                       skipped: SkipCounter | None = None) -> list[Patient]:
     """Each argument is a patient directory or a cohort root of patient directories.
 
     ``exclude``: directories never taken for patients or walked, e.g. the report directory
-    when it sits inside the input (``idc-infer .`` twice).
+    when it sits inside the input (``idc-infer .`` twice). ``skipped`` counts the loose
+    images of cohort roots, which are not scored.
     """
     excluded = frozenset(Path(p).resolve() for p in exclude)
     patients: list[Patient] = []
     for directory in directories:
         directory = Path(directory)
-        if _looks_like_patient_dir(directory, excluded):
+        is_patient, subdirs, loose = _classify(directory, excluded)
+        if is_patient:
             patients.append(Patient(directory.resolve().name, root=directory, exclude=excluded))
             continue
-        for entry in _sorted_entries(directory):
-            if _is_walkable_dir(entry, excluded):
-                patients.append(Patient(entry.name, root=Path(entry.path), exclude=excluded))
+        if loose:
+            # Skipped, not reported as a patient named after the cohort folder: a pathologist
+            # reading summary.csv would take that row for a patient, and its patches would
+            # shift the cohort totals. They are named and counted, so nothing vanishes silently.
+            names = ", ".join(entry.name for entry in loose[:5]) + (", ..." if len(loose) > 5 else "")
+            log.warning("%s: %d image file(s) beside the patient folders are not in any patient folder "
+                        "and are not scored (%s); move them into a patient folder or list them with "
+                        "--from-list", directory, len(loose), names)
+            if skipped is not None:
+                skipped.skip(LOOSE_IMAGE_IN_COHORT_ROOT, len(loose))
+        for entry in subdirs:
+            patients.append(Patient(entry.name, root=Path(entry.path), exclude=excluded))
     return patients
 
 
-def patient_id_of(path: Path) -> str:
+def _resolved_dir(directory: str, cache: dict[str, str]) -> str:
+    """A directory resolved once per list; a path no file system accepts (a NUL byte) stays
+    as written, absolute, so discovery goes on and the decoder reports that row."""
+    resolved = cache.get(directory)
+    if resolved is None:
+        try:
+            resolved = os.path.realpath(directory)
+        except (OSError, ValueError):
+            resolved = os.path.abspath(directory)
+        cache[directory] = resolved
+    return resolved
+
+
+def patient_id_of(path: Path, resolved_dirs: dict[str, str] | None = None) -> str:
     """Patient id from the Kaggle file name, else the patient directory's name."""
     parsed = parse_patch_name(path.name).patient_id
-    return parsed if parsed is not None else patient_dir_of(path).resolve().name
+    if parsed is not None:
+        return parsed
+    return Path(_resolved_dir(str(patient_dir_of(path)), {} if resolved_dirs is None else resolved_dirs)).name
+
+
+def _decoded_lines(lines: Iterable[str]) -> Iterator[str]:
+    """The lines of a list file; a file that is not UTF-8 is a ValueError naming the file,
+    not a traceback. UTF-16 with a byte-order mark (Notepad's and Excel's "Unicode" text)
+    is read as such where the file can be read again from its start."""
+    name = getattr(lines, "name", "the list")
+    iterator = iter(lines)
+    read_any = False
+    while True:
+        try:
+            line = next(iterator)
+        except StopIteration:
+            return
+        except UnicodeDecodeError:
+            raw = _raw_bytes(lines)
+            if raw is not None and not read_any and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                try:
+                    yield from raw.decode("utf-16").splitlines()
+                    return
+                except UnicodeDecodeError:
+                    pass
+            where = ""
+            if raw is not None:
+                try:
+                    raw.decode("utf-8-sig")
+                except UnicodeDecodeError as exc:
+                    line_number = raw.count(b"\n", 0, exc.start) + 1
+                    where = f" (line {line_number})"
+            raise ValueError(f"{name} is not UTF-8 text{where}; the list must be UTF-8 text "
+                             "with one patch path per line") from None
+        read_any = True
+        yield line
+
+
+def _raw_bytes(lines) -> bytes | None:
+    """The whole file behind a text stream, when it can be read again from the start."""
+    buffer = getattr(lines, "buffer", None)
+    try:
+        if buffer is None or not buffer.seekable():
+            return None
+        buffer.seek(0)
+        return buffer.read()
+    except (OSError, ValueError):
+        return None
 
 
 def patients_from_list(lines: Iterable[str], base: Path, skipped: SkipCounter) -> list[Patient]:
-    """Group the paths of a list file by patient, keeping the order of first appearance."""
+    """Group the paths of a list file by patient, keeping the order of first appearance.
+
+    A path listed twice (as written, or through another relative or linked route to the
+    same folder) is scored once: counted twice it would inflate the patient's IDC fraction.
+    Raises ValueError when the list is not UTF-8 text.
+    """
     groups: dict[str, list[Path]] = {}
-    for raw in lines:
+    seen: set[tuple[str, str]] = set()
+    # folders resolved once, not each line's path: resolving 277k paths takes seconds
+    resolved_dirs: dict[str, str] = {}
+    for raw in _decoded_lines(lines):
         line = raw.strip().lstrip("\ufeff")  # a list saved by Notepad or Excel starts with a BOM
         if not line or line.startswith("#"):
             continue
@@ -134,7 +287,13 @@ def patients_from_list(lines: Iterable[str], base: Path, skipped: SkipCounter) -
         if not is_candidate_image(path.name):
             skipped.skip("hidden file" if path.name.startswith(".") else "not an image file name")
             continue
-        groups.setdefault(patient_id_of(path), []).append(path)
+        folder, name = os.path.split(path)
+        key = (_resolved_dir(folder, resolved_dirs), os.path.normcase(name))
+        if key in seen:
+            skipped.skip(DUPLICATE_LIST_PATH)
+            continue
+        seen.add(key)
+        groups.setdefault(patient_id_of(path, resolved_dirs), []).append(path)
     return [Patient(pid, paths=paths) for pid, paths in groups.items()]
 
 
@@ -148,4 +307,3 @@ def duplicate_ids(patients: list[Patient]) -> list[str]:
         by_stem.setdefault(safe_file_stem(patient.patient_id).casefold(), set()).add(patient.patient_id)
     counts = Counter(safe_file_stem(p.patient_id).casefold() for p in patients)
     return sorted(", ".join(sorted(by_stem[stem])) for stem, n in counts.items() if n > 1)
-
