@@ -7,7 +7,7 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from idc_infer import __version__
+from idc_infer import code_version
 from idc_infer.files import RESEARCH_NOTICE, atomic_path, write_json
 
 from .convert import held_out_dirs, read_meta
@@ -115,7 +115,7 @@ def export_directory(keras_path: Path, out_dir: Path, options: ExportOptions) ->
     report = {
         "notice": RESEARCH_NOTICE,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "code_version": __version__,
+        "code_version": code_version(),
         "source_model": {"path": str(keras_path), "sha256": fp32["contract"]["provenance"]["source_model_sha256"]},
         "contract": fp32["contract"],
         "files": files,

@@ -66,9 +66,21 @@ def _fmt(value, spec: str = ".4f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
-def _metrics_lines(metrics: dict) -> list[str]:
-    keys = ("n", "roc_auc", "balanced_accuracy", "sensitivity", "specificity", "threshold")
-    return [f"| {k} | {_fmt(metrics.get(k), 'd' if k == 'n' else '.4f')} |" for k in keys if k in metrics]
+METRIC_KEYS = ("n", "roc_auc", "balanced_accuracy", "sensitivity", "specificity", "f1", "precision", "accuracy",
+               "threshold")
+
+
+def _metrics_lines(prov: dict) -> list[str]:
+    """One column per patient set the training run evaluated (validation and test when both exist)."""
+    sets = prov.get("all_metrics") or {prov.get("metrics_on", "held-out patients"): prov.get("metrics", {})}
+    names = {"val": "validation patients", "test": "test patients", "test_at_0.5": "test patients, threshold 0.5"}
+    columns = [(names.get(name, name), metrics) for name, metrics in sets.items() if metrics]
+    lines = ["| metric | " + " | ".join(title for title, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for key in METRIC_KEYS:
+        if any(key in metrics for _, metrics in columns):
+            cells = [_fmt(metrics.get(key, "-"), "d" if key == "n" else ".4f") for _, metrics in columns]
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def render_model_card(report: dict) -> str:
@@ -119,11 +131,10 @@ def render_model_card(report: dict) -> str:
         f"- trained {prov.get('trained_at')}, exported {prov.get('exported_at')}, code version {prov.get('code_version')}",
         f"- source Keras model sha256 `{prov.get('source_model_sha256', 'unknown')}`",
         "",
-        f"Metrics of the Keras model on {prov.get('metrics_on', 'held-out patients')} (patch level):",
+        "Metrics of the Keras model on patients it never trained on (patch level; the threshold was chosen "
+        "on the validation patients):",
         "",
-        "| metric | value |",
-        "|---|---|",
-        *_metrics_lines(prov.get("metrics", {})),
+        *_metrics_lines(prov),
         "",
         "## Gates",
         "",

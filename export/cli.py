@@ -17,7 +17,7 @@ Exit codes:
   {EXIT_USAGE}  usage error, or int8 could not run (no calibration or gate data):
      fp32, report and card are written
   {EXIT_INT8_GATE}  int8 accuracy gate failed: fp32, report and card written; the int8 file is
-     kept only as cancernet-int8.rejected.onnx, which idc-infer never picks by default
+     kept only as cancernet-int8.rejected.onnx, which idc-infer refuses unless --allow-failed-gate
 
 Research use only.
 """
@@ -25,13 +25,15 @@ Research use only.
 
 def _export_single_file(keras_model: Path, out_path: Path, parity_dirs, opset: int) -> None:
     """The original single-file mode (--out FILE.onnx): fp32 only, report beside it."""
-    from .convert import ParityError, export_fp32
+    from .convert import ConversionError, ParityError, export_fp32
 
     try:
         report = export_fp32(keras_model, out_path, list(parity_dirs), opset=opset)
     except ParityError as exc:
         click.echo(f"idc-export: PARITY GATE FAILED: {exc}", err=True)
         sys.exit(EXIT_PARITY)
+    except ConversionError as exc:
+        raise click.UsageError(str(exc)) from None
     parity = report["parity"]
     click.echo(f"wrote {out_path} ({report['size_bytes'] / 1e6:.2f} MB, sha256 {report['sha256'][:12]}); "
                f"parity max |diff| {parity['max_abs_diff']:.2e} on {parity['n_inputs']} inputs")
@@ -76,7 +78,8 @@ def _summarise(report: dict, out_dir: Path) -> None:
 @click.option("--parity-data", "parity_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Directory of real patches for the Keras-vs-onnxruntime parity gate (repeatable) "
                    "[directory mode default: the split's validation and test patients].")
-@click.option("--opset", type=click.IntRange(13, 21), default=17, show_default=True)
+@click.option("--opset", type=click.IntRange(13, 18), default=17, show_default=True,
+              help="ONNX opset (tf2onnx converts up to 18).")
 @click.option("--int8", is_flag=True, help="Also write a static int8 QDQ model, if it passes the accuracy gate.")
 @click.option("--calibration", "calibration_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Labelled data to calibrate int8 on; its training-split patients are used where present "
@@ -120,7 +123,7 @@ def main(keras_model, out_path, parity_dirs, opset, int8, calibration_dir, gate_
         raise click.UsageError("--calibration and --gate-data only apply with --int8")
 
     from .bundle import ExportOptions, export_directory
-    from .convert import ParityError
+    from .convert import ConversionError, ParityError
 
     options = ExportOptions(list(parity_dirs), opset, int8, calibration_dir, gate_dir, per_class, seed,
                             activation_type, calibration_method, weight_range, head_precision, bench_threads,
@@ -130,6 +133,8 @@ def main(keras_model, out_path, parity_dirs, opset, int8, calibration_dir, gate_
     except ParityError as exc:
         click.echo(f"idc-export: PARITY GATE FAILED: {exc}", err=True)
         sys.exit(EXIT_PARITY)
+    except ConversionError as exc:
+        raise click.UsageError(str(exc)) from None
     _summarise(report, out_path)
     if report["contract"]["provenance"]["demo"]:
         click.echo("idc-export: this is a DEMO model (synthetic or unknown training data)", err=True)

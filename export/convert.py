@@ -11,18 +11,23 @@ from pathlib import Path
 
 import numpy as np
 
-from idc_infer import __version__
+from idc_infer import __version__, code_version
 from idc_infer.contract import CONTRACT_KEY, Contract
 from idc_infer.model import sha256_of
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
+OPSET_RANGE = (13, 18)  # tested 13 and 17; tf2onnx 1.17 converts up to opset 18
 PARITY_TOLERANCE = 1e-4
 
 
 class ParityError(RuntimeError):
     """onnxruntime and Keras disagree on the same inputs beyond tolerance."""
+
+
+class ConversionError(RuntimeError):
+    """tf2onnx could not convert the model."""
 
 
 @dataclass
@@ -48,8 +53,23 @@ def keras_to_onnx(model, contract: Contract, opset: int = DEFAULT_OPSET):
     def serve(images):
         return {"prob": model(images, training=False)}
 
-    onnx_model, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
+    try:
+        onnx_model, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
+    except Exception as exc:  # tf2onnx raises ValueError, AssertionError, its own errors...
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConversionError(f"tf2onnx could not convert the model at opset {opset}: {first_line[:300]}") from exc
     return onnx_model
+
+
+def export_settings(opset: int, precision: str = "fp32") -> dict:
+    """How the file was made: converter and library versions (recorded in the contract)."""
+    import keras
+    import onnx
+    import tensorflow as tf
+    import tf2onnx
+
+    return {"tool": "tf2onnx", "tf2onnx": tf2onnx.__version__, "opset": opset, "precision": precision,
+            "tensorflow": tf.__version__, "keras": keras.__version__, "onnx": onnx.__version__}
 
 
 def set_contract(onnx_model, contract: Contract) -> None:
@@ -132,9 +152,9 @@ def contract_for(keras_path: Path, meta: dict | None, opset: int) -> Contract:
         "threshold_chosen_on": meta.get("threshold_chosen_on", "default 0.5"),
         "trained_at": meta.get("trained_at"),
         "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "code_version": __version__,
+        "code_version": code_version(),
         "source_model_sha256": sha256_of(Path(keras_path)),
-        "export": {"tool": "tf2onnx", "opset": opset, "precision": "fp32"},
+        "export": export_settings(opset),
         "arch": meta.get("arch", "cancernet"),
     }
     return Contract(threshold=float(meta.get("threshold", 0.5)), provenance=provenance)
@@ -158,6 +178,9 @@ def export_fp32(keras_path: Path, out_path: Path, sample_dirs: list[Path], opset
     data = onnx_model.SerializeToString()
     # without --parity-data, the held-out patients of the run's split: real patches, not noise alone
     parity = check_parity(model, data, load_parity_inputs(contract, list(sample_dirs) or held_out_dirs(meta)))
+    contract.provenance["export"]["parity"] = parity.as_dict()  # metadata only: the graph checked is unchanged
+    set_contract(onnx_model, contract)
+    data = onnx_model.SerializeToString()
     with atomic_path(Path(out_path), mode="wb") as handle:
         handle.write(data)
     return {"path": str(out_path), "sha256": sha256_bytes(data), "size_bytes": len(data), "parity": parity.as_dict(),

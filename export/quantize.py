@@ -417,6 +417,8 @@ def int8_contract(fp32_contract: Contract, settings: QuantSettings, calibration:
 
     provenance = dict(fp32_contract.provenance)
     export = dict(provenance.get("export", {}))
+    if "parity" in export:  # that gate was run on the fp32 graph, not on this one
+        export["fp32_parity"] = export.pop("parity")
     export.update({
         "precision": "int8",
         "quantizer": "onnxruntime.quantization static QDQ",

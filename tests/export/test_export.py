@@ -21,6 +21,26 @@ def test_contract_is_read_back_by_infer(demo_onnx, demo_run):
     assert model.contract.provenance["source_model_sha256"]
     assert model.contract.provenance["metrics"]["roc_auc"] == pytest.approx(meta["metrics"]["test"]["roc_auc"])
     assert (model.contract.input_height_px, model.contract.channel_order) == (48, "RGB")
+    export = model.contract.provenance["export"]
+    assert export["precision"] == "fp32" and export["tf2onnx"] and export["tensorflow"] and export["opset"] == 17
+    assert export["parity"]["max_abs_diff"] <= export["parity"]["tolerance"] == 1e-4
+    assert model.contract.provenance["code_version"].startswith("0.1.0")
+
+
+def test_opset_is_a_choice_recorded_in_the_contract(demo_run, tmp_path):
+    import onnx
+    from click.testing import CliRunner
+
+    from idc_export.cli import main
+
+    out = tmp_path / "op13.onnx"
+    result = CliRunner().invoke(main, [str(demo_run / "model.keras"), "--out", str(out), "--opset", "13",
+                                       "--parity-data", str(SAMPLE_PATIENT)])
+    assert result.exit_code == 0, result.output
+    assert load_model(out).contract.provenance["export"]["opset"] == 13
+    assert {o.domain: o.version for o in onnx.load(str(out)).opset_import}[""] == 13
+    too_new = CliRunner().invoke(main, [str(demo_run / "model.keras"), "--out", str(tmp_path / "x.onnx"), "--opset", "19"])
+    assert too_new.exit_code == 2 and "19" in too_new.output and not (tmp_path / "x.onnx").exists()
 
 
 def test_exported_model_outputs_vary(demo_onnx):
