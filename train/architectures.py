@@ -45,6 +45,7 @@ def build_transfer(height: int = 48, width: int = 48, channels: int = 3, classes
         if weights is None:
             raise
         log.warning("ImageNet weights could not be loaded (%s); training the backbone from scratch", exc)
+        weights = None
         backbone = keras.applications.MobileNetV2(input_shape=(height, width, channels), include_top=False,
                                                   weights=None, alpha=0.35)
     x = backbone(x)
@@ -52,7 +53,8 @@ def build_transfer(height: int = 48, width: int = 48, channels: int = 3, classes
     x = layers.Dropout(0.3)(x)
     x = layers.Dense(classes)(x)
     outputs = layers.Activation("softmax", dtype="float32", name="prob")(x)
-    return keras.Model(inputs, outputs, name="transfer_mobilenetv2")
+    # the name records what the backbone started from (train_meta.json reports it)
+    return keras.Model(inputs, outputs, name=f"transfer_mobilenetv2_{weights or 'scratch'}")
 
 
 def build_model(arch: str, height: int, width: int, classes: int, transfer_weights: str | None = "imagenet") -> keras.Model:
@@ -65,10 +67,11 @@ def build_model(arch: str, height: int, width: int, classes: int, transfer_weigh
     raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
 
 
-def make_optimizer(arch: str, learning_rate: float, steps_per_epoch: int, epochs: int):
+def make_optimizer(arch: str, learning_rate: float, epochs: int):
     if arch == "cancernet":
-        # the seed's Adagrad(lr, decay=lr/epochs); Keras 3 ignores decay=, so it is a schedule here
+        # the seed's Adagrad(lr, decay=lr/epochs): Keras 2 applied it every step, lr / (1 + decay * step)
+        # (1e-2 falls to ~1.6e-4 after 40 epochs of the full set). Keras 3 dropped decay=, so a schedule.
         schedule = keras.optimizers.schedules.InverseTimeDecay(
-            learning_rate, decay_steps=max(1, steps_per_epoch), decay_rate=1.0 / max(1, epochs))
+            learning_rate, decay_steps=1, decay_rate=learning_rate / max(1, epochs))
         return keras.optimizers.Adagrad(learning_rate=schedule)
     return keras.optimizers.Adam(learning_rate=learning_rate)

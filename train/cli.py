@@ -20,10 +20,12 @@ import click
               help="[default: 1e-2 Adagrad for cancernet as the seed; 1e-3 / 1e-4 Adam for simple-cnn / transfer]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--split", default="patient", show_default=True,
-              help="'patient' (seeded 80/10/10 of patients), 'janowczyk2016' (published folds), "
-                   "'random-patch' (the seed tutorial's leaky split) or a CSV manifest with patient_id,set.")
-@click.option("--patience", type=click.IntRange(1), default=8, show_default=True,
-              help="Stop after this many epochs without a better validation ROC-AUC.")
+              help="'patient' (seeded 80/10/10 of patients, stratified by IDC ratio), 'janowczyk2016' (published "
+                   "folds), 'folders' (the dataset's own train/ val/ test/ folders, e.g. BreakHis), 'random-patch' "
+                   "(the seed tutorial's leaky split) or a CSV manifest with patient_id,set.")
+@click.option("--patience", type=click.IntRange(0), default=8, show_default=True,
+              help="Stop after this many epochs without a better validation score (see --early-stopping) and keep "
+                   "the best epoch; 0: no early stopping, train every epoch and keep the last (as the seed).")
 @click.option("--augment", type=click.Choice(["idc", "seed", "both", "none"]), default="idc", show_default=True,
               help="idc: flips, right-angle rotations, colour jitter (breaks the brightness shortcut); seed: the "
                    "tutorial's rotation 20, zoom, shifts, shear and flips; both; none.")
@@ -39,13 +41,12 @@ def main(data_dir, run_dir, epochs, batch_size, arch, learning_rate, seed, split
     """Train CancerNet on DATA_DIR (Kaggle layout <pid>/<0|1>/*.png) with a patient-level split."""
     logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
-    from .data import LEAKY_WARNING, PUBLISHED_SPLITS
+    from .data import check_split
 
-    if split not in ("patient", "random-patch", *PUBLISHED_SPLITS) and not Path(split).is_file():
-        raise click.BadParameter(f"{split!r} is not 'patient', 'random-patch', {', '.join(PUBLISHED_SPLITS)} "
-                                 "or an existing manifest file", param_hint="--split")
-    if split == "random-patch":
-        click.echo(f"idc-train: WARNING: {LEAKY_WARNING}", err=True)
+    try:
+        check_split(split)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--split") from None
     from .architectures import DEFAULT_LEARNING_RATE
     from .training import CollapsedModelError, TrainConfig, TrainingDataError, train
 
@@ -57,7 +58,7 @@ def main(data_dir, run_dir, epochs, batch_size, arch, learning_rate, seed, split
                          mixed_precision=mixed_precision)
     try:
         meta = train(config)
-    except TrainingDataError as exc:
+    except (ValueError, OSError) as exc:  # TrainingDataError, a bad manifest, ids that match no split...
         raise click.UsageError(str(exc)) from None
     except CollapsedModelError as exc:
         click.echo(f"idc-train: FAILED: {exc}", err=True)
@@ -69,25 +70,36 @@ def main(data_dir, run_dir, epochs, batch_size, arch, learning_rate, seed, split
     if meta["demo"]:
         click.echo("idc-train: trained on SYNTHETIC data: this is a demo model", err=True)
     click.echo(f"model written to {Path(run_dir) / 'model.keras'}")
+    report = Path(run_dir) / "eval-test" / "report.txt"
+    if report.exists():  # the test patients' report (with the published results on janowczyk2016 folds)
+        click.echo("")
+        click.echo(report.read_text(encoding="utf-8"), nl=False)
+        click.echo(f"evaluation files and plots: {report.parent}")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--split", default=None, help="Evaluate one set of a split (patient, janowczyk2016, random-patch, "
-                                            "or a manifest CSV); default: every labelled patch in DATA_DIR.")
+@click.option("--split", default=None, help="Evaluate one set of a split (patient, janowczyk2016, folders, "
+                                            "random-patch, or a manifest CSV); default: every labelled patch in DATA_DIR.")
 @click.option("--set", "set_name", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="[default: the model's]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of a 'patient' or 'random-patch' split.")
 def eval_main(model_path, data_dir, out_dir, split, set_name, threshold, seed):
     """Evaluate MODEL (.keras or .onnx) on labelled patches in DATA_DIR: metrics.json, report.txt, plots."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    from .data import check_split
     from .evaluate import evaluate
 
+    if split is not None:
+        try:
+            check_split(split)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--split") from None
     try:
         evaluate(model_path, data_dir, out_dir, split=split, set_name=set_name, threshold=threshold, seed=seed)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise click.UsageError(str(exc)) from None
     click.echo((Path(out_dir) / "report.txt").read_text(encoding="utf-8"), nl=False)
 

@@ -21,7 +21,7 @@ from idc_infer.engine import score_paths
 from idc_infer.files import RESEARCH_NOTICE, atomic_path, write_csv, write_json
 from idc_infer.metrics import classification_metrics, roc_auc
 
-from .data import LabelledPatch, discover_labelled, resolve_split
+from .data import LEAKY_WARNING, LabelledPatch, discover_labelled, resolve_split
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ def format_report(metrics: dict, baseline_auc: float, patients: list[dict], mode
         f"idc evaluation of {model_name} on " + (f"the {set_name} set ({split} split)" if split else "all labelled patches")
         + f" -- {RESEARCH_NOTICE}",
         f"patches: {m['n']} ({m['n_idc']} IDC), not scored: {failed}; threshold {m['threshold']:.3f}",
+        *([f"WARNING: {LEAKY_WARNING}"] if split == "random-patch" else []),
         "",
         "confusion matrix (rows = truth, columns = prediction)",
         "               pred non-IDC   pred IDC",

@@ -58,12 +58,18 @@ def training_curves(path: Path, history_csv: Path) -> None:
         return
     epochs = [int(r["epoch"]) + 1 for r in rows]  # CSVLogger counts from 0
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for key in ("loss", "val_loss"):
-        if key in rows[0]:
-            loss_ax.plot(epochs, [float(r[key]) for r in rows], label=key)
-    for key in ("accuracy", "val_accuracy", "val_roc_auc"):
-        if key in rows[0]:
-            acc_ax.plot(epochs, [float(r[key]) for r in rows], label=key)
+    # val_idc_loss and val_roc_auc are measured after BatchNormalization is re-estimated, on the
+    # weights that are kept; Keras' own val_loss/val_accuracy come before it, so they are a fallback
+    val_loss_key = "val_idc_loss" if "val_idc_loss" in rows[0] else "val_loss"
+    curves = [(loss_ax, "loss", "training loss"), (loss_ax, val_loss_key, "validation loss"),
+              (acc_ax, "accuracy", "training accuracy"), (acc_ax, "val_roc_auc", "validation ROC-AUC")]
+    if "val_roc_auc" not in rows[0]:
+        curves.append((acc_ax, "val_accuracy", "validation accuracy"))
+    for ax, key, label in curves:
+        if key not in rows[0]:
+            continue
+        values = [float(r[key]) if r[key] not in (None, "") else float("nan") for r in rows]
+        ax.plot(epochs, values, marker="o", markersize=3, label=label)  # markers: a 1-epoch run shows too
     loss_ax.set_xlabel("epoch")
     acc_ax.set_xlabel("epoch")
     loss_ax.set_title("loss")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from idc_infer import __version__
+from idc_infer import code_version
 from idc_infer.contract import Contract
 from idc_infer.files import write_json
 from idc_infer.metrics import best_balanced_threshold, classification_metrics
@@ -43,7 +43,7 @@ class TrainConfig:
     batch_size: int = 32
     seed: int = 0
     learning_rate: float = 1e-2
-    split: str = "patient"  # "patient", "janowczyk2016", "random-patch" or a manifest CSV path
+    split: str = "patient"  # "patient", "janowczyk2016", "folders", "random-patch" or a manifest CSV path
     patience: int = 8
     min_epochs: int = 3
     augment: str = "idc"  # "idc", "seed" (the tutorial's), "both" or "none"
@@ -155,7 +155,10 @@ def _make_auc_callback(val_ds, val_labels, bn_ds, patience: int, min_epochs: int
                 logs["val_idc_loss"] = loss
             score = auc if monitor == "val-auc" else -loss  # higher is better either way
             usable = not math.isnan(score) and spread >= COLLAPSE_STD
-            if usable and score > self.best_score:
+            if patience == 0:  # no early stopping: keep the last epoch, as the seed tutorial did
+                self.best_score, self.best_epoch, self.wait = score, epoch, 0
+                self.model.save_weights(best_weights_file)
+            elif usable and score > self.best_score:
                 self.best_score, self.best_epoch, self.wait = score, epoch, 0
                 self.model.save_weights(best_weights_file)
             else:
@@ -173,6 +176,7 @@ def _make_auc_callback(val_ds, val_labels, bn_ds, patience: int, min_epochs: int
 
 
 def _strategy(name: str):
+    """The tf.distribute strategy; created before any other TensorFlow call (multi-worker needs that)."""
     import tensorflow as tf
 
     if name == "none":
@@ -180,8 +184,44 @@ def _strategy(name: str):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multiworker":
+        if not os.environ.get("TF_CONFIG"):
+            raise TrainingDataError("--distribute multiworker needs TF_CONFIG (the cluster and this worker's task); "
+                                    "see the README")
         return tf.distribute.MultiWorkerMirroredStrategy()
     raise ValueError(f"unknown --distribute {name!r}")
+
+
+def is_chief(strategy) -> bool:
+    """Whether this process writes the run's outputs: always, except on non-chief workers of a cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    if not cluster:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in cluster
+
+
+# what --resume must find unchanged (anything else, e.g. --epochs to train longer, may change)
+RESUME_KEYS = ("data_dir", "split", "arch", "batch_size", "seed", "learning_rate", "augment", "early_stopping",
+               "distribute", "transfer_weights")
+
+
+def _check_resumable(run_dir: Path, config_record: dict, assignment: dict) -> None:
+    import json
+
+    started = run_dir / "run_config.json"
+    if not started.exists():
+        raise TrainingDataError(f"{run_dir} has no run_config.json: it was not started by this version of idc-train, "
+                                "so it cannot be resumed safely; start a new --out")
+    previous = json.loads(started.read_text(encoding="utf-8"))
+    changed = [key for key in RESUME_KEYS if str(previous["config"].get(key)) != str(config_record.get(key))]
+    if changed:
+        raise TrainingDataError(f"{run_dir} was started with other settings ({', '.join(changed)}); resume with the "
+                                "same options or start a new --out")
+    if previous["split"] != assignment:
+        raise TrainingDataError(f"the split of {run_dir} assigned patients differently (the data or the manifest "
+                                "changed); resuming would mix test patients into training: start a new --out")
 
 
 def _use_mixed_precision(requested: bool | None) -> bool:
@@ -208,8 +248,12 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
     from .pipeline import make_dataset
 
     contract = contract or Contract()
+    strategy = _strategy(config.distribute)  # first: multi-worker collectives must be set up before anything else
+    chief = is_chief(strategy)
     run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not chief:  # every worker trains; only the chief writes the run, the others keep scratch state apart
+        resolver = strategy.cluster_resolver
+        run_dir = run_dir / f".worker-{resolver.task_type}-{resolver.task_id}"
     _seed_everything(config.seed)
 
     patches = discover_labelled(config.data_dir)
@@ -225,12 +269,21 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
             for patch in items:
                 assignment.setdefault(patch.patient_id, set()).add(name)
         assignment = {pid: "+".join(sorted(names)) for pid, names in assignment.items()}
-    write_split_manifest(run_dir / "split.csv", assignment, counts)
+    for name in ("train", "val", "test"):
+        n1 = sum(p.label for p in sets[name])
+        log.info("%s set: %d patients, %d patches (%d non-IDC, %d IDC)", name,
+                 len({p.patient_id for p in sets[name]}), len(sets[name]), len(sets[name]) - n1, n1)
     for name in ("train", "val"):
         labels = {p.label for p in sets[name]}
         if labels != {0, 1}:
             raise TrainingDataError(f"the {name} set needs patches of both classes, has {sorted(labels)}; "
                                     "give more patients or another --split")
+    config_record = {k: str(v) if isinstance(v, Path) else v for k, v in config.__dict__.items()}
+    if config.resume:
+        _check_resumable(run_dir, config_record, assignment)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad data dir or split leaves no empty run behind
+    write_json(run_dir / "run_config.json", {"config": config_record, "split": assignment})
+    write_split_manifest(run_dir / "split.csv", assignment, counts)
 
     def arrays(name):
         return [str(p.path) for p in sets[name]], [p.label for p in sets[name]]
@@ -244,12 +297,11 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
 
     mixed = _use_mixed_precision(config.mixed_precision)
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
-    strategy = _strategy(config.distribute)
     log.info("training %s on %d replica(s), mixed precision %s", config.arch, strategy.num_replicas_in_sync, mixed)
     with strategy.scope():
         model = build_model(config.arch, contract.input_height_px, contract.input_width_px, len(contract.class_names),
                             transfer_weights=config.transfer_weights)
-        optimizer = make_optimizer(config.arch, config.learning_rate, len(train_paths) // config.batch_size, config.epochs)
+        optimizer = make_optimizer(config.arch, config.learning_rate, config.epochs)
         model.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=["accuracy"])
 
     state_dir = run_dir / "checkpoints"
@@ -266,8 +318,11 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
     ]
     # Keras' own validation pass fails on a last batch that does not split evenly across replicas;
     # the ROC-AUC callback's predict() handles it, so distributed runs rely on that alone.
-    model.fit(train_ds, validation_data=val_ds if strategy.num_replicas_in_sync == 1 else None, epochs=config.epochs, class_weight=class_weights(train_labels),
-              callbacks=callbacks, verbose=2)
+    model.fit(train_ds, validation_data=val_ds if strategy.num_replicas_in_sync == 1 else None, epochs=config.epochs,
+              class_weight=class_weights(train_labels), callbacks=callbacks, verbose=2,
+              shuffle=False)  # tf.data shuffles already
+    backbone_weights = ("imagenet" if model.name.endswith("imagenet") else "none (trained from scratch)"
+                        ) if config.arch == "transfer" else None
     keras.mixed_precision.set_global_policy("float32")
     if mixed:  # the exported model runs on CPUs: save a float32 copy of the (float32) weights
         weights = model.get_weights()
@@ -301,16 +356,22 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
         "metrics": metrics,
         "epochs_run": epochs_run,
         "best_epoch": best.best_epoch + 1,
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in config.__dict__.items()},
+        "config": config_record,
         "arch": config.arch,
+        "early_stopping": (f"{config.early_stopping}, patience {config.patience}" if config.patience
+                           else "off: the last epoch is kept"),
         "replicas": strategy.num_replicas_in_sync,
         "mixed_precision": mixed,
         "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "code_version": __version__,
+        "code_version": code_version(),
         "tensorflow": __import__("tensorflow").__version__,
     }
+    if backbone_weights:
+        meta["backbone_weights"] = backbone_weights
+    if not chief:
+        return meta
     write_json(run_dir / "train_meta.json", meta)
-    if sets["test"] and config.split != "random-patch":
+    if sets["test"]:
         from .evaluate import evaluate
 
         evaluate(run_dir / "model.keras", config.data_dir, run_dir / "eval-test", split=str(config.split),

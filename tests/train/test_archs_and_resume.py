@@ -48,6 +48,21 @@ def test_resume_continues_from_the_last_epoch(small_cohort, tmp_path):
     assert meta["epochs_run"] == 3
 
 
+def test_no_early_stopping_keeps_the_last_epoch_and_resume_refuses_other_settings(small_cohort, tmp_path):
+    from idc_train.training import TrainingDataError
+
+    run_dir = tmp_path / "run"
+    meta = train(TrainConfig(small_cohort, run_dir, epochs=2, batch_size=16, arch="simple-cnn", learning_rate=1e-3,
+                             patience=0))
+    assert meta["epochs_run"] == 2 and meta["best_epoch"] == 2  # as the seed: every epoch, the last one kept
+    assert meta["early_stopping"] == "off: the last epoch is kept"
+    for changed in ({"arch": "cancernet"}, {"split": "random-patch"}, {"seed": 5}):
+        config = dict(epochs=3, batch_size=16, arch="simple-cnn", learning_rate=1e-3, patience=0, resume=True)
+        config.update(changed)
+        with pytest.raises(TrainingDataError, match=f"other settings \\({next(iter(changed))}\\)"):
+            train(TrainConfig(small_cohort, run_dir, **config))
+
+
 def test_mirrored_strategy_over_two_logical_cpus(small_cohort, tmp_path):
     code = textwrap.dedent(f"""
         import tensorflow as tf
@@ -63,3 +78,39 @@ def test_mirrored_strategy_over_two_logical_cpus(small_cohort, tmp_path):
     assert "REPLICAS 2" in env_run.stdout
     meta = json.loads((tmp_path / "mirrored" / "train_meta.json").read_text())
     assert meta["metrics"]["val"]["roc_auc"] > 0.5
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_multiworker_with_a_one_worker_cluster(small_cohort, tmp_path):
+    """--distribute multiworker as a cluster of one (TF_CONFIG set): the chief trains and writes the run."""
+    import os
+
+    tf_config = {"cluster": {"worker": [f"127.0.0.1:{_free_port()}"]}, "task": {"type": "worker", "index": 0}}
+    env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    run_dir = tmp_path / "multi"
+    proc = subprocess.run([sys.executable, "-c", "from idc_train.cli import main; main()", str(small_cohort), "--out", str(run_dir),
+                           "--epochs", "2", "--batch-size", "16", "--arch", "simple-cnn", "--learning-rate", "1e-3",
+                           "--distribute", "multiworker"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((run_dir / "train_meta.json").read_text())
+    assert meta["config"]["distribute"] == "multiworker" and meta["replicas"] == 1
+    assert (run_dir / "model.keras").exists() and (run_dir / "eval-test" / "metrics.json").exists()
+
+
+def test_multiworker_without_tf_config_is_a_usage_error(small_cohort, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from idc_train.cli import main
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    result = CliRunner().invoke(main, [str(small_cohort), "--out", str(tmp_path / "r"), "--distribute", "multiworker"])
+    assert result.exit_code == 2 and "TF_CONFIG" in result.output
+    assert not (tmp_path / "r").exists()

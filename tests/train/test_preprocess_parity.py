@@ -65,4 +65,6 @@ def test_idc_augmentation_draws_per_image_and_stays_in_range(tmp_path):
     assert out.shape == same.shape and 0.0 <= out.min() and out.max() <= 1.0
     assert len({np.round(img, 4).tobytes() for img in out}) > 24  # 32 copies of one patch come out different
     assert out.mean(axis=(1, 2, 3)).std() > 0.01  # brightness/contrast jitter varies between images
-    assert not np.allclose(out, next(dataset.as_numpy_iterator())[0])  # fresh draws every epoch
+    assert not np.allclose(out, next(dataset.as_numpy_iterator())[0])  # fresh draws every epoch (new iterator)
+    again = make_dataset([path] * 32, [0] * 32, Contract(), 32, augment_images="idc")
+    np.testing.assert_array_equal(next(again.as_numpy_iterator())[0], out)  # same seed, same run

@@ -38,3 +38,13 @@ def test_cli_refuses_single_class_data(tmp_path):
     result = CliRunner().invoke(main, [str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--epochs", "1"])
     assert result.exit_code == 2
     assert "both classes" in result.output
+
+
+def test_cancernet_learning_rate_decays_per_step_as_the_seeds_adagrad():
+    """Keras 2's Adagrad(lr=1e-2, decay=1e-2/40) gave lr / (1 + 2.5e-4 * step)."""
+    from idc_train.architectures import make_optimizer
+
+    schedule = make_optimizer("cancernet", 1e-2, 40)._learning_rate  # .learning_rate is the current value
+    assert float(schedule(0)) == pytest.approx(1e-2)
+    assert float(schedule(4000)) == pytest.approx(1e-2 / 2)
+    assert float(schedule(240_000)) == pytest.approx(1e-2 / 61)  # 40 epochs of the full set at batch 32
