@@ -40,7 +40,8 @@ def test_sigint_then_resume_matches_clean_run(tmp_path, demo_onnx):
 
     resumed = subprocess.run(command + ["--out", str(out), "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    clean_files = sorted(p.name for p in (tmp_path / "clean").glob("*.csv"))
-    assert sorted(p.name for p in out.glob("*.csv")) == clean_files
-    for name in clean_files:
-        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+    for pattern in ("*.csv", "*.geojson", "*_mosaic.png"):  # reports and review outputs alike
+        clean_files = sorted(p.name for p in (tmp_path / "clean").glob(pattern))
+        assert clean_files and sorted(p.name for p in out.glob(pattern)) == clean_files
+        for name in clean_files:
+            assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
