@@ -7,7 +7,8 @@ Runs idc-train (patient-level split from --split, default models/default-split.c
 holds out whole patients for validation and test) then idc-export --int8 into RUN_DIR/export
 (parity gate on the held-out patients; int8 calibrated on training patients and gated on the
 validation patients), and copies into models/: cancernet-fp32.onnx, cancernet-int8.onnx (only
-if it passed its accuracy gate), export-report.json and MODEL_CARD.md.
+if it passed its accuracy gate), export-report.json and MODEL_CARD.md. Exits 3 when int8 failed
+its gate (fp32 still shipped), like idc-export.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def export_and_ship(run_dir: Path, models_dir: Path, bin_dir: Path) -> int:
         shutil.copyfile(export_dir / name, tmp)
         os.replace(tmp, models_dir / name)
     print(f"wrote {', '.join(shipped)} into {models_dir}")
-    return 0
+    return 0 if report["int8_usable"] else EXIT_INT8_GATE  # fp32 shipped; scripts can tell int8 is missing
 
 
 if __name__ == "__main__":
