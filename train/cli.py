@@ -86,7 +86,9 @@ def main(data_dir, run_dir, epochs, batch_size, arch, learning_rate, seed, split
 @click.option("--set", "set_name", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="[default: the model's]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of a 'patient' or 'random-patch' split.")
-def eval_main(model_path, data_dir, out_dir, split, set_name, threshold, seed):
+@click.option("--history", "history_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="history.csv of the training run, for curves.png [default: the one beside MODEL, if any].")
+def eval_main(model_path, data_dir, out_dir, split, set_name, threshold, seed, history_csv):
     """Evaluate MODEL (.keras or .onnx) on labelled patches in DATA_DIR: metrics.json, report.txt, plots."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     from .data import check_split
@@ -98,7 +100,8 @@ def eval_main(model_path, data_dir, out_dir, split, set_name, threshold, seed):
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--split") from None
     try:
-        evaluate(model_path, data_dir, out_dir, split=split, set_name=set_name, threshold=threshold, seed=seed)
+        evaluate(model_path, data_dir, out_dir, split=split, set_name=set_name, threshold=threshold, seed=seed,
+                 history_csv=history_csv)
     except (ValueError, OSError) as exc:
         raise click.UsageError(str(exc)) from None
     click.echo((Path(out_dir) / "report.txt").read_text(encoding="utf-8"), nl=False)

@@ -40,6 +40,19 @@ def test_keras_and_onnx_give_the_same_metrics(demo_run, demo_onnx, tmp_path):
     for key in ("tp", "fp", "tn", "fn"):
         assert results["keras"][key] == results["onnx"][key]
     assert results["keras"]["roc_auc"] == pytest.approx(results["onnx"]["roc_auc"], abs=1e-4)
+    assert not (tmp_path / "onnx" / "curves.png").exists()  # the ONNX file lives away from its run
+
+
+def test_eval_draws_curves_from_a_given_history(demo_run, demo_onnx, tmp_path):
+    from idc_train.cli import eval_main
+
+    out = tmp_path / "with-history"
+    args = [str(demo_onnx), _meta(demo_run)["data_dir"], "--out", str(out), "--split", str(demo_run / "split.csv"),
+            "--history", str(demo_run / "history.csv")]
+    result = CliRunner().invoke(eval_main, args)
+    assert result.exit_code == 0, result.output
+    image = cv2.imread(str(out / "curves.png"))
+    assert image is not None and image.std() > 5
 
 
 def test_published_results_printed_for_janowczyk_test_fold():
