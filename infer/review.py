@@ -299,7 +299,8 @@ def compose(
         row = top + int(round((1.0 - value) * (bar_h - 1)))
         colour = MARK_RGB if text.startswith("thr") else TEXT_RGB
         cv2.line(image, (bar_left + _BAR_WIDTH_PX, row), (bar_left + _BAR_WIDTH_PX + 4, row), colour, 1)
-        _put_text(image, text, bar_left + _BAR_WIDTH_PX + 7, row + 4, colour)
+        # a label at the very top would touch the bar's title above it: keep labels below the bar's top
+        _put_text(image, text, bar_left + _BAR_WIDTH_PX + 7, max(row + 4, top + 9), colour)
     _put_text(image, "prob_idc", bar_left, top - 5)
     for i, (text, swatch) in enumerate(legend):
         row = legend_top + _LINE_PX * i
