@@ -161,9 +161,22 @@ def calibration_pool(meta: dict | None, calibration_dir: Path | None) -> tuple[l
 
 
 def calibration_sets(meta: dict | None, contract: Contract, calibration_dir: Path | None,
-                     n_per_class: int = DEFAULT_CALIBRATION_PER_CLASS, seed: int = 0) -> tuple[PatchSet, PatchSet]:
-    """The calibration sample and a disjoint selection sample (to choose a recipe) from the same pool."""
+                     n_per_class: int = DEFAULT_CALIBRATION_PER_CLASS, seed: int = 0,
+                     gate_patients: Sequence[str] = ()) -> tuple[PatchSet, PatchSet]:
+    """The calibration sample and a disjoint selection sample (to choose a recipe) from the same pool.
+
+    Patients of the accuracy gate never calibrate or choose the recipe (without train_meta.json,
+    --calibration and --gate-data may name the same patients): the gate stays a held-out check.
+    """
     pool, where = calibration_pool(meta, calibration_dir)
+    overlap = sorted({p.patient_id for p in pool} & set(gate_patients))
+    if overlap:
+        pool = [p for p in pool if p.patient_id not in overlap]
+        if not pool:
+            raise QuantizationError(f"the calibration data holds only the accuracy gate's patients "
+                                    f"({', '.join(overlap[:5])}): give --calibration other patients than --gate-data")
+        log.warning("%d patient(s) of the accuracy gate left out of calibration: %s", len(overlap), ", ".join(overlap[:10]))
+        where += f" ({len(overlap)} patient(s) of the accuracy gate left out)"
     # a small pool is shared half and half, so the recipe is not chosen on a handful of patches
     calibration = balanced_sample(pool, n_per_class, seed, max_fraction=0.5)
     if {p.label for p in calibration} != {0, 1}:

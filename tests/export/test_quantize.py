@@ -206,3 +206,18 @@ def test_calibration_and_gate_keep_training_and_held_out_patients_apart(tmp_path
     other = {"split": {"train": ["80001"], "val": ["90002"], "test": ["90003"]}}
     pool, where = calibration_pool(other, tmp_path)
     assert {p.patient_id for p in pool} == {"90001"} and "excluded" in where
+
+
+def test_gate_patients_never_calibrate(tmp_path):
+    """Without train_meta.json, --calibration and --gate-data may overlap: the gate's patients are left out."""
+    from idc_export.quantize import QuantizationError, calibration_sets, gate_set
+    from idc_train.synthetic import write_cohort
+
+    write_cohort(tmp_path / "all", n_patients=3, seed=1, grid=3)  # 90001..90003
+    write_cohort(tmp_path / "gate", n_patients=2, seed=2, grid=3)  # 90001..90002: overlaps
+    gate = gate_set(None, Contract(), tmp_path / "gate")
+    calibration, selection = calibration_sets(None, Contract(), tmp_path / "all", 4, gate_patients=gate.patients)
+    assert set(calibration.patients) | set(selection.patients) == {"90003"}
+    assert "accuracy gate left out" in calibration.description
+    with pytest.raises(QuantizationError, match="other patients than --gate-data"):
+        calibration_sets(None, Contract(), tmp_path / "gate", 4, gate_patients=gate.patients)
