@@ -265,3 +265,17 @@ def test_overwrite_removes_stale_review_outputs(tmp_path):
     assert run([SAMPLE_PATIENT, "--out", out, "--overwrite", "--no-review"]).exit_code == 0
     assert not (out / "report.html").exists() and not (out / "10253_mosaic.png").exists()
     assert (out / "10253.csv").exists()
+
+
+def test_listed_patch_that_is_gone_gets_a_missing_row(tmp_path):
+    """A path that vanished between listing and scoring (here: listed, never there) is a row, not a crash."""
+    listing = tmp_path / "list.txt"
+    real = sorted(SAMPLE_PATIENT.rglob("*.png"))
+    gone = SAMPLE_PATIENT / "0" / "10253_idx5_x9999_y9999_class0.png"
+    listing.write_text("\n".join(str(p) for p in [*real, gone]) + "\n")
+    result = run(["--from-list", listing, "--out", tmp_path / "o"])
+    assert result.exit_code == 0, result.output
+    rows = {r["path"].replace("\\", "/").split("/")[-1]: r for r in read_csv(tmp_path / "o" / "10253.csv")}
+    assert rows[gone.name]["status"] == "missing" and rows[gone.name]["prob_idc"] == ""
+    summary = read_csv(tmp_path / "o" / "summary.csv")[0]
+    assert (summary["n_patches"], summary["n_scored"], summary["n_failed"]) == ("12", "11", "1")
