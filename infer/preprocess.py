@@ -6,6 +6,7 @@ stop a run over a hundred thousand good ones.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,17 +139,24 @@ def _is_sof(marker: int) -> bool:
     return 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)
 
 
+_JPEG_FILL = re.compile(rb"\xff+")
+# real files reach their frame header within a few dozen segments; a crafted one of millions of
+# tiny segments is left to cv2 (and its decode limit) rather than walked in Python
+_MAX_JPEG_SEGMENTS = 10_000
+
+
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a JPEG's frame header (SOFn segment), without decoding the pixels."""
     if not data.startswith(JPEG_SIGNATURE):
         return None
-    pos = 2
-    while pos + 4 <= len(data):
+    pos, segments = 2, 0
+    while pos + 4 <= len(data) and segments < _MAX_JPEG_SEGMENTS:
+        segments += 1
         if data[pos] != 0xFF:
             return None  # not at a marker: a corrupt stream, for cv2 to report
         marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
+        if marker == 0xFF:  # fill bytes before a marker: skip the whole run at C speed
+            pos = _JPEG_FILL.match(data, pos).end() - 1
             continue
         if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # standalone markers have no length field
             pos += 2

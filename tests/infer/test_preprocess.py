@@ -157,6 +157,17 @@ def test_jpeg_header_size_matches_the_decoded_size(tmp_path):
     assert decode_file(path, CONTRACT.replace(oversized_policy="resize")).status == "ok"
 
 
+def test_jpeg_header_walk_skips_a_fill_run_in_one_step(monkeypatch):
+    """Fill bytes (0xFF) may precede any marker; a file made of millions of them must not be walked
+    byte by byte (seconds per file): the run counts as one step of the bounded walk."""
+    from idc_infer import preprocess
+
+    monkeypatch.setattr(preprocess, "_MAX_JPEG_SEGMENTS", 50)
+    real = cv2.imencode(".jpg", np.zeros((60, 70, 3), np.uint8))[1].tobytes()
+    padded = real[:2] + b"\xff" * 15_000_000 + real[2:]  # SOI, a 15 MB run of fill, then the real segments
+    assert preprocess.jpeg_size(padded) == (70, 60)
+
+
 def bmp_claiming(width_px: int, height_px: int) -> bytes:
     """A 24-bit BMP header claiming a huge image, followed by a few bytes of pixels: a few dozen bytes on disk."""
     info = struct.pack("<IiiHHIIiiII", 40, width_px, height_px, 1, 24, 0, 0, 2835, 2835, 0, 0)
