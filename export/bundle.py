@@ -95,7 +95,7 @@ def export_directory(keras_path: Path, out_dir: Path, options: ExportOptions) ->
             gate = gate_set(meta, contract, options.gate_dir)
             calibration, selection = calibration_sets(meta, contract, options.calibration_dir,
                                                       options.calibration_per_class, options.seed,
-                                                      gate_patients=gate.patients)
+                                                      gate=gate)
             data, quantization = quantize_int8(fp32_path, calibration, selection, gate,
                                                candidate_settings(options.activation_type, options.calibration_method,
                                                                   options.weight_range, options.head_precision))

@@ -82,6 +82,7 @@ class PatchSet:
     description: str
     patients: list[str] = field(default_factory=list)
     n_failed_decode: int = 0
+    paths: frozenset[str] = frozenset()  # resolved paths of the patches, to keep other sets apart
 
     def __len__(self) -> int:
         return len(self.tensors)
@@ -125,7 +126,8 @@ def decode_patch_set(patches: Sequence, contract: Contract, description: str) ->
         log.warning("%d patch(es) of %s could not be decoded and were left out", failed, description)
     shape = (0, contract.input_height_px, contract.input_width_px, 3)
     return PatchSet(np.stack(tensors) if tensors else np.zeros(shape, np.float32), np.asarray(labels, dtype=int),
-                    description, sorted({p.patient_id for p in patches}), failed)
+                    description, sorted({p.patient_id for p in patches}), failed,
+                    frozenset(str(Path(p.path).resolve()) for p in patches))
 
 
 def _split_ids(meta: dict | None, name: str) -> set[str]:
@@ -160,23 +162,40 @@ def calibration_pool(meta: dict | None, calibration_dir: Path | None) -> tuple[l
     return others, f"patches in {calibration_dir} (not the split's training patients; validation/test patients excluded)"
 
 
+def _without_gate(pool: list, gate: PatchSet, where: str) -> tuple[list, str]:
+    """The calibration pool less the accuracy gate's patches, and less its patients where that
+    leaves others (without train_meta.json, --calibration and --gate-data may name the same ones)."""
+    from idc_train.data import CLASS_DIRS
+
+    pool = [p for p in pool if str(Path(p.path).resolve()) not in gate.paths]  # never a gate patch
+    if not pool:
+        raise QuantizationError("no calibration patches left once the accuracy gate's patches are set aside: "
+                                "give --calibration other patients than --gate-data")
+    pool_patients = {p.patient_id for p in pool}
+    # class folders ("0", "benign") stand in for unknown patients: they say nothing about overlap
+    overlap = sorted(pool_patients & {pid for pid in gate.patients if pid.lower() not in CLASS_DIRS})
+    if overlap and len(overlap) < len(pool_patients):
+        log.warning("%d patient(s) of the accuracy gate left out of calibration: %s", len(overlap), ", ".join(overlap[:10]))
+        return ([p for p in pool if p.patient_id not in overlap],
+                where + f" ({len(overlap)} patient(s) of the accuracy gate left out)")
+    if overlap:  # every calibration patient is also gated (a per-patch split): other patches of them
+        log.warning("the accuracy gate's patients are all in the calibration data too (a per-patch split?): "
+                    "calibrating on their other patches; the gate is optimistic")
+        return pool, where + " (the gate's patients too, other patches of them: the gate is optimistic)"
+    return pool, where
+
+
 def calibration_sets(meta: dict | None, contract: Contract, calibration_dir: Path | None,
                      n_per_class: int = DEFAULT_CALIBRATION_PER_CLASS, seed: int = 0,
-                     gate_patients: Sequence[str] = ()) -> tuple[PatchSet, PatchSet]:
+                     gate: PatchSet | None = None) -> tuple[PatchSet, PatchSet]:
     """The calibration sample and a disjoint selection sample (to choose a recipe) from the same pool.
 
-    Patients of the accuracy gate never calibrate or choose the recipe (without train_meta.json,
-    --calibration and --gate-data may name the same patients): the gate stays a held-out check.
+    The accuracy gate's patches (and where possible its patients) never calibrate or choose the
+    recipe: the gate stays a held-out check.
     """
     pool, where = calibration_pool(meta, calibration_dir)
-    overlap = sorted({p.patient_id for p in pool} & set(gate_patients))
-    if overlap:
-        pool = [p for p in pool if p.patient_id not in overlap]
-        if not pool:
-            raise QuantizationError(f"the calibration data holds only the accuracy gate's patients "
-                                    f"({', '.join(overlap[:5])}): give --calibration other patients than --gate-data")
-        log.warning("%d patient(s) of the accuracy gate left out of calibration: %s", len(overlap), ", ".join(overlap[:10]))
-        where += f" ({len(overlap)} patient(s) of the accuracy gate left out)"
+    if gate is not None:
+        pool, where = _without_gate(pool, gate, where)
     # a small pool is shared half and half, so the recipe is not chosen on a handful of patches
     calibration = balanced_sample(pool, n_per_class, seed, max_fraction=0.5)
     if {p.label for p in calibration} != {0, 1}:

@@ -220,6 +220,8 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
         },
     }
     write_json(out_dir / "run.json", run_info)
+    if not review:  # a report.html of an earlier run would link mosaics --resume has just removed
+        (out_dir / "report.html").unlink(missing_ok=True)
     if review:
         from .review import write_report_html
 

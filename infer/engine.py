@@ -238,6 +238,7 @@ def _completed_tally(settings: RunSettings, stem: str, patient_id: str, model: L
     csv_file = settings.out_dir / f"{stem}.csv"
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))
+        tally = PatientTally.from_state(state["tally"])
         checks = {
             "patient": state.get("patient_id") == patient_id,
             "model": state.get("model_sha256") == model.sha256,
@@ -245,7 +246,7 @@ def _completed_tally(settings: RunSettings, stem: str, patient_id: str, model: L
             "output settings": state.get("output_settings", {}) == settings.output_settings,
             "CSV unchanged": state.get("csv_sha256") == sha256_of(csv_file),
         }
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.info("patient %s: no usable record of an earlier run (%s); scoring it", patient_id, exc)
         return None
     differs = [name for name, same in checks.items() if not same]
@@ -253,7 +254,7 @@ def _completed_tally(settings: RunSettings, stem: str, patient_id: str, model: L
         log.info("patient %s: earlier run differs (%s); scoring it again", patient_id, ", ".join(differs))
         return None
     log.info("patient %s: already done with this model and settings; kept", patient_id)
-    return PatientTally.from_state(state["tally"])
+    return tally
 
 
 def score_patient(

@@ -54,7 +54,8 @@ def build_transfer(height: int = 48, width: int = 48, channels: int = 3, classes
     x = layers.Dense(classes)(x)
     outputs = layers.Activation("softmax", dtype="float32", name="prob")(x)
     # the name records what the backbone started from (train_meta.json reports it)
-    return keras.Model(inputs, outputs, name=f"transfer_mobilenetv2_{weights or 'scratch'}")
+    started_from = "scratch" if weights is None else "imagenet" if weights == "imagenet" else "file"
+    return keras.Model(inputs, outputs, name=f"transfer_mobilenetv2_{started_from}")
 
 
 def build_model(arch: str, height: int, width: int, classes: int, transfer_weights: str | None = "imagenet") -> keras.Model:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -113,6 +114,8 @@ def cross_validate(base: TrainConfig, k: int, out_dir: Path, resume: bool = Fals
     else:  # a fresh start must not later resume into folds left by an older cross-validation
         for stale in out_dir.glob("fold*/run/train_meta.json"):
             stale.unlink()
+        for stale in out_dir.glob("fold*/run/eval-test"):
+            shutil.rmtree(stale, ignore_errors=True)
     write_csv(out_dir / "folds.csv", ("patient_id", "fold"), [{"patient_id": p, "fold": f} for p, f in sorted(folds.items())])
     pooled: list[dict] = []
     per_fold = []

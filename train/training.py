@@ -215,7 +215,14 @@ def _check_resumable(run_dir: Path, config_record: dict, assignment: dict) -> No
         raise TrainingDataError(f"{run_dir} has no run_config.json: it was not started by this version of idc-train, "
                                 "so it cannot be resumed safely; start a new --out")
     previous = json.loads(started.read_text(encoding="utf-8"))
-    changed = [key for key in RESUME_KEYS if str(previous["config"].get(key)) != str(config_record.get(key))]
+
+    def same(key: str) -> bool:
+        before, now = previous["config"].get(key), config_record.get(key)
+        if key in ("data_dir", "split") and before and now and Path(before).exists() and Path(now).exists():
+            return Path(before).resolve() == Path(now).resolve()  # relative or absolute, the same place
+        return str(before) == str(now)
+
+    changed = [key for key in RESUME_KEYS if not same(key)]
     if changed:
         raise TrainingDataError(f"{run_dir} was started with other settings ({', '.join(changed)}); resume with the "
                                 "same options or start a new --out")
@@ -321,8 +328,8 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
     model.fit(train_ds, validation_data=val_ds if strategy.num_replicas_in_sync == 1 else None, epochs=config.epochs,
               class_weight=class_weights(train_labels), callbacks=callbacks, verbose=2,
               shuffle=False)  # tf.data shuffles already
-    backbone_weights = ("imagenet" if model.name.endswith("imagenet") else "none (trained from scratch)"
-                        ) if config.arch == "transfer" else None
+    backbone_weights = {"imagenet": "imagenet", "file": f"weights file {config.transfer_weights}"}.get(
+        model.name.rsplit("_", 1)[-1], "none (trained from scratch)") if config.arch == "transfer" else None
     keras.mixed_precision.set_global_policy("float32")
     if mixed:  # the exported model runs on CPUs: save a float32 copy of the (float32) weights
         weights = model.get_weights()
@@ -370,6 +377,9 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
         meta["backbone_weights"] = backbone_weights
     if not chief:
         return meta
+    # an evaluation of an earlier model must not sit beside this model's train_meta.json if the
+    # evaluation below is interrupted (idc-crossval --resume would take it for this model's)
+    shutil.rmtree(run_dir / "eval-test", ignore_errors=True)
     write_json(run_dir / "train_meta.json", meta)
     if sets["test"]:
         from .evaluate import evaluate

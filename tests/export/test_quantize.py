@@ -216,8 +216,41 @@ def test_gate_patients_never_calibrate(tmp_path):
     write_cohort(tmp_path / "all", n_patients=3, seed=1, grid=3)  # 90001..90003
     write_cohort(tmp_path / "gate", n_patients=2, seed=2, grid=3)  # 90001..90002: overlaps
     gate = gate_set(None, Contract(), tmp_path / "gate")
-    calibration, selection = calibration_sets(None, Contract(), tmp_path / "all", 4, gate_patients=gate.patients)
+    calibration, selection = calibration_sets(None, Contract(), tmp_path / "all", 4, gate=gate)
     assert set(calibration.patients) | set(selection.patients) == {"90003"}
     assert "accuracy gate left out" in calibration.description
     with pytest.raises(QuantizationError, match="other patients than --gate-data"):
-        calibration_sets(None, Contract(), tmp_path / "gate", 4, gate_patients=gate.patients)
+        calibration_sets(None, Contract(), tmp_path / "gate", 4, gate=gate)  # the very same patches
+
+
+def test_class_folders_without_patient_ids_can_calibrate_and_gate(tmp_path):
+    """Folders of 0/ and 1/ give pseudo patient ids ('0', '1'): two such folders are not an overlap."""
+    import cv2
+
+    from idc_export.quantize import calibration_sets, gate_set
+
+    rng = np.random.default_rng(0)
+    for root in ("calibration", "gate"):
+        for label in ("0", "1"):
+            folder = tmp_path / root / label
+            folder.mkdir(parents=True)
+            for i in range(6):
+                cv2.imwrite(str(folder / f"p{i}.png"), rng.integers(0, 255, (50, 50, 3), dtype=np.uint8))
+    gate = gate_set(None, Contract(), tmp_path / "gate")
+    calibration, _ = calibration_sets(None, Contract(), tmp_path / "calibration", 3, gate=gate)
+    assert len(calibration) == 6 and not calibration.paths & gate.paths
+
+
+def test_per_patch_split_calibrates_on_other_patches_of_the_gated_patients(tmp_path):
+    """--split random-patch puts every patient on both sides: calibration keeps to the non-gate patches."""
+    from idc_export.quantize import calibration_sets, decode_patch_set
+    from idc_train.data import discover_labelled
+    from idc_train.synthetic import write_cohort
+
+    write_cohort(tmp_path, n_patients=2, seed=3, grid=4)
+    patches = discover_labelled(tmp_path)
+    gate = decode_patch_set(patches[::2], Contract(), "every other patch")
+    calibration, selection = calibration_sets(None, Contract(), tmp_path, 3, gate=gate)
+    assert set(calibration.patients) == set(gate.patients)  # the same patients...
+    assert not (calibration.paths | selection.paths) & gate.paths  # ...never the same patches
+    assert "optimistic" in calibration.description

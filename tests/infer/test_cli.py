@@ -279,3 +279,25 @@ def test_listed_patch_that_is_gone_gets_a_missing_row(tmp_path):
     assert rows[gone.name]["status"] == "missing" and rows[gone.name]["prob_idc"] == ""
     summary = read_csv(tmp_path / "o" / "summary.csv")[0]
     assert (summary["n_patches"], summary["n_scored"], summary["n_failed"]) == ("12", "11", "1")
+
+
+def test_resume_without_review_removes_the_old_report_page(tmp_path):
+    out = tmp_path / "out"
+    assert run([SAMPLE_PATIENT, "--out", out]).exit_code == 0
+    assert (out / "report.html").exists()
+    (out / "10253.csv").write_text("path\nhalf")  # as if the patient had not completed
+    assert run([SAMPLE_PATIENT, "--out", out, "--resume", "--no-review"]).exit_code == 0
+    assert not (out / "report.html").exists() and not (out / "10253_mosaic.png").exists()
+
+
+def test_corrupt_resume_state_means_scoring_again(tmp_path):
+    out = tmp_path / "out"
+    assert run([SAMPLE_PATIENT, "--out", out, "--no-review"]).exit_code == 0
+    clean = (out / "10253.csv").read_bytes()
+    for state in (out / ".idc-state").glob("*.json"):
+        record = json.loads(state.read_text())
+        del record["tally"]
+        state.write_text(json.dumps(record))
+    result = run([SAMPLE_PATIENT, "--out", out, "--resume", "--no-review"])
+    assert result.exit_code == 0 and json.loads((out / "run.json").read_text())["counts"]["patients_resumed"] == 0
+    assert (out / "10253.csv").read_bytes() == clean

@@ -63,6 +63,33 @@ def test_no_early_stopping_keeps_the_last_epoch_and_resume_refuses_other_setting
             train(TrainConfig(small_cohort, run_dir, **config))
 
 
+def test_resume_accepts_the_same_data_spelt_another_way(small_cohort, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    train(TrainConfig(small_cohort, run_dir, epochs=1, batch_size=16, arch="simple-cnn", learning_rate=1e-3))
+    monkeypatch.chdir(small_cohort.parent)  # now the data dir is given relative to here
+    from pathlib import Path
+
+    meta = train(TrainConfig(Path(small_cohort.name), run_dir, epochs=2, batch_size=16, arch="simple-cnn",
+                             learning_rate=1e-3, resume=True))
+    assert meta["epochs_run"] == 2
+
+
+def test_interrupted_evaluation_leaves_no_report_of_an_earlier_model(small_cohort, tmp_path, monkeypatch):
+    import idc_train.evaluate
+
+    run_dir = tmp_path / "run"
+    train(TrainConfig(small_cohort, run_dir, epochs=1, batch_size=16, arch="simple-cnn", learning_rate=1e-3))
+    assert (run_dir / "eval-test" / "predictions.csv").exists()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(idc_train.evaluate, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(small_cohort, run_dir, epochs=1, batch_size=16, arch="simple-cnn", learning_rate=1e-3))
+    assert (run_dir / "train_meta.json").exists() and not (run_dir / "eval-test").exists()
+
+
 def test_mirrored_strategy_over_two_logical_cpus(small_cohort, tmp_path):
     code = textwrap.dedent(f"""
         import tensorflow as tf
