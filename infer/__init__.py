@@ -3,8 +3,10 @@
 import os
 
 # Bound what OpenCV may decode before any module of the package imports cv2 (it reads this once,
-# at import): a huge image refused per row must not take gigabytes first. Same as preprocess.MAX_DECODE_PIXELS.
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(8192 * 8192))
+# at import): a huge image refused per row must not take gigabytes first. Generous for any patch,
+# far below a slide overview; preprocess also refuses PNG/JPEG headers beyond it without decoding.
+MAX_DECODE_PIXELS = 8192 * 8192
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_DECODE_PIXELS))
 
 __version__ = "0.1.0"
 

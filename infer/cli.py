@@ -52,13 +52,12 @@ def _announce(model, quiet: bool) -> None:
         lines.insert(0, "!" * 72)
         lines.insert(1, "!! DEMO MODEL: trained on synthetic data. Its outputs say nothing about real tissue.")
         lines.append("!" * 72)
-    failed_gate = contract.provenance.get("quantization_gate") == "failed"
-    if failed_gate:
+    if contract.failed_gate:
         lines.append("idc-infer: WARNING this model FAILED its int8 accuracy gate (used because of "
                      "--allow-failed-gate); its results may differ from the model that was evaluated")
     lines.append("idc-infer: RESEARCH USE ONLY - not for diagnosis.")
     for line in lines:
-        if not quiet or contract.is_demo or failed_gate:
+        if not quiet or contract.is_demo or contract.failed_gate:
             click.echo(line, err=True)
 
 
@@ -128,7 +127,7 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
         model = load_model(model_path if model_path is not None else default_model_path(), threads=threads, spin=False)
     except ModelError as exc:
         raise click.BadParameter(str(exc), param_hint="--model") from None
-    if model.contract.provenance.get("quantization_gate") == "failed" and not allow_failed_gate:
+    if model.contract.failed_gate and not allow_failed_gate:
         raise click.BadParameter(f"{model.path} failed its int8 accuracy gate at export (see its contract); use the "
                                  "fp32 model, or pass --allow-failed-gate to use it anyway", param_hint="--model")
     effective_threshold = model.contract.threshold if threshold is None else threshold
@@ -220,12 +219,12 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
         },
     }
     write_json(out_dir / "run.json", run_info)
-    if not review:  # a report.html of an earlier run would link mosaics --resume has just removed
-        (out_dir / "report.html").unlink(missing_ok=True)
     if review:
         from .review import write_report_html
 
         write_report_html(out_dir, result.summary_rows, run_info)
+    else:  # a report.html of an earlier run would link mosaics --resume has just removed
+        (out_dir / "report.html").unlink(missing_ok=True)
 
     for row in result.summary_rows:
         fraction = row["idc_fraction"]

@@ -70,6 +70,11 @@ class Contract:
     def is_demo(self) -> bool:
         return bool(self.provenance.get("demo", True))
 
+    @property
+    def failed_gate(self) -> bool:
+        """An int8 file written although it failed its accuracy gate at export."""
+        return self.provenance.get("quantization_gate") == "failed"
+
     def describe_training(self) -> str:
         """One line saying what the model was trained on, for stderr and run.json."""
         data = self.provenance.get("training_data", "unknown training data")

@@ -5,19 +5,14 @@ stop a run over a hundred thousand good ones.
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-# A bound on what cv2 may allocate for a file whose header we do not read here (TIFF, BMP, WebP...):
-# generous for any patch, far below a slide overview. OpenCV reads the variable once, when cv2 loads.
-MAX_DECODE_PIXELS = 8192 * 8192
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_DECODE_PIXELS))
+import cv2  # the package's __init__ has set OpenCV's decode limit (MAX_DECODE_PIXELS) before this import
+import numpy as np
 
-import cv2  # noqa: E402  (after the limit above)
-import numpy as np  # noqa: E402
-
+from . import MAX_DECODE_PIXELS
 from .contract import Contract
 
 cv2.setNumThreads(1)  # decode runs in our own worker threads; nested cv2 threads only contend

@@ -265,10 +265,9 @@ def compose(
     heat_title, truth_title = "model: prob_idc", "ground truth: IDC label"
     heat_xy = (_PAD_PX, top)
     # a small patient's panel is narrower than its title: the next panel starts after whichever is wider
-    truth_left = heat_xy[0] + max(panel_w, _text_width_px(heat_title)) + 2 * _PAD_PX
-    truth_xy = (truth_left, top) if truth is not None else None
-    titles_right = max(heat_xy[0] + max(panel_w, _text_width_px(heat_title)),
-                       (truth_xy[0] + max(panel_w, _text_width_px(truth_title))) if truth_xy else 0)
+    heat_right = heat_xy[0] + max(panel_w, _text_width_px(heat_title))
+    truth_xy = (heat_right + 2 * _PAD_PX, top) if truth is not None else None
+    titles_right = (truth_xy[0] + max(panel_w, _text_width_px(truth_title))) if truth_xy else heat_right
     bar_left = titles_right + 2 * _PAD_PX
     bar_h = max(panel_h, _BAR_MIN_HEIGHT_PX)
     threshold_row = int(round((1.0 - threshold) * (bar_h - 1)))
