@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from idc_infer.files import write_csv, write_json
 from idc_infer.metrics import Confusion, roc_auc
 
 from .data import counts_by_patient, discover_labelled
-from .training import TrainConfig, train
+from .training import TrainConfig, config_record, train
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ _PER_FOLD_KEYS = ("run_dir", "split", "resume")
 
 def recipe_of(config: TrainConfig) -> dict:
     """The training recipe as train_meta.json records it, less what each fold sets for itself."""
-    return {key: str(v) if isinstance(v, Path) else v for key, v in config.__dict__.items() if key not in _PER_FOLD_KEYS}
+    return {key: v for key, v in config_record(config).items() if key not in _PER_FOLD_KEYS}
 
 
 def _finished_meta(run_dir: Path, base: TrainConfig, test_patients: set[str]) -> dict | None:
@@ -112,10 +111,9 @@ def cross_validate(base: TrainConfig, k: int, out_dir: Path, resume: bool = Fals
     if resume:
         _check_same_folds(out_dir / "folds.csv", folds)
     else:  # a fresh start must not later resume into folds left by an older cross-validation
+        # (train() itself removes a fold's old eval-test before it writes train_meta.json)
         for stale in out_dir.glob("fold*/run/train_meta.json"):
             stale.unlink()
-        for stale in out_dir.glob("fold*/run/eval-test"):
-            shutil.rmtree(stale, ignore_errors=True)
     write_csv(out_dir / "folds.csv", ("patient_id", "fold"), [{"patient_id": p, "fold": f} for p, f in sorted(folds.items())])
     pooled: list[dict] = []
     per_fold = []

@@ -55,6 +55,11 @@ class TrainConfig:
     transfer_weights: str | None = "imagenet"
 
 
+def config_record(config: TrainConfig) -> dict:
+    """The configuration as run_config.json and train_meta.json record it (paths as text)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in config.__dict__.items()}
+
+
 def _seed_everything(seed: int) -> None:
     import keras
 
@@ -155,10 +160,8 @@ def _make_auc_callback(val_ds, val_labels, bn_ds, patience: int, min_epochs: int
                 logs["val_idc_loss"] = loss
             score = auc if monitor == "val-auc" else -loss  # higher is better either way
             usable = not math.isnan(score) and spread >= COLLAPSE_STD
-            if patience == 0:  # no early stopping: keep the last epoch, as the seed tutorial did
-                self.best_score, self.best_epoch, self.wait = score, epoch, 0
-                self.model.save_weights(best_weights_file)
-            elif usable and score > self.best_score:
+            # patience 0: no early stopping, every epoch is kept in turn, so the last one wins (as the seed)
+            if patience == 0 or (usable and score > self.best_score):
                 self.best_score, self.best_epoch, self.wait = score, epoch, 0
                 self.model.save_weights(best_weights_file)
             else:
@@ -285,11 +288,11 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
         if labels != {0, 1}:
             raise TrainingDataError(f"the {name} set needs patches of both classes, has {sorted(labels)}; "
                                     "give more patients or another --split")
-    config_record = {k: str(v) if isinstance(v, Path) else v for k, v in config.__dict__.items()}
+    record = config_record(config)
     if config.resume:
-        _check_resumable(run_dir, config_record, assignment)
+        _check_resumable(run_dir, record, assignment)
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad data dir or split leaves no empty run behind
-    write_json(run_dir / "run_config.json", {"config": config_record, "split": assignment})
+    write_json(run_dir / "run_config.json", {"config": record, "split": assignment})
     write_split_manifest(run_dir / "split.csv", assignment, counts)
 
     def arrays(name):
@@ -363,7 +366,7 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
         "metrics": metrics,
         "epochs_run": epochs_run,
         "best_epoch": best.best_epoch + 1,
-        "config": config_record,
+        "config": record,
         "arch": config.arch,
         "early_stopping": (f"{config.early_stopping}, patience {config.patience}" if config.patience
                            else "off: the last epoch is kept"),
