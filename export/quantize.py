@@ -165,7 +165,7 @@ def calibration_pool(meta: dict | None, calibration_dir: Path | None) -> tuple[l
 def _without_gate(pool: list, gate: PatchSet, where: str) -> tuple[list, str]:
     """The calibration pool less the accuracy gate's patches, and less its patients where that
     leaves others (without train_meta.json, --calibration and --gate-data may name the same ones)."""
-    from idc_train.data import CLASS_DIRS
+    from idc_train.data import is_class_folder_id
 
     pool = [p for p in pool if str(Path(p.path).resolve()) not in gate.paths]  # never a gate patch
     if not pool:
@@ -173,7 +173,7 @@ def _without_gate(pool: list, gate: PatchSet, where: str) -> tuple[list, str]:
                                 "give --calibration other patients than --gate-data")
     pool_patients = {p.patient_id for p in pool}
     # class folders ("0", "benign") stand in for unknown patients: they say nothing about overlap
-    overlap = sorted(pool_patients & {pid for pid in gate.patients if pid.lower() not in CLASS_DIRS})
+    overlap = sorted(pool_patients & {pid for pid in gate.patients if not is_class_folder_id(pid)})
     if overlap and len(overlap) < len(pool_patients):
         log.warning("%d patient(s) of the accuracy gate left out of calibration: %s", len(overlap), ", ".join(overlap[:10]))
         return ([p for p in pool if p.patient_id not in overlap],

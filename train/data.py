@@ -63,6 +63,11 @@ def _label_of(path: Path) -> int | None:
     return CLASS_DIRS.get(path.parent.name.lower())
 
 
+def is_class_folder_id(patient_id: str) -> bool:
+    """A stand-in id ("0", "benign"...) given to patches whose patient is unknown: their class folder's name."""
+    return patient_id.lower() in CLASS_DIRS
+
+
 def _set_folder_of(path: Path, data_dir: Path) -> str | None:
     """train/val/test when a folder between ``data_dir`` and the file is named so (the nearest wins)."""
     for part in reversed(path.relative_to(data_dir).parts[:-1]):
@@ -93,7 +98,7 @@ def discover_labelled(data_dir: Path) -> list[LabelledPatch]:
         patches.append(LabelledPatch(path, _patient_of(path, data_dir), label, _set_folder_of(path, data_dir)))
     if unlabelled:
         log.warning("%d image(s) under %s carry no label and were left out", unlabelled, data_dir)
-    folder_ids = sorted({p.patient_id for p in patches if p.patient_id.lower() in CLASS_DIRS})
+    folder_ids = sorted({p.patient_id for p in patches if is_class_folder_id(p.patient_id)})
     if folder_ids:
         log.warning("patient ids of some patches could not be read from their file names (they got the class "
                     "folder names %s): a patient-level split cannot keep those patients apart%s", ", ".join(folder_ids),
@@ -252,7 +257,7 @@ def folder_split(patches: list[LabelledPatch]) -> tuple[dict[str, list[LabelledP
     for name in SET_NAMES:
         if not sets[name]:
             log.warning("the %s set is empty: the data has no %s/ folder with labelled patches", name, name)
-    leaking = sorted(pid for pid, names in folders_of.items() if len(names) > 1 and pid.lower() not in CLASS_DIRS)
+    leaking = sorted(pid for pid, names in folders_of.items() if len(names) > 1 and not is_class_folder_id(pid))
     if leaking:
         log.warning("%d patient(s) have patches in more than one of the train/val/test folders (%s): the dataset's "
                     "own split leaks them, so its metrics are inflated", len(leaking), _examples(leaking))
@@ -298,7 +303,7 @@ def resolve_split(split: str, patches: list[LabelledPatch], seed: int = 0) -> tu
         return folder_split(patches)
     if split == "patient":
         if any(patch.set_folder for patch in patches):
-            if all(patch.patient_id.lower() in CLASS_DIRS for patch in patches):
+            if all(is_class_folder_id(patch.patient_id) for patch in patches):
                 raise ValueError("--split patient needs patient ids, and the file names of this data carry none (they "
                                  "lie in train/val/test and class folders): use --split folders to keep the dataset's "
                                  "own sets")
