@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from .convert import DEFAULT_OPSET, OPSET_RANGE  # constants only: convert imports TensorFlow inside its functions
+
 EXIT_OK, EXIT_PARITY, EXIT_USAGE, EXIT_INT8_GATE = 0, 1, 2, 3
 
 HELP_EPILOG = f"""\b
@@ -78,8 +80,8 @@ def _summarise(report: dict, out_dir: Path) -> None:
 @click.option("--parity-data", "parity_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Directory of real patches for the Keras-vs-onnxruntime parity gate (repeatable) "
                    "[directory mode default: the split's validation and test patients].")
-@click.option("--opset", type=click.IntRange(13, 18), default=17, show_default=True,
-              help="ONNX opset (tf2onnx converts up to 18).")
+@click.option("--opset", type=click.IntRange(*OPSET_RANGE), default=DEFAULT_OPSET, show_default=True,
+              help=f"ONNX opset (tf2onnx converts up to {OPSET_RANGE[1]}).")
 @click.option("--int8", is_flag=True, help="Also write a static int8 QDQ model, if it passes the accuracy gate.")
 @click.option("--calibration", "calibration_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Labelled data to calibrate int8 on; its training-split patients are used where present "
