@@ -111,12 +111,30 @@ def _fit_size(rgb: np.ndarray, contract: Contract, notes: list[str]) -> tuple[np
     return rgb, None
 
 
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source rows (or columns) of a nearest-neighbour resize with half-pixel centres, in integers.
+
+    src = floor((dst + 0.5) * in / out), computed as ((2 dst + 1) in) // (2 out) so no float
+    rounding enters: cv2 INTER_NEAREST_EXACT and TF's nearest resize agree on 50 -> 48 but not on
+    every undersized edge patch (32x42 differed). idc_train.pipeline.decode_resized uses the same
+    integer formula, so training and inference see the same pixels on every size.
+    """
+    dst = np.arange(out_size, dtype=np.int64)
+    return ((2 * dst + 1) * in_size) // (2 * out_size)
+
+
+def resize_nearest(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of an HWC image to height x width (the contract's 'nearest')."""
+    rows = nearest_indices(rgb.shape[0], height)
+    cols = nearest_indices(rgb.shape[1], width)
+    return rgb[rows[:, None], cols[None, :]]
+
+
 def preprocess_rgb(rgb: np.ndarray, contract: Contract) -> np.ndarray:
     """Resize and scale an 8-bit RGB image to the model's input (float32, HWC)."""
     size = (contract.input_width_px, contract.input_height_px)
     if rgb.shape[:2] != size[::-1]:
-        # INTER_NEAREST_EXACT matches TF/PIL nearest; plain INTER_NEAREST does not on 50->48
-        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_NEAREST_EXACT)
+        rgb = resize_nearest(rgb, contract.input_height_px, contract.input_width_px)
     if contract.channel_order == "BGR":
         rgb = rgb[:, :, ::-1]
     return rgb.astype(np.float32) * np.float32(contract.scale) + np.float32(contract.offset)

@@ -14,10 +14,17 @@ def decode_resized(path: tf.Tensor, contract: Contract) -> tf.Tensor:
     raw = tf.io.read_file(path)
     image = tf.io.decode_image(raw, channels=3, dtype=tf.uint8, expand_animations=False)
     size = (contract.input_height_px, contract.input_width_px)
-    # "resize" undersized policy and nearest resize, as cv2.INTER_NEAREST_EXACT on the infer side
-    image = tf.cast(tf.image.resize(image, size, method="nearest"), tf.uint8)  # nearest: values unchanged
+    # "resize" undersized policy: nearest with half-pixel centres in integer arithmetic, the same
+    # formula as idc_infer.preprocess.nearest_indices (tf.image.resize's float rounding differs on some sizes)
+    image = tf.gather(image, _nearest_indices(tf.shape(image)[0], size[0]), axis=0)
+    image = tf.gather(image, _nearest_indices(tf.shape(image)[1], size[1]), axis=1)
     image.set_shape((*size, 3))
     return image
+
+
+def _nearest_indices(in_size: tf.Tensor, out_size: int) -> tf.Tensor:
+    dst = tf.range(out_size, dtype=tf.int64)
+    return ((2 * dst + 1) * tf.cast(in_size, tf.int64)) // (2 * out_size)
 
 
 def to_model_input(image: tf.Tensor, contract: Contract) -> tf.Tensor:
@@ -56,7 +63,47 @@ def augment(image: tf.Tensor, contract: Contract, seed: tf.Tensor) -> tf.Tensor:
     return unit * (hi - lo) + lo
 
 
-AUGMENTATIONS = ("idc", "seed", "both", "none")
+# skimage.color's hed_from_rgb (Ruifrok & Johnston 2001 stain vectors), as Tellez et al. 2019 used it
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED).astype(np.float32)
+HED_SIGMA = 0.05  # Tellez et al. 2019 "HED-light": alpha ~ U(1 - s, 1 + s), beta ~ U(-s, s) per stain channel
+_OD_FLOOR = 1e-6
+
+
+def hed_jitter(unit: tf.Tensor, seed: tf.Tensor, sigma: float = HED_SIGMA) -> tf.Tensor:
+    """Stain augmentation in HED space (Tellez et al. 2019): RGB -> optical density -> haematoxylin,
+    eosin, DAB concentrations; scale and shift each by its own random draw; back to RGB.
+
+    Works on one [0, 1] RGB patch; the conversions are skimage.color.rgb2hed / hed2rgb.
+    """
+    seeds = tf.random.experimental.stateless_split(seed, num=2)
+    alpha = tf.random.stateless_uniform((3,), seeds[0], 1.0 - sigma, 1.0 + sigma)
+    beta = tf.random.stateless_uniform((3,), seeds[1], -sigma, sigma)
+    log_floor = float(np.log(_OD_FLOOR))
+    rgb = tf.maximum(unit, _OD_FLOOR)
+    stains = tf.maximum(tf.tensordot(tf.math.log(rgb) / log_floor, HED_FROM_RGB, axes=1), 0.0)
+    stains = stains * alpha + beta
+    back = tf.exp(tf.tensordot(-stains * -log_floor, RGB_FROM_HED, axes=1))
+    return tf.clip_by_value(back, 0.0, 1.0)
+
+
+def augment_hed(image: tf.Tensor, contract: Contract, seed: tf.Tensor) -> tf.Tensor:
+    """Flips, right-angle rotations, brightness/contrast and HED stain jitter (Tellez et al. 2019's
+    "basic + BC + HED-light"): the RGB hue/saturation jitter of ``augment`` replaced by stain jitter."""
+    lo, hi = contract.offset, contract.offset + 255.0 * contract.scale
+    seeds = tf.random.experimental.stateless_split(seed, num=6)
+    unit = (image - lo) / (hi - lo)
+    unit = tf.image.stateless_random_flip_left_right(unit, seeds[0])
+    unit = tf.image.stateless_random_flip_up_down(unit, seeds[1])
+    unit = tf.image.rot90(unit, k=tf.random.stateless_uniform((), seeds[2], 0, 4, dtype=tf.int32))
+    unit = hed_jitter(unit, seeds[3])
+    unit = tf.image.stateless_random_brightness(unit, 0.12, seeds[4])
+    unit = tf.image.stateless_random_contrast(unit, 0.75, 1.25, seeds[5])
+    unit = tf.clip_by_value(unit, 0.0, 1.0)
+    return unit * (hi - lo) + lo
+
+
+AUGMENTATIONS = ("idc", "hed", "seed", "both", "none")
 
 
 def seed_geometric_augmenter(seed: int = 0):
@@ -76,36 +123,48 @@ def seed_geometric_augmenter(seed: int = 0):
 
 def make_dataset(
     paths: list[str], labels: list[int], contract: Contract, batch_size: int, *, shuffle: bool = False,
-    augment_images: bool | str = False, seed: int = 0, cache: bool = True,
+    augment_images: bool | str = False, seed: int = 0, cache: bool = True, weights: list[float] | None = None,
 ) -> tf.data.Dataset:
-    """Batched (image, one-hot label) dataset; decoded patches cached once, shuffled and augmented per epoch.
+    """Batched (image, one-hot label[, weight]) dataset; decoded patches cached once, shuffled and augmented
+    per epoch. ``weights``: a per-patch training weight (class and patient weighting), yielded third.
 
-    ``augment_images``: "idc" (flips, right-angle rotations, colour jitter; True means this),
-    "seed" (the tutorial's geometric augmentation), "both", or "none"/False.
+    ``augment_images``: "idc" (flips, right-angle rotations, colour jitter; True means this), "hed"
+    (flips, rotations, brightness/contrast, HED stain jitter), "seed" (the tutorial's geometric
+    augmentation), "both" (idc + seed), or "none"/False.
     """
     mode = "idc" if augment_images is True else "none" if augment_images is False else augment_images
     if mode not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {mode!r}; choose from {', '.join(AUGMENTATIONS)}")
     paths, labels = list(paths), list(labels)
+    weights = None if weights is None else list(weights)
     if shuffle:  # discovery order is by patient and class: mix it once, so a bounded shuffle buffer mixes well
         order = np.random.default_rng(seed).permutation(len(paths))
         paths, labels = [paths[i] for i in order], [labels[i] for i in order]
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
-    ds = ds.map(lambda p, y: (decode_resized(p, contract), tf.one_hot(y, len(contract.class_names))),
-                num_parallel_calls=AUTOTUNE)
+        weights = None if weights is None else [weights[i] for i in order]
+    n_classes = len(contract.class_names)
+    if weights is None:
+        ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+        ds = ds.map(lambda p, y: (decode_resized(p, contract), tf.one_hot(y, n_classes)), num_parallel_calls=AUTOTUNE)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((paths, labels, np.asarray(weights, dtype=np.float32)))
+        ds = ds.map(lambda p, y, w: (decode_resized(p, contract), tf.one_hot(y, n_classes), w),
+                    num_parallel_calls=AUTOTUNE)
     if cache:
         ds = ds.cache()  # uint8: the full public set is ~1.9 GB decoded
     if shuffle:
         ds = ds.shuffle(min(len(paths), 20000), seed=seed, reshuffle_each_iteration=True)
-    if mode in ("idc", "both"):
+    if mode in ("idc", "hed", "both"):
+        per_patch = augment_hed if mode == "hed" else augment
         # a fresh stateless seed per patch, different on every pass over the data
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds)).map(
-            lambda xy, s: (augment(to_model_input(xy[0], contract), contract, s), xy[1]), num_parallel_calls=AUTOTUNE)
+            lambda xy, s: (per_patch(to_model_input(xy[0], contract), contract, s), *xy[1:]),
+            num_parallel_calls=AUTOTUNE)
         ds = ds.batch(batch_size)
     else:
-        ds = ds.batch(batch_size).map(lambda x, y: (to_model_input(x, contract), y), num_parallel_calls=AUTOTUNE)
+        ds = ds.batch(batch_size).map(lambda x, *rest: (to_model_input(x, contract), *rest),
+                                      num_parallel_calls=AUTOTUNE)
     if mode in ("seed", "both"):
         geometric = seed_geometric_augmenter(seed)
-        ds = ds.map(lambda x, y: (geometric(x, training=True), y), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda x, *rest: (geometric(x, training=True), *rest), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
