@@ -14,6 +14,13 @@ ARCHITECTURES = ("cancernet", "simple-cnn", "transfer")
 DEFAULT_LEARNING_RATE = {"cancernet": 1e-2, "simple-cnn": 1e-3, "transfer": 1e-4}
 
 
+def default_learning_rate(arch: str, optimizer: str = "seed") -> float:
+    """The seed's learning rate of ``arch``; Adam's 1e-3 for the from-scratch nets under adam-cosine."""
+    if optimizer == "adam-cosine" and arch != "transfer":
+        return 1e-3
+    return DEFAULT_LEARNING_RATE[arch]
+
+
 def build_simple_cnn(height: int = 48, width: int = 48, channels: int = 3, classes: int = 2) -> keras.Model:
     """The seed's plain CNN: 2x16, 2x32, 2x64 3x3 convs with max-pooling, Dense 128, Dense softmax."""
     inputs = keras.Input((height, width, channels), name="input")
@@ -68,7 +75,16 @@ def build_model(arch: str, height: int, width: int, classes: int, transfer_weigh
     raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
 
 
-def make_optimizer(arch: str, learning_rate: float, epochs: int):
+OPTIMIZERS = ("seed", "adam-cosine")
+
+
+def make_optimizer(arch: str, learning_rate: float, epochs: int, optimizer: str = "seed", steps_per_epoch: int = 1):
+    """The seed's optimizer of ``arch`` ("seed"), or Adam with a cosine decay to 0 over the run ("adam-cosine")."""
+    if optimizer == "adam-cosine":
+        schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, epochs * steps_per_epoch))
+        return keras.optimizers.Adam(learning_rate=schedule)
+    if optimizer != "seed":
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
     if arch == "cancernet":
         # the seed's Adagrad(lr, decay=lr/epochs): Keras 2 applied it every step, lr / (1 + decay * step)
         # (1e-2 falls to ~1.6e-4 after 40 epochs of the full set). Keras 3 dropped decay=, so a schedule.

@@ -17,7 +17,8 @@ import click
 @click.option("--arch", type=click.Choice(["cancernet", "simple-cnn", "transfer"]), default="cancernet", show_default=True,
               help="cancernet (the seed tutorial), simple-cnn (the seed's plain CNN), transfer (MobileNetV2 backbone).")
 @click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=None,
-              help="[default: 1e-2 Adagrad for cancernet as the seed; 1e-3 / 1e-4 Adam for simple-cnn / transfer]")
+              help="[default: 1e-2 Adagrad for cancernet as the seed; 1e-3 / 1e-4 Adam for simple-cnn / transfer; "
+                   "1e-3 with adam-cosine]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--split", default="patient", show_default=True,
               help="'patient' (seeded 80/10/10 of patients, stratified by IDC ratio), 'janowczyk2016' (published "
@@ -26,9 +27,16 @@ import click
 @click.option("--patience", type=click.IntRange(0), default=8, show_default=True,
               help="Stop after this many epochs without a better validation score (see --early-stopping) and keep "
                    "the best epoch; 0: no early stopping, train every epoch and keep the last (as the seed).")
-@click.option("--augment", type=click.Choice(["idc", "seed", "both", "none"]), default="idc", show_default=True,
-              help="idc: flips, right-angle rotations, colour jitter (breaks the brightness shortcut); seed: the "
-                   "tutorial's rotation 20, zoom, shifts, shear and flips; both; none.")
+@click.option("--augment", type=click.Choice(["idc", "hed", "seed", "both", "none"]), default="idc", show_default=True,
+              help="idc: flips, right-angle rotations, RGB colour jitter (breaks the brightness shortcut); hed: flips, "
+                   "rotations, brightness/contrast and stain jitter in HED colour space (Tellez et al. 2019); seed: "
+                   "the tutorial's rotation 20, zoom, shifts, shear and flips; both (idc + seed); none.")
+@click.option("--optimizer", type=click.Choice(["seed", "adam-cosine"]), default="seed", show_default=True,
+              help="seed: the architecture's seed optimizer (Adagrad with inverse-time decay for cancernet, Adam for "
+                   "the others); adam-cosine: Adam with the learning rate decayed to 0 by a cosine over --epochs.")
+@click.option("--patient-weight", type=click.Choice(["none", "sqrt", "equal"]), default="none", show_default=True,
+              help="How much each patient weighs in training: none (every patch 1), sqrt (a patient of n patches "
+                   "weighs sqrt(n)), equal (every patient the same); both classes are balanced after it.")
 @click.option("--early-stopping", type=click.Choice(["val-auc", "val-loss"]), default="val-auc", show_default=True,
               help="What --patience counts and which epoch is kept.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last epoch checkpoint.")
@@ -36,8 +44,8 @@ import click
               help="tf.distribute: mirrored = all GPUs of this machine; multiworker = several machines (TF_CONFIG).")
 @click.option("--mixed-precision/--no-mixed-precision", default=None, help="[default: on when a GPU is present]")
 @click.option("-v", "--verbose", count=True)
-def main(data_dir, run_dir, epochs, batch_size, arch, learning_rate, seed, split, patience, augment, early_stopping,
-         resume, distribute, mixed_precision, verbose):
+def main(data_dir, run_dir, epochs, batch_size, arch, learning_rate, seed, split, patience, augment, optimizer,
+         patient_weight, early_stopping, resume, distribute, mixed_precision, verbose):
     """Train CancerNet on DATA_DIR (Kaggle layout <pid>/<0|1>/*.png) with a patient-level split."""
     logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
@@ -47,14 +55,15 @@ def main(data_dir, run_dir, epochs, batch_size, arch, learning_rate, seed, split
         check_split(split)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--split") from None
-    from .architectures import DEFAULT_LEARNING_RATE
+    from .architectures import default_learning_rate
     from .training import CollapsedModelError, TrainConfig, TrainingDataError, train
 
     if resume and not (Path(run_dir) / "checkpoints").is_dir():
         raise click.BadParameter(f"{run_dir} holds no checkpoints to resume from", param_hint="--resume")
     config = TrainConfig(data_dir, run_dir, epochs=epochs, batch_size=batch_size, seed=seed,
-                         learning_rate=learning_rate or DEFAULT_LEARNING_RATE[arch], split=split, patience=patience,
-                         augment=augment, early_stopping=early_stopping, arch=arch, resume=resume, distribute=distribute,
+                         learning_rate=learning_rate or default_learning_rate(arch, optimizer), split=split,
+                         patience=patience, augment=augment, optimizer=optimizer, patient_weight=patient_weight,
+                         early_stopping=early_stopping, arch=arch, resume=resume, distribute=distribute,
                          mixed_precision=mixed_precision)
     try:
         meta = train(config)

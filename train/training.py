@@ -46,7 +46,9 @@ class TrainConfig:
     split: str = "patient"  # "patient", "janowczyk2016", "folders", "random-patch" or a manifest CSV path
     patience: int = 8
     min_epochs: int = 3
-    augment: str = "idc"  # "idc", "seed" (the tutorial's), "both" or "none"
+    augment: str = "idc"  # "idc", "hed" (stain jitter), "seed" (the tutorial's), "both" or "none"
+    optimizer: str = "seed"  # "seed": the arch's seed optimizer; "adam-cosine": Adam, cosine decay to 0 over the epochs
+    patient_weight: str = "none"  # how much each patient weighs: "none" (each patch 1), "sqrt" (1/sqrt n), "equal" (1/n)
     early_stopping: str = "val-auc"  # what patience counts and which epoch is kept: "val-auc" or "val-loss"
     arch: str = "cancernet"
     resume: bool = False
@@ -67,11 +69,27 @@ def _seed_everything(seed: int) -> None:
     keras.utils.set_random_seed(seed)
 
 
-def class_weights(labels: list[int]) -> dict[int, float]:
-    """Weights so both classes count equally: n / (2 * n_class)."""
+PATIENT_WEIGHTS = ("none", "sqrt", "equal")
+
+
+def patch_weights(labels: list[int], patient_ids: list[str], patient_weight: str = "none") -> np.ndarray:
+    """Per-patch training weights: each patient weighs n (none), sqrt(n) (sqrt) or 1 (equal) in
+    total, then both classes are balanced on those weights; mean weight 1.
+
+    A whole patient has ~1,000 patches and a sampled one ~40: unweighted, a few whole patients'
+    slides dominate what the model learns of tissue variation between patients.
+    """
+    if patient_weight not in PATIENT_WEIGHTS:
+        raise ValueError(f"unknown patient weighting {patient_weight!r}; choose from {', '.join(PATIENT_WEIGHTS)}")
     labels = np.asarray(labels)
-    n = len(labels)
-    return {c: float(n / (2 * max(1, int(np.sum(labels == c))))) for c in (0, 1)}
+    ids, index, sizes = np.unique(np.asarray(patient_ids), return_inverse=True, return_counts=True)
+    per_patch = {"none": np.ones(len(ids)), "sqrt": 1.0 / np.sqrt(sizes), "equal": 1.0 / sizes}[patient_weight]
+    weights = per_patch[index].astype(np.float64)
+    for c in (0, 1):  # then each class weighs the same in total (n / 2 n_class per patch for "none")
+        total = weights[labels == c].sum()
+        if total > 0:
+            weights[labels == c] /= total
+    return weights * (len(weights) / weights.sum())
 
 
 def predict_prob_idc(model, dataset) -> np.ndarray:
@@ -207,7 +225,7 @@ def is_chief(strategy) -> bool:
 
 # what --resume must find unchanged (anything else, e.g. --epochs to train longer, may change)
 RESUME_KEYS = ("data_dir", "split", "arch", "batch_size", "seed", "learning_rate", "augment", "early_stopping",
-               "distribute", "transfer_weights")
+               "distribute", "transfer_weights", "optimizer", "patient_weight")
 
 
 def _check_resumable(run_dir: Path, config_record: dict, assignment: dict) -> None:
@@ -300,8 +318,9 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
 
     train_paths, train_labels = arrays("train")
     val_paths, val_labels = arrays("val")
+    weights = patch_weights(train_labels, [p.patient_id for p in sets["train"]], config.patient_weight)
     train_ds = make_dataset(train_paths, train_labels, contract, config.batch_size, shuffle=True,
-                            augment_images=config.augment, seed=config.seed)
+                            augment_images=config.augment, seed=config.seed, weights=weights)
     bn_ds = make_dataset(train_paths, train_labels, contract, 64, shuffle=True, seed=config.seed + 1)
     val_ds = make_dataset(val_paths, val_labels, contract, 256)
 
@@ -311,7 +330,8 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
     with strategy.scope():
         model = build_model(config.arch, contract.input_height_px, contract.input_width_px, len(contract.class_names),
                             transfer_weights=config.transfer_weights)
-        optimizer = make_optimizer(config.arch, config.learning_rate, config.epochs)
+        optimizer = make_optimizer(config.arch, config.learning_rate, config.epochs, config.optimizer,
+                                   steps_per_epoch=math.ceil(len(train_paths) / config.batch_size))
         model.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=["accuracy"])
 
     state_dir = run_dir / "checkpoints"
@@ -329,7 +349,7 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
     # Keras' own validation pass fails on a last batch that does not split evenly across replicas;
     # the ROC-AUC callback's predict() handles it, so distributed runs rely on that alone.
     model.fit(train_ds, validation_data=val_ds if strategy.num_replicas_in_sync == 1 else None, epochs=config.epochs,
-              class_weight=class_weights(train_labels), callbacks=callbacks, verbose=2,
+              callbacks=callbacks, verbose=2,  # class and patient weights: the dataset's third element
               shuffle=False)  # tf.data shuffles already
     backbone_weights = {"imagenet": "imagenet", "file": f"weights file {config.transfer_weights}"}.get(
         model.name.rsplit("_", 1)[-1], "none (trained from scratch)") if config.arch == "transfer" else None
