@@ -160,3 +160,36 @@ def classification_metrics(labels, scores, threshold: float) -> dict[str, float 
         "f1": conf.f1,
         "roc_auc": roc_auc(labels, scores),
     }
+
+
+def patient_bootstrap(patient_ids, statistic, n_boot: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of ``statistic`` from a bootstrap over patients.
+
+    ``statistic(index)`` takes an integer index array into the per-patch arrays and returns a
+    dict of floats. Each replicate draws as many patients as there are, with replacement, and
+    pools all patches of the drawn patients: the interval then carries the between-patient
+    spread, which dominates when one patient's tissue is not like the next one's (a per-patch
+    interval would pretend thousands of patches of a few patients were independent).
+    Replicates where a value is nan (one class drawn only) are left out of that value's interval.
+    """
+    ids = np.asarray(patient_ids)
+    if len(ids) == 0:
+        return {}
+    _, inverse = np.unique(ids, return_inverse=True)
+    groups = [np.flatnonzero(inverse == k) for k in range(inverse.max() + 1)]
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(n_boot):
+        picked = rng.integers(0, len(groups), len(groups))
+        index = np.concatenate([groups[k] for k in picked])
+        for key, value in statistic(index).items():
+            draws.setdefault(key, []).append(value)
+    tail = (1.0 - level) / 2 * 100
+    intervals = {}
+    for key, values in draws.items():
+        values = np.asarray(values, dtype=float)
+        values = values[~np.isnan(values)]
+        intervals[key] = ((float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))
+                          if len(values) else (math.nan, math.nan))
+    return intervals

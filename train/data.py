@@ -321,3 +321,37 @@ def resolve_split(split: str, patches: list[LabelledPatch], seed: int = 0) -> tu
         return sets, assignment
     assignment = read_split_manifest(Path(split))
     return apply_split(patches, assignment, f"the split manifest {split}"), assignment
+
+
+@dataclass(frozen=True)
+class SampleDesign:
+    """How the patches of a data directory were sampled, where its manifest.csv / patients.csv say so
+    (as in shared/data/idc-real): which patches are a uniform random sample of their patient and which
+    patients are whole (every patch of the slide, so their true IDC fraction is known)."""
+
+    uniform: frozenset[Path] = frozenset()
+    whole_patients: frozenset[str] = frozenset()
+
+    @property
+    def known(self) -> bool:
+        return bool(self.uniform or self.whole_patients)
+
+
+def read_sample_design(data_dir: Path) -> SampleDesign:
+    """The SampleDesign of ``data_dir`` from its manifest.csv (path, uniform_sample) and patients.csv
+    (patient_id, whole_patient); an empty design when they are absent or lack those columns."""
+    data_dir = Path(data_dir)
+    uniform: set[Path] = set()
+    whole: set[str] = set()
+    manifest, patients = data_dir / "manifest.csv", data_dir / "patients.csv"
+    if manifest.is_file():
+        with open(manifest, newline="", encoding="utf-8-sig") as handle:
+            for row in csv.DictReader(handle):
+                if (row.get("uniform_sample") or "").strip() == "1" and row.get("path"):
+                    uniform.add(data_dir / row["path"])
+    if patients.is_file():
+        with open(patients, newline="", encoding="utf-8-sig") as handle:
+            for row in csv.DictReader(handle):
+                if (row.get("whole_patient") or "").strip().lower() == "yes" and row.get("patient_id"):
+                    whole.add(row["patient_id"].strip())
+    return SampleDesign(frozenset(uniform), frozenset(whole))

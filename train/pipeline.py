@@ -74,14 +74,16 @@ def hed_jitter(unit: tf.Tensor, seed: tf.Tensor, sigma: float = HED_SIGMA) -> tf
     """Stain augmentation in HED space (Tellez et al. 2019): RGB -> optical density -> haematoxylin,
     eosin, DAB concentrations; scale and shift each by its own random draw; back to RGB.
 
-    Works on one [0, 1] RGB patch; the conversions are skimage.color.rgb2hed / hed2rgb.
+    Works on one [0, 1] RGB patch; the conversions are those of skimage.color.rgb2hed / hed2rgb.
     """
     seeds = tf.random.experimental.stateless_split(seed, num=2)
     alpha = tf.random.stateless_uniform((3,), seeds[0], 1.0 - sigma, 1.0 + sigma)
     beta = tf.random.stateless_uniform((3,), seeds[1], -sigma, sigma)
     log_floor = float(np.log(_OD_FLOOR))
     rgb = tf.maximum(unit, _OD_FLOOR)
-    stains = tf.maximum(tf.tensordot(tf.math.log(rgb) / log_floor, HED_FROM_RGB, axes=1), 0.0)
+    # unlike skimage.color.rgb2hed, negative concentrations are kept: the round trip is then exact at
+    # sigma 0, where clipping them shifted ~5% of the pixels of a real patch by up to 0.18
+    stains = tf.tensordot(tf.math.log(rgb) / log_floor, HED_FROM_RGB, axes=1)
     stains = stains * alpha + beta
     back = tf.exp(tf.tensordot(-stains * -log_floor, RGB_FROM_HED, axes=1))
     return tf.clip_by_value(back, 0.0, 1.0)

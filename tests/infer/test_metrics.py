@@ -79,3 +79,27 @@ def test_roc_curve_ends_at_corners_and_is_monotone():
     assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
     assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc([0, 0, 1, 1, 0, 1], [0.1, 0.4, 0.35, 0.8, 0.4, 0.9]))
+
+
+def test_patient_bootstrap_carries_the_spread_between_patients():
+    """Ten patients of 500 patches: patch-level noise is tiny, but half the patients run at 0.2 and
+    half at 0.8, so the interval of the pooled mean must be wide; equal patients give a narrow one."""
+    from idc_infer.metrics import patient_bootstrap
+
+    rng = np.random.default_rng(0)
+    pids = np.repeat(np.arange(10), 500)
+    split = np.where(pids < 5, 0.2, 0.8) + rng.normal(0, 0.01, len(pids))
+    same = 0.5 + rng.normal(0, 0.01, len(pids))
+    wide = patient_bootstrap(pids, lambda i: {"mean": float(split[i].mean())}, n_boot=400)["mean"]
+    narrow = patient_bootstrap(pids, lambda i: {"mean": float(same[i].mean())}, n_boot=400)["mean"]
+    assert wide[0] < 0.5 < wide[1] and wide[1] - wide[0] > 0.25
+    assert narrow[1] - narrow[0] < 0.01
+
+
+def test_patient_bootstrap_leaves_out_nan_replicates():
+    from idc_infer.metrics import patient_bootstrap
+
+    labels = np.array([1, 1, 0, 0])  # patient 0 has only IDC, patient 1 only non-IDC
+    scores = np.array([0.9, 0.8, 0.2, 0.1])
+    result = patient_bootstrap([0, 0, 1, 1], lambda i: {"auc": roc_auc(labels[i], scores[i])}, n_boot=200)
+    assert result["auc"] == (1.0, 1.0)  # replicates drawing one patient twice have no AUC and are skipped

@@ -1,5 +1,6 @@
 """idc-eval on synthetic patients: Keras and ONNX judged by the same code, real plots."""
 import json
+from pathlib import Path
 
 import cv2
 import pytest
@@ -55,13 +56,71 @@ def test_eval_draws_curves_from_a_given_history(demo_run, demo_onnx, tmp_path):
     assert image is not None and image.std() > 5
 
 
-def test_published_results_printed_for_janowczyk_test_fold():
-    metrics = {"n": 10, "n_idc": 4, "threshold": 0.5, "tp": 3, "fp": 1, "tn": 5, "fn": 1, "accuracy": 0.8,
-               "sensitivity": 0.75, "specificity": 5 / 6, "balanced_accuracy": 0.79, "precision": 0.75, "f1": 0.75,
-               "roc_auc": 0.9}
-    text = format_report(metrics, 0.7, [], "m.onnx", "janowczyk2016", "test", 0)
-    assert "0.7648" in text and "0.8420" in text and "Cruz-Roa" in text
-    assert "0.7648" not in format_report(metrics, 0.7, [], "m.onnx", "patient", "test", 0)
+def _scores(tmp_path):
+    """Three patients: A (whole, 100 patches, 20% IDC, 10 of them a uniform sample), B and C (per-class picks)."""
+    import numpy as np
+
+    from idc_train.evaluate import Scores
+
+    rng = np.random.default_rng(1)
+    scores = Scores()
+    for pid, n, n_idc in (("A", 100, 20), ("B", 40, 30), ("C", 40, 10)):
+        for k in range(n):
+            label = int(k < n_idc)
+            scores.paths.append(str(tmp_path / pid / f"{k}.png"))
+            scores.patient_ids.append(pid)
+            scores.labels.append(label)
+            scores.probs.append(float(np.clip(0.3 + 0.4 * label + rng.normal(0, 0.25), 0, 1)))
+            scores.darkness.append(float(rng.uniform()))
+    return scores
+
+
+def _design(tmp_path, scores):
+    from idc_train.data import read_sample_design
+
+    uniform = [p for p, pid in zip(scores.paths, scores.patient_ids) if pid == "A"][::10] + \
+        [p for p, pid in zip(scores.paths, scores.patient_ids) if pid != "A"][::8]
+    rows = ["path,patient_id,uniform_sample"] + [
+        f"{Path(p).relative_to(tmp_path).as_posix()},{pid},{int(p in uniform)}"
+        for p, pid in zip(scores.paths, scores.patient_ids)]
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "patients.csv").write_text("patient_id,whole_patient\nA,yes\nB,no\nC,no\n")
+    return read_sample_design(tmp_path), uniform
+
+
+def test_pooled_metrics_on_the_uniform_sample_with_patient_intervals(tmp_path):
+    from idc_infer.metrics import classification_metrics
+    from idc_train.evaluate import honest_metrics
+
+    scores = _scores(tmp_path)
+    design, uniform = _design(tmp_path, scores)
+    honest = honest_metrics(scores, 0.5, design)
+    sample = honest["uniform_sample"]
+    pick = [p in uniform for p in scores.paths]
+    expected = classification_metrics([l for l, k in zip(scores.labels, pick) if k],
+                                      [p for p, k in zip(scores.probs, pick) if k], 0.5)
+    assert sample["n"] == len(uniform) == expected["n"] and sample["roc_auc"] == expected["roc_auc"]
+    assert sample["n_patients"] == 3 and honest["all_scored_patches"]["n"] == 180
+    for key in ("roc_auc", "balanced_accuracy", "f1", "baseline_darkness_roc_auc"):
+        low, high = sample["interval_95"][key]
+        assert low <= sample[key] <= high, key
+    whole = honest["whole_patients"]  # only A's true fraction is the slide's
+    assert whole["n_patients"] == 1 and whole["patients"][0]["patient_id"] == "A"
+    assert whole["fraction_mae"] == pytest.approx(abs(whole["patients"][0]["predicted_idc_fraction"] - 0.2))
+
+
+def test_report_shows_published_results_as_scale_unless_on_their_patients(tmp_path):
+    from idc_train.evaluate import honest_metrics
+
+    scores = _scores(tmp_path)
+    design, _ = _design(tmp_path, scores)
+    honest = honest_metrics(scores, 0.5, design)
+    metrics = honest["all_scored_patches"]
+    other = format_report(metrics, 0.7, [], "m.onnx", "janowczyk2016", "val", 0, honest, same_as_published=False)
+    assert "0.7648" in other and "0.8420" in other and "Cruz-Roa" in other
+    assert "for scale only, not a comparison" in other and "uniform sample of each patient (unbiased)" in other
+    same = format_report(metrics, 0.7, [], "m.onnx", "janowczyk2016", "test", 0, honest, same_as_published=True)
+    assert "0.7648" in same and "for scale only" not in same
 
 
 def test_janowczyk_split_ships_with_the_package():
