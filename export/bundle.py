@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 from dataclasses import dataclass, field
@@ -66,6 +67,35 @@ def _machine() -> dict:
             "platform": platform.platform(), "load_average_1min": load}
 
 
+def read_file_contract(path: Path):
+    import onnxruntime as ort
+
+    from idc_infer.contract import contract_from_metadata
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return contract_from_metadata(session.get_modelmeta().custom_metadata_map, str(path))
+
+
+def _calibrate_files(out_dir: Path, files: dict, meta: dict | None, quantization: dict | None) -> dict:
+    """Fit each written file's own calibration and error rates on the validation patients and write
+    them into its contract; the file entries (sha256) and the int8 contract in the report follow."""
+    from .quantification import colour_reference, quantify_model, rewrite_contract
+
+    reports = {}
+    colour = None
+    for precision, entry in files.items():
+        path = out_dir / entry["path"]
+        contract = read_file_contract(path)
+        if colour is None:
+            colour = colour_reference(meta, contract)
+        updated, reports[precision] = quantify_model(path, contract, meta, colour)
+        rewrite_contract(path, updated)
+        files[precision] = {**_file_entry(path, entry["status"])}
+        if precision == "int8" and quantization is not None:
+            quantization["contract"] = json.loads(updated.to_json())
+    return reports
+
+
 def export_directory(keras_path: Path, out_dir: Path, options: ExportOptions) -> dict:
     """Write the export directory and return its report; ParityError propagates (nothing written).
 
@@ -107,6 +137,12 @@ def export_directory(keras_path: Path, out_dir: Path, options: ExportOptions) ->
             with atomic_path(target, mode="wb") as handle:
                 handle.write(data)
             files["int8"] = _file_entry(target, "usable" if int8_usable else "rejected: accuracy gate failed")
+    calibration_reports, calibration_error = {}, None
+    try:
+        calibration_reports = _calibrate_files(out_dir, files, meta, quantization)
+    except ValueError as exc:  # no validation patients to fit on: the files keep raw probabilities
+        calibration_error = str(exc)
+        notes.append(f"not calibrated: {exc}")
     written = {entry["path"] for entry in files.values()}
     notes += [f"removed {name} left by an earlier export"
               for name in removed if name not in written]
@@ -118,7 +154,9 @@ def export_directory(keras_path: Path, out_dir: Path, options: ExportOptions) ->
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "code_version": code_version(),
         "source_model": {"path": str(keras_path), "sha256": fp32["contract"]["provenance"]["source_model_sha256"]},
-        "contract": fp32["contract"],
+        "contract": json.loads(read_file_contract(fp32_path).to_json()),
+        "calibration": calibration_reports,
+        "calibration_error": calibration_error,
         "files": files,
         "parity": fp32["parity"],
         "parity_data": [str(p) for p in parity_dirs],

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 CONTRACT_KEY = "idc.contract"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)  # 2 added calibration, quantification, training_patients, colour_reference
 
 RESIZE_METHODS = ("nearest",)
 UNDERSIZED_POLICIES = ("resize", "pad", "refuse")
@@ -41,12 +43,26 @@ class Contract:
     positive_class_index: int = 1
     threshold: float = 0.5
     provenance: dict[str, Any] = field(default_factory=dict)
+    # prob_idc = sigmoid(a * logit(raw) + b) when set ({"method": "platt", "a", "b", ...}); the threshold
+    # applies to the calibrated probability
+    calibration: dict[str, Any] | None = None
+    # the model's error at its threshold on validation patients, for the corrected fractions
+    # (idc_infer.quantify): {"error_rates": {...}, "expected_residuals": [...], "headline": ...}
+    quantification: dict[str, Any] | None = None
+    training_patients: tuple[str, ...] = ()
+    # per-patient mean colour of the training patients: {"mean_rgb": [..], "std_rgb": [..], "n_patients"}
+    colour_reference: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         problems = []
-        if self.schema_version != SCHEMA_VERSION:
-            problems.append(f"schema_version {self.schema_version} (this idc reads {SCHEMA_VERSION})")
+        if self.schema_version not in READABLE_SCHEMA_VERSIONS:
+            problems.append(f"schema_version {self.schema_version} (this idc reads "
+                            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))})")
+        if self.calibration is not None and (self.calibration.get("method") != "platt" or not all(
+                isinstance(self.calibration.get(k), (int, float)) and math.isfinite(self.calibration[k])
+                for k in ("a", "b")) or self.calibration["a"] <= 0):
+            problems.append(f"calibration {self.calibration!r} (only platt with finite a > 0, b)")
         if self.layout != "NHWC":
             problems.append(f"layout {self.layout!r} (only NHWC)")
         if self.channel_order not in ("RGB", "BGR"):
@@ -102,8 +118,9 @@ class Contract:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ContractError(f"contract has unknown fields: {', '.join(unknown)}")
-        if "class_names" in raw:
-            raw["class_names"] = tuple(raw["class_names"])
+        for key in ("class_names", "training_patients"):
+            if key in raw and isinstance(raw[key], list):
+                raw[key] = tuple(raw[key])
         try:
             return cls(**raw)
         except TypeError as exc:

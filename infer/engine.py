@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections import deque
@@ -20,20 +21,28 @@ import numpy as np
 
 from .discover import Patient, SkipCounter
 from .files import RESEARCH_NOTICE, CsvOut, atomic_path, safe_file_stem, write_csv
+from .contract import Contract
 from .metrics import Confusion, safe_ratio, wilson_interval
+from .quantify import FEW_PATCHES, fraction_estimates
 from .model import LoadedModel, sha256_of
 from .naming import label_from_parent, parse_patch_name
 from .preprocess import STATUS_OK, Decoded, decode_file
+
+STATUS_MODEL_ERROR = "model_error"
 
 log = logging.getLogger(__name__)
 
 PATCH_COLUMNS = ("path", "x", "y", "width_px", "height_px", "prob_idc", "pred", "label", "status", "message")
 SUMMARY_COLUMNS = (
     "patient_id", "n_patches", "n_scored", "n_failed", "n_idc", "idc_fraction",
-    "idc_fraction_ci95_low", "idc_fraction_ci95_high", "mean_prob_idc", "threshold",
+    "idc_fraction_ci95_low", "idc_fraction_ci95_high",
+    "idc_fraction_adjusted", "idc_fraction_adjusted_ci95_low", "idc_fraction_adjusted_ci95_high",
+    "idc_fraction_expected", "idc_fraction_expected_ci95_low", "idc_fraction_expected_ci95_high",
+    "mean_prob_idc", "threshold",
     "n_labelled", "true_idc_fraction", "sensitivity", "specificity", "balanced_accuracy",
-    "model_sha256", "notice",
+    "notes", "model_sha256", "notice",
 )
+COLOUR_Z_LIMIT = 3.0  # a patient's mean colour this many training-patient SDs away, in any channel, is flagged
 COHORT_ID = "(cohort)"
 STATE_DIR = ".idc-state"
 
@@ -46,6 +55,10 @@ class PatientTally:
     n_scored: int = 0
     n_idc: int = 0
     sum_prob: float = 0.0
+    sum_prob_sq: float = 0.0
+    sum_r: float = 0.0  # per-patch mean colour on [0, 1], summed: the patient's mean colour
+    sum_g: float = 0.0
+    sum_b: float = 0.0
     n_labelled: int = 0
     n_true_idc: int = 0
     tp: int = 0  # plain counters: this runs once per patch
@@ -57,13 +70,19 @@ class PatientTally:
     def confusion(self) -> Confusion:
         return Confusion(self.tp, self.fp, self.tn, self.fn)
 
-    def add(self, prob: float | None, pred: int | None, label: int | None) -> None:
+    def add(self, prob: float | None, pred: int | None, label: int | None, rgb: np.ndarray | None = None) -> None:
         self.n_patches += 1
         if prob is None:
             return
         self.n_scored += 1
         self.n_idc += pred
         self.sum_prob += prob
+        self.sum_prob_sq += prob * prob
+        if rgb is not None:
+            r, g, b = (rgb.reshape(-1, 3).mean(axis=0) / 255.0).tolist()
+            self.sum_r += r
+            self.sum_g += g
+            self.sum_b += b
         if label is not None:
             self.n_labelled += 1
             self.n_true_idc += label
@@ -78,9 +97,41 @@ class PatientTally:
         for name in STATE_FIELDS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
-    def summary_row(self, patient_id: str, threshold: float, model_sha256: str) -> dict:
+    def mean_colour(self) -> list[float] | None:
+        if self.n_scored == 0:
+            return None
+        return [self.sum_r / self.n_scored, self.sum_g / self.n_scored, self.sum_b / self.n_scored]
+
+    def notes(self, patient_id: str, contract: Contract | None, threshold: float) -> list[str]:
+        """What a reviewer must know before reading this patient's fractions."""
+        notes = []
+        if self.n_scored < FEW_PATCHES:
+            notes.append(f"only {self.n_scored} scored patches: too few for a meaningful fraction")
+        if contract is None:
+            return notes
+        if patient_id in contract.training_patients:
+            notes.append("this patient was in the model's training data: its fractions are optimistic")
+        reference = contract.colour_reference
+        colour = self.mean_colour()
+        if reference and colour:
+            z = [abs(c - m) / max(sd, 1e-6) for c, m, sd in zip(colour, reference["mean_rgb"], reference["std_rgb"])]
+            if max(z) > COLOUR_Z_LIMIT:
+                notes.append(f"colour outside the training patients' (mean RGB {', '.join(f'{c:.2f}' for c in colour)}; "
+                             f"{max(z):.1f} SD from theirs): stain or scanner differ, fractions may be wrong")
+        if contract.quantification and threshold != contract.threshold:
+            notes.append(f"adjusted fraction not computed: threshold {threshold:g} is not the model's "
+                         f"{contract.threshold:g}, at which its error rates were measured")
+        return notes
+
+    def summary_row(self, patient_id: str, threshold: float, model_sha256: str,
+                    contract: Contract | None = None) -> dict:
         low, high = wilson_interval(self.n_idc, self.n_scored)
         labelled = self.n_labelled > 0
+        quant = (contract.quantification if contract is not None else None) or {}
+        error_rates = quant.get("error_rates") if contract is not None and threshold == contract.threshold else None
+        estimates = fraction_estimates(self.n_idc, self.n_scored, self.sum_prob, self.sum_prob_sq, error_rates,
+                                       quant.get("expected_residuals") if contract.calibration else None) \
+            if contract is not None else {}
         return {
             "patient_id": patient_id,
             "n_patches": self.n_patches,
@@ -90,6 +141,13 @@ class PatientTally:
             "idc_fraction": safe_ratio(self.n_idc, self.n_scored),
             "idc_fraction_ci95_low": low,
             "idc_fraction_ci95_high": high,
+            "idc_fraction_adjusted": estimates.get("adjusted"),
+            "idc_fraction_adjusted_ci95_low": estimates.get("adjusted_low"),
+            "idc_fraction_adjusted_ci95_high": estimates.get("adjusted_high"),
+            "idc_fraction_expected": estimates.get("expected") if contract is not None and contract.calibration else None,
+            "idc_fraction_expected_ci95_low": estimates.get("expected_low"),
+            "idc_fraction_expected_ci95_high": estimates.get("expected_high"),
+            "notes": "; ".join(self.notes(patient_id, contract, threshold)),
             "mean_prob_idc": safe_ratio(self.sum_prob, self.n_scored),
             "threshold": float(threshold),
             "n_labelled": self.n_labelled,
@@ -109,7 +167,8 @@ class PatientTally:
         return cls(**{name: state[name] for name in STATE_FIELDS})
 
 
-STATE_FIELDS = ("n_patches", "n_scored", "n_idc", "sum_prob", "n_labelled", "n_true_idc", "tp", "fp", "tn", "fn")
+STATE_FIELDS = ("n_patches", "n_scored", "n_idc", "sum_prob", "sum_prob_sq", "sum_r", "sum_g", "sum_b", "n_labelled",
+                "n_true_idc", "tp", "fp", "tn", "fn")
 
 
 @dataclass
@@ -161,6 +220,11 @@ def score_paths(
         if ok:
             batch = np.stack([decoded[i].tensor for i in ok])
             probs = dict(zip(ok, model.predict_prob_idc(batch).tolist()))
+            for i, prob in list(probs.items()):
+                if not math.isfinite(prob):  # a broken graph on this input: the row says so, never "ok"
+                    del probs[i]
+                    decoded[i] = Decoded(STATUS_MODEL_ERROR, f"the model gave a non-finite output ({prob})",
+                                         width_px=decoded[i].width_px, height_px=decoded[i].height_px)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("batch of %d: waited %.1f ms for decoding, scored %d in %.1f ms", len(chunk),
                       (scoring - waited) * 1e3, len(ok), (time.perf_counter() - scoring) * 1e3)
@@ -277,8 +341,8 @@ def score_patient(
                 out.row(row)
                 for sink in sinks:
                     sink.add(row, scored.decoded.rgb)
+                tally.add(scored.prob_idc, pred, label, scored.decoded.rgb)
                 scored.decoded.rgb = None
-                tally.add(scored.prob_idc, pred, label)
                 on_patch()
     except BaseException:
         for sink in sinks:  # interrupted: no review file for a patient whose CSV was not written
@@ -361,10 +425,10 @@ def run_patients(
                 if tally.n_patches == 0:
                     log.warning("patient %s: no image files found under %s", patient.patient_id,
                                 patient.root or "the listed paths")
-            rows.append(tally.summary_row(patient.patient_id, settings.threshold, model.sha256))
+            rows.append(tally.summary_row(patient.patient_id, settings.threshold, model.sha256, model.contract))
             cohort.merge(tally)
             on_patient_done(patient.patient_id)
     if len(patients) > 1:
-        rows.append(cohort.summary_row(COHORT_ID, settings.threshold, model.sha256))
+        rows.append(cohort.summary_row(COHORT_ID, settings.threshold, model.sha256, model.contract))
     write_csv(settings.out_dir / "summary.csv", SUMMARY_COLUMNS, rows)
     return RunResult(rows, cohort, skipped, resumed, time.perf_counter() - start)

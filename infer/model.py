@@ -75,10 +75,22 @@ class LoadedModel:
     session: object  # onnxruntime.InferenceSession
     input_name: str
 
-    def predict_prob_idc(self, batch: np.ndarray) -> np.ndarray:
-        """Probability of the positive class for a float32 NHWC batch."""
+    def raw_prob_idc(self, batch: np.ndarray) -> np.ndarray:
+        """The graph's own probability of the positive class for a float32 NHWC batch (uncalibrated)."""
         probs = self.session.run(None, {self.input_name: batch})[0]
         return np.asarray(probs[:, self.contract.positive_class_index], dtype=np.float64)
+
+    def predict_prob_idc(self, batch: np.ndarray) -> np.ndarray:
+        """Probability of the positive class, calibrated as the contract says (NaN where the graph
+        gave a non-finite output: the engine reports those patches as model_error)."""
+        raw = self.raw_prob_idc(batch)
+        if self.contract.calibration is None:
+            return raw
+        from .quantify import apply_calibration
+
+        out = apply_calibration(raw, self.contract.calibration)
+        out[~np.isfinite(raw)] = np.nan
+        return out
 
 
 def load_model(path: Path, threads: int = 0, spin: bool | None = None) -> LoadedModel:
@@ -109,7 +121,32 @@ def load_model(path: Path, threads: int = 0, spin: bool | None = None) -> Loaded
     if len(inputs) != 1:
         raise ModelError(f"{path} has {len(inputs)} inputs; idc models take exactly one")
     _check_graph_matches_contract(path, contract, inputs[0].shape, session.get_outputs()[0].shape)
-    return LoadedModel(path, sha256_of(path), contract, session, inputs[0].name)
+    model = LoadedModel(path, sha256_of(path), contract, session, inputs[0].name)
+    _check_outputs_are_probabilities(model)
+    return model
+
+
+def _check_outputs_are_probabilities(model: LoadedModel) -> None:
+    """A probe batch (mid-grey, black, white, seeded noise) must give finite class probabilities in [0, 1]
+    that sum to 1: a graph that outputs logits, or NaN, would give reports that look fine and mean nothing."""
+    contract = model.contract
+    shape = (contract.input_height_px, contract.input_width_px, 3)
+    pixels = np.stack([np.full(shape, 128), np.zeros(shape), np.full(shape, 255),
+                       np.random.default_rng(0).integers(0, 256, shape)]).astype(np.float32)
+    batch = pixels * np.float32(contract.scale) + np.float32(contract.offset)
+    try:
+        out = np.asarray(model.session.run(None, {model.input_name: batch})[0], dtype=np.float64)
+    except Exception as exc:  # onnxruntime's own exception types
+        raise ModelError(f"{model.path} fails on a probe batch: {str(exc).strip().splitlines()[0][:200]}") from exc
+    if out.ndim != 2 or out.shape[0] != len(batch):
+        raise ModelError(f"{model.path} outputs shape {list(out.shape)} for a batch of {len(batch)}; "
+                         "idc models output one row of class probabilities per patch")
+    if not np.all(np.isfinite(out)):
+        raise ModelError(f"{model.path} outputs non-finite values (NaN or inf) on a probe batch: the model is broken")
+    if out.min() < -1e-6 or out.max() > 1 + 1e-6 or np.max(np.abs(out.sum(axis=1) - 1.0)) > 1e-3:
+        raise ModelError(f"{model.path} does not output class probabilities (values {out.min():.3g}..{out.max():.3g}, "
+                         f"row sums up to {np.max(np.abs(out.sum(axis=1) - 1.0)) + 1:.3g}): a graph ending in "
+                         "logits needs its softmax; idc refuses to guess")
 
 
 def _check_graph_matches_contract(path: Path, contract: Contract, input_shape: list, output_shape: list) -> None:

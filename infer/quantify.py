@@ -1,0 +1,192 @@
+"""How much of a patient is IDC: calibrated probabilities and three fraction estimators with intervals.
+
+Counting patches over a threshold ("classify and count") is biased whenever sensitivity and
+specificity are below 1: with specificity 0.75 a patient with 8% IDC reads ~30%. Quantification
+corrects it (Forman 2008): the adjusted count (q - FPR) / (TPR - FPR), and the probabilistic
+average of calibrated probabilities. Both need the model's own error, measured on validation
+patients and carried in the contract; the intervals here carry it, including how much it varies
+from one patient to the next, not only patch sampling. Pure numpy: shared by idc-export (fits)
+and idc-infer (applies).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+EPS = 1e-6
+MIN_PATIENT_PATCHES = 20  # a validation patient's own error rate counts only over this many patches of a class
+FEW_PATCHES = 30  # fewer scored patches than this: the fraction says little (a note in summary.csv)
+N_DRAWS = 4000
+MIN_SEPARATION = 0.05  # TPR - FPR below this would divide by ~0: the adjusted count is then undefined
+
+
+def logit(p) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1.0 - EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def sigmoid(z) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
+
+
+def fit_platt(probs, labels, iterations: int = 100) -> tuple[float, float]:
+    """Platt scaling on the model's log-odds: calibrated = sigmoid(a * logit(p) + b), by Newton's method.
+
+    Two parameters, not temperature alone: class-weighted training shifts every probability up
+    (a prior shift), which a temperature cannot undo. Platt's own smoothed targets
+    ((n+ + 1) / (n+ + 2) and 1 / (n- + 2)) keep the fit finite on separable data.
+    """
+    z = logit(probs)
+    labels = np.asarray(labels, dtype=np.float64)
+    if len(labels) == 0 or labels.min() == labels.max():
+        raise ValueError("calibration needs patches of both classes")
+    n_pos, n_neg = labels.sum(), len(labels) - labels.sum()
+    y = np.where(labels == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+    design = np.column_stack([z, np.ones_like(z)])
+
+    def loss(params):  # cross-entropy against the smoothed targets
+        s = design @ params
+        return float(np.sum(np.logaddexp(0, s) - y * s))
+
+    params = np.array([1.0, 0.0])
+    current = loss(params)
+    for _ in range(iterations):
+        p = sigmoid(design @ params)
+        gradient = design.T @ (p - y)
+        hessian = (design * (p * (1 - p))[:, None]).T @ design + 1e-9 * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        scale = 1.0
+        while scale > 1e-6 and loss(params - scale * step) > current:  # damped: Newton alone can overshoot
+            scale /= 2
+        params = params - scale * step
+        previous, current = current, loss(params)
+        if abs(previous - current) < 1e-12 * max(1.0, abs(current)):
+            break
+    return float(params[0]), float(params[1])
+
+
+def apply_calibration(probs, calibration: dict | None) -> np.ndarray:
+    """The contract's calibration applied to raw model probabilities (identity when there is none)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if not calibration:
+        return probs
+    if calibration.get("method") != "platt":
+        raise ValueError(f"unknown calibration method {calibration.get('method')!r}")
+    return sigmoid(calibration["a"] * logit(probs) + calibration["b"])
+
+
+def expected_calibration_error(probs, labels, bins: int = 10) -> float:
+    """ECE over equal-width probability bins: sum over bins of |mean prob - IDC share| x bin weight."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.float64)
+    if len(probs) == 0:
+        return math.nan
+    which = np.minimum((probs * bins).astype(int), bins - 1)
+    total = 0.0
+    for k in range(bins):
+        inside = which == k
+        if inside.any():
+            total += inside.mean() * abs(probs[inside].mean() - labels[inside].mean())
+    return float(total)
+
+
+def brier_score(probs, labels) -> float:
+    probs = np.asarray(probs, dtype=np.float64)
+    return float(np.mean((probs - np.asarray(labels, dtype=np.float64)) ** 2)) if len(probs) else math.nan
+
+
+def adjusted_fraction(q: float, tpr: float, fpr: float) -> float:
+    """Adjusted classify-and-count (Forman 2008): (q - FPR) / (TPR - FPR), clipped to [0, 1]."""
+    if not (tpr - fpr) > MIN_SEPARATION:
+        return math.nan
+    return float(min(1.0, max(0.0, (q - fpr) / (tpr - fpr))))
+
+
+def error_rates_record(labels, preds, patient_ids) -> dict:
+    """What the contract carries of the model's error at its threshold, measured on validation patients:
+    pooled counts, and each patient's own counts (so intervals carry the spread between patients)."""
+    labels = np.asarray(labels, dtype=int)
+    preds = np.asarray(preds, dtype=int)
+    pids = np.asarray(patient_ids)
+    per_patient = []
+    for pid in sorted(set(pids.tolist())):
+        mine = pids == pid
+        pos, neg = mine & (labels == 1), mine & (labels == 0)
+        per_patient.append([str(pid), int(pos.sum()), int(preds[pos].sum()), int(neg.sum()), int(preds[neg].sum())])
+    tp = int(((labels == 1) & (preds == 1)).sum())
+    fp = int(((labels == 0) & (preds == 1)).sum())
+    n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
+    return {"tp": tp, "fn": n_pos - tp, "fp": fp, "tn": n_neg - fp,
+            "sensitivity": tp / n_pos if n_pos else math.nan, "specificity": 1 - fp / n_neg if n_neg else math.nan,
+            "per_patient": per_patient,
+            "per_patient_columns": ["patient_id", "n_idc", "n_idc_called_idc", "n_non_idc", "n_non_idc_called_idc"]}
+
+
+def expected_residuals(probs, labels, patient_ids, min_patches: int = MIN_PATIENT_PATCHES) -> list[float]:
+    """Each validation patient's error of the expected fraction: mean calibrated prob - IDC share."""
+    probs, labels, pids = np.asarray(probs, dtype=np.float64), np.asarray(labels), np.asarray(patient_ids)
+    out = []
+    for pid in sorted(set(pids.tolist())):
+        mine = pids == pid
+        if mine.sum() >= min_patches:
+            out.append(float(probs[mine].mean() - labels[mine].mean()))
+    return out
+
+
+def _rate_draws(rng, per_patient: Sequence, which: str, n: int, min_patches: int) -> np.ndarray:
+    """Draws of a new patient's TPR (``which`` = "tpr") or FPR: a validation patient drawn at random,
+    then its rate drawn from the Beta posterior of its own counts (Jeffreys prior)."""
+    column_n, column_k = (1, 2) if which == "tpr" else (3, 4)
+    counts = np.array([(row[column_n], row[column_k]) for row in per_patient if row[column_n] >= min_patches],
+                      dtype=np.float64).reshape(-1, 2)
+    if len(counts) == 0:  # no patient with enough patches of this class: the pooled counts alone
+        counts = np.array([[sum(r[column_n] for r in per_patient), sum(r[column_k] for r in per_patient)]],
+                          dtype=np.float64)
+    picked = counts[rng.integers(0, len(counts), n)]
+    return rng.beta(picked[:, 1] + 0.5, picked[:, 0] - picked[:, 1] + 0.5)
+
+
+def fraction_estimates(n_idc: int, n_scored: int, sum_prob: float, sum_prob_sq: float, error_rates: dict | None,
+                       residuals: Sequence[float] | None, seed: int = 0, n_draws: int = N_DRAWS,
+                       level: float = 0.95) -> dict:
+    """The adjusted count and the expected fraction of one patient, each with a 95% interval.
+
+    Adjusted: Monte Carlo over the patient's observed share q (Beta posterior of n_idc of n_scored:
+    patch sampling) and over the model's TPR and FPR on a new patient (a validation patient's own
+    rates, drawn at random, with their count uncertainty): the interval holds the between-patient
+    spread of the error rates, not only the pooled rates' sampling error.
+    Expected (mean calibrated probability): the point estimate minus a validation patient's own
+    residual (mean prob - true share), drawn at random, plus the patch-sampling error of the mean.
+    Either is nan where the contract lacks what it needs (an older model: no error rates).
+    """
+    result = {key: math.nan for key in ("adjusted", "adjusted_low", "adjusted_high",
+                                        "expected", "expected_low", "expected_high")}
+    if n_scored <= 0:
+        return result
+    rng = np.random.default_rng(seed)
+    tail = (1 - level) / 2 * 100
+    q = n_idc / n_scored
+    if error_rates and error_rates.get("per_patient"):
+        tpr, fpr = error_rates["sensitivity"], 1 - error_rates["specificity"]
+        result["adjusted"] = adjusted_fraction(q, tpr, fpr)
+        q_draws = rng.beta(n_idc + 0.5, n_scored - n_idc + 0.5, n_draws)
+        tpr_draws = _rate_draws(rng, error_rates["per_patient"], "tpr", n_draws, MIN_PATIENT_PATCHES)
+        fpr_draws = _rate_draws(rng, error_rates["per_patient"], "fpr", n_draws, MIN_PATIENT_PATCHES)
+        separation = tpr_draws - fpr_draws
+        usable = separation > MIN_SEPARATION
+        if usable.mean() > 0.5:
+            adjusted = np.clip((q_draws[usable] - fpr_draws[usable]) / separation[usable], 0.0, 1.0)
+            result["adjusted_low"] = float(np.percentile(adjusted, tail))
+            result["adjusted_high"] = float(np.percentile(adjusted, 100 - tail))
+    mean = sum_prob / n_scored
+    result["expected"] = float(mean)
+    if residuals:
+        variance = max(0.0, sum_prob_sq / n_scored - mean * mean)
+        sampling = math.sqrt(variance / n_scored)
+        draws = mean - rng.choice(np.asarray(residuals, dtype=np.float64), n_draws) + rng.normal(0, sampling, n_draws)
+        draws = np.clip(draws, 0.0, 1.0)
+        result["expected_low"] = float(np.percentile(draws, tail))
+        result["expected_high"] = float(np.percentile(draws, 100 - tail))
+    return result

@@ -1,0 +1,79 @@
+"""Calibrated probabilities and the three IDC-fraction estimators, checked by hand on small cases."""
+import math
+
+import numpy as np
+import pytest
+
+from idc_infer.quantify import (adjusted_fraction, apply_calibration, brier_score, error_rates_record,
+                                expected_calibration_error, fit_platt, fraction_estimates, sigmoid)
+
+
+def test_adjusted_count_by_hand():
+    # specificity 0.75 (FPR 0.25), sensitivity 0.9: a patient with 8% IDC reads 0.08 * 0.9 + 0.92 * 0.25 = 0.302
+    q = 0.08 * 0.9 + 0.92 * 0.25
+    assert q == pytest.approx(0.302)
+    assert adjusted_fraction(q, 0.9, 0.25) == pytest.approx(0.08)
+    assert adjusted_fraction(0.1, 0.9, 0.25) == 0.0  # below FPR: clipped
+    assert adjusted_fraction(0.95, 0.9, 0.25) == 1.0
+    assert math.isnan(adjusted_fraction(0.5, 0.52, 0.5))  # TPR ~ FPR: undefined, not a huge number
+
+
+def test_platt_fit_recovers_a_known_miscalibration():
+    rng = np.random.default_rng(0)
+    true_logit = rng.normal(0, 2, 20000)
+    labels = rng.uniform(size=true_logit.size) < sigmoid(true_logit)
+    raw = sigmoid((true_logit - 1.0) / 0.5)  # over-confident and shifted: raw logit = 2 z - 2
+    a, b = fit_platt(raw, labels)
+    assert a == pytest.approx(0.5, abs=0.03) and b == pytest.approx(1.0, abs=0.06)
+    calibrated = apply_calibration(raw, {"method": "platt", "a": a, "b": b})
+    assert expected_calibration_error(calibrated, labels) < 0.02 < expected_calibration_error(raw, labels)
+    assert brier_score(calibrated, labels) < brier_score(raw, labels)
+
+
+def test_platt_fit_stays_finite_on_separable_data():
+    a, b = fit_platt([0.001, 0.002, 0.003, 0.9, 0.95, 0.99], [0, 0, 0, 1, 1, 1])
+    assert 0 < a < 10 and math.isfinite(b)
+
+
+def test_error_rates_keep_each_patients_counts():
+    rates = error_rates_record([1, 1, 0, 0, 1, 0], [1, 0, 1, 0, 1, 0], ["a", "a", "a", "b", "b", "b"])
+    assert (rates["tp"], rates["fn"], rates["fp"], rates["tn"]) == (2, 1, 1, 2)
+    assert rates["sensitivity"] == pytest.approx(2 / 3) and rates["specificity"] == pytest.approx(2 / 3)
+    assert rates["per_patient"] == [["a", 2, 1, 1, 1], ["b", 1, 1, 2, 0]]
+
+
+def _rates(per_patient):
+    tp = sum(r[2] for r in per_patient)
+    n_pos = sum(r[1] for r in per_patient)
+    fp = sum(r[4] for r in per_patient)
+    n_neg = sum(r[3] for r in per_patient)
+    return {"sensitivity": tp / n_pos, "specificity": 1 - fp / n_neg, "per_patient": per_patient}
+
+
+def test_adjusted_interval_holds_the_spread_between_patients():
+    """Same pooled rates, but in one model every validation patient has them, in the other patients
+    swing between FPR 0.05 and 0.45: the second interval must be much wider, both contain the point."""
+    steady = _rates([[f"p{i}", 200, 180, 800, 200] for i in range(10)])  # TPR 0.9, FPR 0.25 each
+    swinging = _rates([[f"p{i}", 200, 180, 800, 40 if i % 2 else 360] for i in range(10)])  # FPR 0.05 / 0.45
+    assert swinging["specificity"] == pytest.approx(steady["specificity"])
+    n, n_idc = 1000, 302
+    a = fraction_estimates(n_idc, n, 300.0, 150.0, steady, None)
+    b = fraction_estimates(n_idc, n, 300.0, 150.0, swinging, None)
+    assert a["adjusted"] == pytest.approx(0.08, abs=1e-3) == b["adjusted"]
+    assert a["adjusted_low"] <= 0.08 <= a["adjusted_high"] and b["adjusted_low"] <= 0.08 <= b["adjusted_high"]
+    assert (b["adjusted_high"] - b["adjusted_low"]) > 2 * (a["adjusted_high"] - a["adjusted_low"])
+    assert b["adjusted_high"] > 0.3  # a patient whose FPR is 0.05 reads 0.302 -> (0.302 - 0.05) / 0.85 = 0.30
+
+
+def test_expected_fraction_and_its_interval_from_residuals():
+    # 100 patches with calibrated probabilities averaging 0.30; validation patients' residuals +-0.1
+    probs = np.full(100, 0.3)
+    est = fraction_estimates(30, 100, float(probs.sum()), float((probs ** 2).sum()), None, [-0.1, 0.1, -0.1, 0.1])
+    assert est["expected"] == pytest.approx(0.3)
+    assert est["expected_low"] == pytest.approx(0.2) and est["expected_high"] == pytest.approx(0.4)
+    assert math.isnan(est["adjusted"])  # no error rates (an older model): no adjusted count
+
+
+def test_no_scored_patches_gives_no_fractions():
+    est = fraction_estimates(0, 0, 0.0, 0.0, None, None)
+    assert all(math.isnan(v) for v in est.values())
