@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from .quantify import ESTIMATOR_COLUMNS, headline_of
+
 from . import __version__
 
 log = logging.getLogger("idc_infer")
@@ -194,6 +196,7 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
             "sha256": model.sha256,
             "demo": model.contract.is_demo,
             "trained_on": model.contract.describe_training(),
+            "fraction_headline": headline_of(model.contract),
             "contract": model.contract.__dict__ | {"class_names": list(model.contract.class_names)},
         },
         "arguments": {
@@ -226,11 +229,14 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
     else:  # a report.html of an earlier run would link mosaics --resume has just removed
         (out_dir / "report.html").unlink(missing_ok=True)
 
+    headline = headline_of(model.contract)
+    column = ESTIMATOR_COLUMNS[headline]
     for row in result.summary_rows:
-        fraction = row["idc_fraction"]
-        shown = "n/a" if fraction != fraction else (
-            f"{fraction:.3f} [{row['idc_fraction_ci95_low']:.3f}-{row['idc_fraction_ci95_high']:.3f}]")
-        click.echo(f"{row['patient_id']}\tpatches {row['n_patches']}\tfailed {row['n_failed']}\tidc_fraction {shown}")
+        fraction, low, high = (row.get(column + suffix) for suffix in ("", "_ci95_low", "_ci95_high"))
+        shown = "n/a" if fraction is None or fraction != fraction else f"{fraction:.3f}" + (
+            "" if low is None or low != low else f" [{low:.3f}-{high:.3f}]")
+        click.echo(f"{row['patient_id']}\tpatches {row['n_patches']}\tfailed {row['n_failed']}\t{column} {shown}"
+                   + (f"\t({row['notes']})" if row.get("notes") else ""))
     click.echo(f"reports in {out_dir} ({RESEARCH_NOTICE})")
 
     n_failed = cohort.n_patches - cohort.n_scored

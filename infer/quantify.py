@@ -190,3 +190,28 @@ def fraction_estimates(n_idc: int, n_scored: int, sum_prob: float, sum_prob_sq: 
         result["expected_low"] = float(np.percentile(draws, tail))
         result["expected_high"] = float(np.percentile(draws, 100 - tail))
     return result
+
+
+ESTIMATOR_COLUMNS = {"counted": "idc_fraction", "adjusted": "idc_fraction_adjusted", "expected": "idc_fraction_expected"}
+ESTIMATOR_TITLES = {"counted": "IDC fraction, counted", "adjusted": "IDC fraction, adjusted",
+                    "expected": "IDC fraction, expected"}
+# One line each: what the number means and what it does not.
+ESTIMATOR_TEXT = {
+    "counted": "the share of scored patches at or above the threshold, with a Wilson interval for patch sampling "
+               "only; biased whenever the model's sensitivity or specificity is below 1 (it over-reads patients "
+               "with little IDC).",
+    "adjusted": "the counted share corrected for the model's sensitivity and specificity measured on validation "
+                "patients (adjusted count, Forman 2008); its interval carries patch sampling and how much those "
+                "error rates vary from patient to patient. It estimates the share of this patient's scored patches "
+                "that are IDC, not tumour area on the slide, and is no diagnosis.",
+    "expected": "the mean calibrated IDC probability of the scored patches; its interval carries patch sampling and "
+                "the spread of this estimate's error over validation patients. It estimates the share of this "
+                "patient's scored patches that are IDC, not tumour area on the slide, and is no diagnosis.",
+}
+
+
+def headline_of(contract) -> str:
+    """The estimator the model's export measured best on whole validation patients ('counted' without one)."""
+    quant = getattr(contract, "quantification", None) or {}
+    headline = quant.get("headline", "counted")
+    return headline if headline in ESTIMATOR_COLUMNS else "counted"

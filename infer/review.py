@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from .files import RESEARCH_NOTICE, atomic_path, safe_file_stem
+from .quantify import ESTIMATOR_COLUMNS, ESTIMATOR_TEXT, ESTIMATOR_TITLES
 
 if TYPE_CHECKING:
     from .engine import SinkFactory
@@ -516,11 +517,11 @@ def _num_cell(value: Any, digits: int = 3) -> str:
     return f'<td data-sort="{number!r}">{shown}</td>'
 
 
-def _fraction_cell(row: dict) -> str:
-    fraction = _number(row.get("idc_fraction"))
+def _fraction_cell(row: dict, column: str = "idc_fraction") -> str:
+    fraction = _number(row.get(column))
     if fraction is None:
         return '<td data-sort=""><span class="na">n/a</span></td>'
-    low, high = _number(row.get("idc_fraction_ci95_low")), _number(row.get("idc_fraction_ci95_high"))
+    low, high = _number(row.get(f"{column}_ci95_low")), _number(row.get(f"{column}_ci95_high"))
     interval = f" [{low:.3f}&ndash;{high:.3f}]" if low is not None and high is not None else ""
     return f'<td data-sort="{fraction!r}">{fraction:.3f}{interval}</td>'
 
@@ -531,7 +532,12 @@ def _link_if_exists(out_dir: Path, name: str, text: str) -> str:
     return f'<a href="{_esc(quote(name))}">{_esc(text)}</a>'
 
 
-def _patient_row(out_dir: Path, row: dict, labelled: bool, is_cohort: bool) -> str:
+def _estimator_order(headline: str) -> list[str]:
+    """The headline estimator first, then the others in their usual order."""
+    return [headline] + [name for name in ESTIMATOR_COLUMNS if name != headline]
+
+
+def _patient_row(out_dir: Path, row: dict, labelled: bool, is_cohort: bool, headline: str = "counted") -> str:
     patient_id = str(row.get("patient_id", ""))
     cells = [f'<td class="id" data-sort="{_esc(patient_id)}">{_esc(patient_id)}</td>']
     if is_cohort:
@@ -546,8 +552,11 @@ def _patient_row(out_dir: Path, row: dict, labelled: bool, is_cohort: bool) -> s
         else:
             cells.append('<td><span class="na">no mosaic</span></td>')
     cells += [_num_cell(row.get(k), 0) for k in ("n_patches", "n_scored", "n_failed")]
-    cells.append(_fraction_cell(row))
+    for name in _estimator_order(headline):
+        cells.append(_fraction_cell(row, ESTIMATOR_COLUMNS[name]))
     cells.append(_num_cell(row.get("mean_prob_idc")))
+    notes = str(row.get("notes") or "")
+    cells.append(f'<td class="notes">{_esc(notes)}</td>' if notes else "<td></td>")
     if labelled:
         metrics = ("true_idc_fraction", "sensitivity", "specificity", "balanced_accuracy")
         cells += [_num_cell(row.get(k)) for k in metrics]
@@ -611,15 +620,20 @@ def report_html(out_dir: Path, summary_rows: list[dict], run_info: dict) -> str:
     cohort = [r for r in summary_rows if r.get("patient_id") == COHORT_ID]
     labelled = any((_number(r.get("n_labelled")) or 0) > 0 for r in summary_rows)
     demo = bool(run_info.get("model", {}).get("demo"))
+    headline = run_info.get("model", {}).get("fraction_headline", "counted")
+    headline = headline if headline in ESTIMATOR_COLUMNS else "counted"
     headers = [("Patient", "str", "id"), ("Mosaic", None, ""), ("Patches", "num", ""), ("Scored", "num", ""),
-               ("Failed", "num", ""), ("IDC fraction [95% CI]", "num", ""), ("Mean prob_idc", "num", "")]
+               ("Failed", "num", "")]
+    headers += [(ESTIMATOR_TITLES[name] + " [95% interval]", "num", "headline" if name == headline else "")
+                for name in _estimator_order(headline)]
+    headers += [("Mean prob_idc", "num", ""), ("Notes", "str", "")]
     if labelled:
         headers += [("True IDC fraction", "num", ""), ("Sensitivity", "num", ""), ("Specificity", "num", ""),
                     ("Balanced accuracy", "num", "")]
     headers.append(("Files", None, "id"))
     head = "".join(_header_cell(text, kind, cls) for text, kind, cls in headers)
-    body = "\n".join(_patient_row(out_dir, r, labelled, False) for r in patients)
-    foot = "\n".join(_patient_row(out_dir, r, labelled, True) for r in cohort)
+    body = "\n".join(_patient_row(out_dir, r, labelled, False, headline) for r in patients)
+    foot = "\n".join(_patient_row(out_dir, r, labelled, True, headline) for r in cohort)
     meta = "\n".join(f"<dt>{label}</dt><dd>{value}</dd>" for label, value in _run_meta(out_dir, run_info, summary_rows))
     demo_banner = ('<p class="demo">DEMO MODEL: trained on synthetic data. Its outputs say nothing about real '
                    "tissue.</p>") if demo else ""
@@ -643,7 +657,11 @@ for research review beside the slides.</p>
 <dl class="meta">
 {meta}
 </dl>
-<p>IDC fraction: scored patches with prob_idc at or above the threshold, with a Wilson 95% interval.
+<p class="headline"><strong>{_esc(ESTIMATOR_TITLES[headline])}</strong> (first column, the estimator that erred least on
+whole validation patients of the model): {_esc(ESTIMATOR_TEXT[headline])}</p>
+<p>{"".join(f"<strong>{_esc(ESTIMATOR_TITLES[name])}</strong>: {_esc(ESTIMATOR_TEXT[name])} "
+            for name in _estimator_order(headline)[1:])}Notes say when a patient was in the model's training data,
+when its colours lie outside the training patients' and when too few patches were scored.
 Mosaics: tissue rebuilt from the patches at their slide x/y, prob_idc as a heatmap (blue 0, red 1) with
 predicted IDC outlined; beside it the ground-truth labels where the file names carry them. Click a header to sort.</p>
 <table id="cohort">

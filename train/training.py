@@ -403,10 +403,18 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
     # an evaluation of an earlier model must not sit beside this model's train_meta.json if the
     # evaluation below is interrupted (idc-crossval --resume would take it for this model's)
     shutil.rmtree(run_dir / "eval-test", ignore_errors=True)
+    from .evaluate import evaluate
+
+    # the validation patients judged as a reader should judge them: uniform-sample pooled metrics with
+    # patient-bootstrap intervals, whole-patient fraction errors, the darkness baseline (eval-val/)
+    val_eval = evaluate(run_dir / "model.keras", config.data_dir, run_dir / "eval-val", split=str(config.split),
+                        set_name="val", seed=config.seed, patches=sets["val"])
+    meta["val_evaluation"] = {key: value for key, value in val_eval["pooled"].items()}
+    if "whole_patients" in meta["val_evaluation"]:
+        meta["val_evaluation"]["whole_patients"] = {k: v for k, v in val_eval["pooled"]["whole_patients"].items()
+                                                    if k != "patients"}
     write_json(run_dir / "train_meta.json", meta)
     if sets["test"]:
-        from .evaluate import evaluate
-
         evaluate(run_dir / "model.keras", config.data_dir, run_dir / "eval-test", split=str(config.split),
                  set_name="test", seed=config.seed, patches=sets["test"])
     return meta
