@@ -83,6 +83,86 @@ def _metrics_lines(prov: dict) -> list[str]:
     return lines
 
 
+PUBLISHED = {"Cruz-Roa et al. 2014": {"f1": 0.718, "balanced_accuracy": 0.842},
+             "Janowczyk & Madabhushi 2016": {"f1": 0.7648, "balanced_accuracy": 0.847}}
+
+
+def _interval(m: dict, key: str) -> str:
+    low, high = (m.get("interval_95") or {}).get(key, (None, None))
+    if low is None:
+        return _fmt(m.get(key))
+    return f"{_fmt(m.get(key))} [{_fmt(low, '.3f')}–{_fmt(high, '.3f')}]"
+
+
+def _validation_lines(prov: dict) -> list[str]:
+    """The validation patients as idc-eval judges them: pooled metrics with patient-bootstrap intervals."""
+    evaluation = prov.get("val_evaluation")
+    if not evaluation:
+        return []
+    sets = [("uniform sample of each patient (unbiased)", evaluation.get("uniform_sample")),
+            ("all scored patches", evaluation.get("all_scored_patches"))]
+    sets = [(title, m) for title, m in sets if m]
+    lines = ["", "Validation patients, pooled, with 95% intervals from a bootstrap over patients (the uniform "
+             "sample estimates the pooled metrics over all patches of these patients without the per-class "
+             "pickers' bias):", "",
+             "| metric | " + " | ".join(f"{t} ({m['n']} patches, {m['n_patients']} patients)" for t, m in sets) + " |",
+             "|---" * (len(sets) + 1) + "|"]
+    for key, label in (("roc_auc", "ROC-AUC"), ("balanced_accuracy", "balanced accuracy"), ("f1", "F1"),
+                       ("sensitivity", "sensitivity"), ("specificity", "specificity"),
+                       ("baseline_darkness_roc_auc", "darkness baseline ROC-AUC")):
+        lines.append(f"| {label} | " + " | ".join(_interval(m, key) for _, m in sets) + " |")
+    whole = evaluation.get("whole_patients")
+    if whole:
+        lines += ["", f"Whole validation patients ({whole['n_patients']}, every patch of the slide): counted IDC "
+                  f"fraction mean absolute error {_fmt(whole['fraction_mae'])}, max {_fmt(whole['fraction_max_error'])}."]
+    head = sets[0][1]
+    lines += ["", "Published patch-level results, on the Janowczyk 2016 **test** fold (49 patients held back from our "
+              "data): other patients than the validation fold above, so for scale only, not a comparison:", "",
+              "| | F1 | balanced accuracy |", "|---|---|---|"]
+    lines += [f"| {name} | {ref['f1']:.4f} | {ref['balanced_accuracy']:.4f} |" for name, ref in PUBLISHED.items()]
+    lines.append(f"| this model, validation fold ({sets[0][0]}) | {_fmt(head['f1'])} | {_fmt(head['balanced_accuracy'])} |")
+    return lines
+
+
+def _calibration_lines(report: dict) -> list[str]:
+    calibrations = report.get("calibration") or {}
+    if not calibrations:
+        error = report.get("calibration_error")
+        return ["", f"Not calibrated: {error}" if error else "Not calibrated."]
+    lines = ["", "Each file has its own Platt calibration prob_idc = sigmoid(a logit(raw) + b), fitted on "
+             "validation patients; the threshold is carried into calibrated space (the same calls as before).", "",
+             "| file | a | b | fitted on | ECE before -> after | Brier before -> after | threshold | sensitivity | specificity |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    contracts = {"fp32": report["contract"], "int8": (report.get("quantization") or {}).get("contract")}
+    for precision, fit in calibrations.items():
+        rates = ((contracts.get(precision) or {}).get("quantification") or {}).get("error_rates", {})
+        cal = fit["calibration"]
+        lines.append(
+            f"| {precision} | {cal['a']:.3f} | {cal['b']:.3f} | {cal['n_patches']} {cal['fitted_on']} | "
+            f"{_fmt(fit['ece_before'])} -> {_fmt(fit['ece_after'])} | {_fmt(fit['brier_before'])} -> "
+            f"{_fmt(fit['brier_after'])} | {_fmt(fit['threshold'])} | {_fmt(rates.get('sensitivity'))} "
+            f"({rates.get('tp')}/{(rates.get('tp') or 0) + (rates.get('fn') or 0)}) | {_fmt(rates.get('specificity'))} "
+            f"({rates.get('tn')}/{(rates.get('tn') or 0) + (rates.get('fp') or 0)}) |")
+    fit = calibrations.get("fp32") or next(iter(calibrations.values()))
+    measured = fit["estimators"]
+    lines += ["", f"ECE and Brier are in-sample (the patches the fit used). IDC-fraction estimators of the fp32 file, "
+              f"{measured['method']}; the true fraction of a whole patient is its slide's, of the others the share "
+              "of the patches they hold:", "",
+              "| patients | estimator | mean abs error | max error | 95% interval coverage | mean interval width |",
+              "|---|---|---|---|---|---|"]
+    for key, title in (("whole_patients", "whole validation patients"), ("all_validation_patients", "all validation patients")):
+        block = measured.get(key)
+        if not block:
+            continue
+        for name in ("counted", "adjusted", "expected"):
+            m = block[name]
+            lines.append(f"| {title} ({block['n_patients']}) | {name} | {_fmt(m['mae'])} | {_fmt(m['max_error'])} | "
+                         f"{_fmt(m['coverage_95'], '.2f')} | {_fmt(m['mean_interval_width'], '.3f')} |")
+    lines += ["", f"Headline estimator (first in summary.csv's reading and report.html): **{measured['headline']}** "
+              f"(lowest mean absolute error on {measured['headline_chosen_on']})."]
+    return lines
+
+
 def render_model_card(report: dict) -> str:
     """MODEL_CARD.md from an export report (pure: the same report gives the same card)."""
     contract = report["contract"]
@@ -135,6 +215,10 @@ def render_model_card(report: dict) -> str:
         "on the validation patients):",
         "",
         *_metrics_lines(prov),
+        *_validation_lines(prov),
+        "",
+        "## Calibration and IDC fractions",
+        *_calibration_lines(report),
         "",
         "## Gates",
         "",

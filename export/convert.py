@@ -149,6 +149,8 @@ def contract_for(keras_path: Path, meta: dict | None, opset: int) -> Contract:
         "metrics": meta.get("metrics", {}).get("test") or meta.get("metrics", {}).get("val") or {},
         "metrics_on": "test patients" if meta.get("metrics", {}).get("test") else "validation patients",
         "all_metrics": meta.get("metrics", {}),
+        # uniform-sample pooled metrics with patient-bootstrap intervals, whole-patient fraction error
+        "val_evaluation": meta.get("val_evaluation"),
         "threshold_chosen_on": meta.get("threshold_chosen_on", "default 0.5"),
         "trained_at": meta.get("trained_at"),
         "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
