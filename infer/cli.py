@@ -197,6 +197,7 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
             "demo": model.contract.is_demo,
             "trained_on": model.contract.describe_training(),
             "fraction_headline": headline_of(model.contract),
+            "fraction_headline_why": (model.contract.quantification or {}).get("headline_why"),
             "contract": model.contract.__dict__ | {"class_names": list(model.contract.class_names)},
         },
         "arguments": {

@@ -452,6 +452,8 @@ table{border-collapse:collapse;margin-top:1em}
 th,td{border:1px solid #ccc;padding:.3em .5em;text-align:right;vertical-align:middle}
 td{white-space:nowrap}
 td.id,th.id{text-align:left}
+td.notes{white-space:normal;text-align:left;min-width:18em;max-width:28em;font-size:.9em}
+th.headline{background:#e8f0fe}
 thead th{background:#f0f0f0;position:sticky;top:0}
 th[aria-sort]{cursor:pointer;user-select:none}
 th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
@@ -622,6 +624,7 @@ def report_html(out_dir: Path, summary_rows: list[dict], run_info: dict) -> str:
     demo = bool(run_info.get("model", {}).get("demo"))
     headline = run_info.get("model", {}).get("fraction_headline", "counted")
     headline = headline if headline in ESTIMATOR_COLUMNS else "counted"
+    headline_why = run_info.get("model", {}).get("fraction_headline_why") or "the model carries no measurement of the others"
     headers = [("Patient", "str", "id"), ("Mosaic", None, ""), ("Patches", "num", ""), ("Scored", "num", ""),
                ("Failed", "num", "")]
     headers += [(ESTIMATOR_TITLES[name] + " [95% interval]", "num", "headline" if name == headline else "")
@@ -657,8 +660,8 @@ for research review beside the slides.</p>
 <dl class="meta">
 {meta}
 </dl>
-<p class="headline"><strong>{_esc(ESTIMATOR_TITLES[headline])}</strong> (first column, the estimator that erred least on
-whole validation patients of the model): {_esc(ESTIMATOR_TEXT[headline])}</p>
+<p class="headline"><strong>{_esc(ESTIMATOR_TITLES[headline])}</strong> (first column; {_esc(headline_why)}):
+{_esc(ESTIMATOR_TEXT[headline])}</p>
 <p>{"".join(f"<strong>{_esc(ESTIMATOR_TITLES[name])}</strong>: {_esc(ESTIMATOR_TEXT[name])} "
             for name in _estimator_order(headline)[1:])}Notes say when a patient was in the model's training data,
 when its colours lie outside the training patients' and when too few patches were scored.

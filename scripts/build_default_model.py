@@ -1,14 +1,17 @@
 """Rebuild the model shipped in models/ from a labelled data directory, in one command.
 
-    python scripts/build_default_model.py ../shared/data/idc-real            # the shipped starter model
-    python scripts/build_default_model.py /data/IDC_regular_ps50_idx5 --split janowczyk2016-like.csv
+    python scripts/build_default_model.py ../shared/data/idc-real            # the shipped model
+    python scripts/build_default_model.py /data/IDC_regular_ps50_idx5        # the full public set
 
-Runs idc-train (patient-level split from --split, default models/default-split.csv, which
-holds out whole patients for validation and test) then idc-export --int8 into RUN_DIR/export
-(parity gate on the held-out patients; int8 calibrated on training patients and gated on the
-validation patients), and copies into models/: cancernet-fp32.onnx, cancernet-int8.onnx (only
-if it passed its accuracy gate), export-report.json and MODEL_CARD.md. Exits 3 when int8 failed
-its gate (fp32 still shipped), like idc-export.
+Runs idc-train with the shipped recipe (RECIPE below, chosen on the validation fold: see
+docs/recipe.md) on the split of --split (default models/default-split.csv: the Janowczyk 2016
+folds, the train fold plus the patients outside the folds to train, the val fold to validate,
+the test fold held out), then idc-export --int8 into RUN_DIR/export (parity gate on the held-out
+patients; int8 calibrated on training patients and gated on the validation patients; each file
+calibrated on the validation patients), and copies into models/: cancernet-fp32.onnx,
+cancernet-int8.onnx (only if it passed its accuracy gate), export-report.json and MODEL_CARD.md.
+Then rewrites the README's block of shipped-model numbers from export-report.json. Exits 3 when
+int8 failed its gate (fp32 still shipped), like idc-export.
 """
 from __future__ import annotations
 
@@ -22,6 +25,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 EXIT_INT8_GATE = 3  # idc-export: fp32 written, int8 failed its accuracy gate
+# The shipped recipe (docs/recipe.md says why): idc-train options beside data, split, epochs and seed.
+RECIPE = {"--arch": "cancernet", "--optimizer": "adam-cosine", "--augment": "hed", "--patient-weight": "none",
+          "--batch-size": "32", "--patience": "6"}
+README_START, README_END = "<!-- shipped-model:start -->", "<!-- shipped-model:end -->"
 
 
 def main() -> int:
@@ -31,20 +38,78 @@ def main() -> int:
                         help="patient_id,set manifest (use 'patient' for a seeded 80/10/10 patient split)")
     parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "default-model")
     parser.add_argument("--models-dir", type=Path, default=REPO / "models")
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--readme", type=Path, default=REPO / "README.md",
+                        help="README whose shipped-model block is rewritten (only when --models-dir is models/)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted training run in --run-dir")
     parser.add_argument("--export-only", action="store_true",
                         help="skip training: export the model already in --run-dir (e.g. after idc-train --resume)")
     args = parser.parse_args()
 
     bin_dir = Path(sys.executable).parent
-    if args.export_only:
-        return export_and_ship(args.run_dir, args.models_dir, bin_dir)
-    train = [str(bin_dir / "idc-train"), str(args.data_dir), "--out", str(args.run_dir), "--split", str(args.split),
-             "--epochs", str(args.epochs), "--seed", str(args.seed)]
-    print("+", " ".join(train), flush=True)
-    subprocess.run(train, check=True)
-    return export_and_ship(args.run_dir, args.models_dir, bin_dir)
+    if not args.export_only:
+        train = [str(bin_dir / "idc-train"), str(args.data_dir), "--out", str(args.run_dir), "--split",
+                 str(args.split), "--epochs", str(args.epochs), "--seed", str(args.seed),
+                 *[item for pair in RECIPE.items() for item in pair], *(["--resume"] if args.resume else [])]
+        print("+", " ".join(train), flush=True)
+        subprocess.run(train, check=True)
+    status = export_and_ship(args.run_dir, args.models_dir, bin_dir)
+    if status in (0, EXIT_INT8_GATE) and args.models_dir.resolve() == (REPO / "models").resolve():
+        report = json.loads((args.models_dir / "export-report.json").read_text(encoding="utf-8"))
+        update_readme(args.readme, readme_block(report))
+        print(f"updated the shipped-model numbers in {args.readme}")
+    return status
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def readme_block(report: dict) -> str:
+    """The README's shipped-model numbers, from the export report (and the contract inside it)."""
+    prov = report["contract"]["provenance"]
+    evaluation = prov.get("val_evaluation") or {}
+    lines = ["| validation fold, pooled | patches (patients) | ROC-AUC | balanced accuracy | F1 | sensitivity | "
+             "specificity | darkness baseline ROC-AUC |", "|---|---|---|---|---|---|---|---|"]
+    for key, title in (("uniform_sample", "uniform sample (unbiased)"), ("all_scored_patches", "all patches")):
+        m = evaluation.get(key)
+        if not m:
+            continue
+        cells = []
+        for metric in ("roc_auc", "balanced_accuracy", "f1", "sensitivity", "specificity", "baseline_darkness_roc_auc"):
+            low, high = m["interval_95"][metric]
+            cells.append(f"{_fmt(m[metric])} [{_fmt(low)}-{_fmt(high)}]")
+        lines.append(f"| {title} | {m['n']:,} ({m['n_patients']}) | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Threshold {report['contract']['threshold']:.3f} on the calibrated prob_idc (chosen on the "
+                 "validation patients); 95% intervals from a bootstrap over patients.")
+    fit = (report.get("calibration") or {}).get("fp32")
+    if fit:
+        est = fit["estimators"]
+        lines += ["", "IDC fraction per whole patient of the validation fold (leave one patient out; mean absolute "
+                  "error against the slide's true fraction, and how often the 95% interval held it):", "",
+                  "| estimator | mean abs error | max error | 95% interval coverage |", "|---|---|---|---|"]
+        block = est.get("whole_patients") or est["all_validation_patients"]
+        for name in ("counted", "adjusted", "expected"):
+            m = block[name]
+            lines.append(f"| {name}{' (headline)' if name == est['headline'] else ''} | {_fmt(m['mae'])} | "
+                         f"{_fmt(m['max_error'])} | {_fmt(m['coverage_95'], 2)} ({m['n']} patients) |")
+    files = report["files"]
+    lines += ["", "Files: " + ", ".join(f"`{e['path']}` {e['size_bytes'] / 1e6:.2f} MB" for e in files.values())
+              + ("" if report.get("int8_usable") else "; int8 not shipped: it failed its accuracy gate (see the card)")]
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, block: str) -> None:
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no {README_START} ... {README_END} block to fill")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp.write_text(f"{head}{README_START}\n{block}\n{README_END}{tail}", encoding="utf-8")
+    os.replace(tmp, readme)
 
 
 def export_and_ship(run_dir: Path, models_dir: Path, bin_dir: Path) -> int:

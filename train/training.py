@@ -196,6 +196,24 @@ def _make_auc_callback(val_ds, val_labels, bn_ds, patience: int, min_epochs: int
     return BestByValAuc()
 
 
+def make_epoch_timer():
+    """A callback recording the wall seconds of each epoch (training, BatchNorm re-estimation and
+    validation) as ``epoch_s`` in the epoch's logs, so history.csv holds the epoch times."""
+    import time
+
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None:
+                logs["epoch_s"] = round(time.perf_counter() - self.started, 1)
+
+    return EpochTimer()
+
+
 def _strategy(name: str):
     """The tf.distribute strategy; created before any other TensorFlow call (multi-worker needs that)."""
     import tensorflow as tf
@@ -344,6 +362,7 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
     callbacks = [
         keras.callbacks.BackupAndRestore(str(state_dir / "backup"), delete_checkpoint=False),  # every epoch
         best,
+        make_epoch_timer(),  # after best (its validation pass counts), before the logger (which writes epoch_s)
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=config.resume),  # after best: logs val_roc_auc
     ]
     # Keras' own validation pass fails on a last batch that does not split evenly across replicas;
