@@ -158,8 +158,14 @@ def _calibration_lines(report: dict) -> list[str]:
             m = block[name]
             lines.append(f"| {title} ({block['n_patients']}) | {name} | {_fmt(m['mae'])} | {_fmt(m['max_error'])} | "
                          f"{_fmt(m['coverage_95'], '.2f')} | {_fmt(m['mean_interval_width'], '.3f')} |")
-    lines += ["", f"Headline estimator (first in summary.csv's reading and report.html): **{measured['headline']}** "
-              f"(lowest mean absolute error on {measured['headline_chosen_on']})."]
+    lines += ["", f"Headline estimator (first in idc-infer's output and report.html): **{measured['headline']}** "
+              f"({measured['headline_chosen_on']})."]
+    colour = fit.get("colour_of_validation_patients")
+    if colour:
+        lines += ["", f"Colour note: idc-infer flags a patient whose mean patch colour lies more than "
+                  f"{colour['z_limit']:g} SD (training patients' spread, any of R, G, B) from the training patients'. "
+                  f"On the validation patients it flags {len(colour['flagged'])} of {len(colour['max_abs_z'])}"
+                  + (f" ({', '.join(colour['flagged'])})" if colour["flagged"] else "") + "."]
     return lines
 
 

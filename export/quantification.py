@@ -2,7 +2,7 @@
 
 Each file (fp32, int8) gets its own fit on its own outputs: a Platt calibration of prob_idc, the
 threshold carried into calibrated space, sensitivity/specificity with each validation patient's
-counts, the expected-fraction residuals, and a leave-one-patient-out measurement of the three
+counts, each validation patient's mean calibrated probability per class, and a leave-one-patient-out measurement of the three
 fraction estimators (counted, adjusted, expected) on the validation patients, which picks the
 headline estimator. The training patients' ids and mean colours go into the contract too.
 """
@@ -17,7 +17,7 @@ import numpy as np
 
 from idc_infer.contract import Contract
 from idc_infer.quantify import (apply_calibration, brier_score, error_rates_record, expected_calibration_error,
-                                expected_residuals, fit_platt, fraction_estimates, logit, sigmoid)
+                                class_mean_probs, fit_platt, fraction_estimates, logit, sigmoid)
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,31 @@ def decode_tensors(patches, contract: Contract):
     """Decoded tensors (infer-side decoder) of the patches that decode, and those patches."""
     from idc_infer.preprocess import STATUS_OK, decode_file
 
-    tensors, kept = [], []
+    tensors, kept, colours = [], [], []
     for patch in patches:
         decoded = decode_file(patch.path, contract)
         if decoded.status == STATUS_OK:
             tensors.append(decoded.tensor)
+            colours.append(decoded.rgb.reshape(-1, 3).mean(axis=0) / 255.0)
             kept.append(patch)
-    return np.stack(tensors), kept
+    return np.stack(tensors), kept, np.asarray(colours)
+
+
+def colour_flags(colours: np.ndarray, patient_ids: np.ndarray, reference: dict | None) -> dict | None:
+    """How far each validation patient's mean colour lies from the training patients' (max |z| over
+    R, G, B), and how many idc-infer would flag: the measured false-alarm rate of the colour note."""
+    from idc_infer.engine import COLOUR_Z_LIMIT
+
+    if not reference:
+        return None
+    mean, sd = np.asarray(reference["mean_rgb"]), np.maximum(np.asarray(reference["std_rgb"]), 1e-6)
+    per_patient = {}
+    for pid in sorted(set(patient_ids.tolist())):
+        colour = colours[patient_ids == pid].mean(axis=0)
+        per_patient[str(pid)] = round(float(np.max(np.abs(colour - mean) / sd)), 2)
+    flagged = sorted(pid for pid, z in per_patient.items() if z > COLOUR_Z_LIMIT)
+    return {"z_limit": COLOUR_Z_LIMIT, "max_abs_z": per_patient, "flagged": flagged,
+            "flagged_share": len(flagged) / max(1, len(per_patient))}
 
 
 def raw_probs(model_path: Path, tensors: np.ndarray) -> np.ndarray:
@@ -104,7 +122,8 @@ def colour_reference(meta: dict | None, contract: Contract, seed: int = 0) -> di
 
 
 def _fit(scores: ValidationScores, raw_threshold: float, keep: np.ndarray) -> dict:
-    """Calibration, calibrated threshold, error rates and residuals from the patches where ``keep``."""
+    """Calibration, calibrated threshold, error rates and per-class mean probabilities from the patches
+    where ``keep``."""
     fit_on = keep & scores.uniform if (keep & scores.uniform).sum() >= 50 else keep
     a, b = fit_platt(scores.raw[fit_on], scores.labels[fit_on])
     calibration = {"method": "platt", "a": a, "b": b}
@@ -112,8 +131,8 @@ def _fit(scores: ValidationScores, raw_threshold: float, keep: np.ndarray) -> di
     threshold = float(sigmoid(a * logit(raw_threshold) + b))
     preds = scores.raw >= raw_threshold  # the same calls as at the raw threshold (a > 0: monotone)
     rates = error_rates_record(scores.labels[keep], preds[keep], scores.patient_ids[keep])
-    residuals = expected_residuals(probs[keep], scores.labels[keep], scores.patient_ids[keep])
-    return {"calibration": calibration, "threshold": threshold, "error_rates": rates, "residuals": residuals,
+    class_means = class_mean_probs(probs[keep], scores.labels[keep], scores.patient_ids[keep])
+    return {"calibration": calibration, "threshold": threshold, "error_rates": rates, "class_means": class_means,
             "probs": probs, "preds": preds, "fit_on": fit_on}
 
 
@@ -124,7 +143,7 @@ def _patient_estimates(scores: ValidationScores, fit: dict, pid) -> dict:
     probs = fit["probs"][mine]
     n, n_idc = int(mine.sum()), int(fit["preds"][mine].sum())
     est = fraction_estimates(n_idc, n, float(probs.sum()), float((probs ** 2).sum()), fit["error_rates"],
-                             fit["residuals"])
+                             fit["class_means"])
     low, high = wilson_interval(n_idc, n)
     return {"patient_id": str(pid), "n": n, "true": float(scores.labels[mine].mean()),
             "counted": n_idc / n, "counted_low": low, "counted_high": high, **est}
@@ -159,8 +178,8 @@ def measure_estimators(scores: ValidationScores, raw_threshold: float) -> dict:
         return out
 
     whole = [r for r in rows if r["whole_patient"]]
-    measured = {"method": "leave one validation patient out: calibration, error rates and residuals fitted on "
-                          "the other validation patients", "patients": rows, "all_validation_patients": summarise(rows)}
+    measured = {"method": "leave one validation patient out: calibration, error rates and per-class mean "
+                          "probabilities fitted on the other validation patients", "patients": rows, "all_validation_patients": summarise(rows)}
     if whole:
         measured["whole_patients"] = summarise(whole)
     basis = measured.get("whole_patients", measured["all_validation_patients"])
@@ -180,7 +199,7 @@ def quantify_model(model_path: Path, contract: Contract, meta: dict | None, colo
     patches, design = validation_patches(meta)
     if not patches or len({p.label for p in patches}) < 2:
         raise ValueError("no validation patients of both classes in train_meta.json's split: no calibration")
-    tensors, kept = decode_tensors(patches, contract)
+    tensors, kept, colours = decode_tensors(patches, contract)
     raw = raw_probs(model_path, tensors)
     uniform = np.array([Path(p.path) in design.uniform for p in kept], dtype=bool)
     scores = ValidationScores(raw, np.array([p.label for p in kept]), np.array([p.patient_id for p in kept]),
@@ -203,11 +222,14 @@ def quantify_model(model_path: Path, contract: Contract, meta: dict | None, colo
         "brier_after": brier_score(fit["probs"][fit_on], scores.labels[fit_on]),
         "calibration_measured_on": f"{where} (in-sample: the same patches the fit used)",
         "estimators": measured,
+        "colour_of_validation_patients": colour_flags(colours, scores.patient_ids, colour),
     }
     rates = fit["error_rates"]
     quantification = {
         "error_rates": rates,
-        "expected_residuals": fit["residuals"],
+        "class_mean_probs": fit["class_means"],
+        "class_mean_probs_columns": ["patient_id", "n_idc", "mean_prob_of_idc_patches", "n_non_idc",
+                                     "mean_prob_of_non_idc_patches"],
         "measured_on": f"all patches of {len(set(scores.patient_ids.tolist()))} validation patients",
         "headline": measured["headline"],
         "headline_why": (f"the estimator with the lowest mean absolute error on {measured['headline_chosen_on']}, "

@@ -47,7 +47,7 @@ class Contract:
     # applies to the calibrated probability
     calibration: dict[str, Any] | None = None
     # the model's error at its threshold on validation patients, for the corrected fractions
-    # (idc_infer.quantify): {"error_rates": {...}, "expected_residuals": [...], "headline": ...}
+    # (idc_infer.quantify): {"error_rates": {...}, "class_mean_probs": [...], "headline": ...}
     quantification: dict[str, Any] | None = None
     training_patients: tuple[str, ...] = ()
     # per-patient mean colour of the training patients: {"mean_rgb": [..], "std_rgb": [..], "n_patients"}

@@ -130,7 +130,7 @@ class PatientTally:
         quant = (contract.quantification if contract is not None else None) or {}
         error_rates = quant.get("error_rates") if contract is not None and threshold == contract.threshold else None
         estimates = fraction_estimates(self.n_idc, self.n_scored, self.sum_prob, self.sum_prob_sq, error_rates,
-                                       quant.get("expected_residuals") if contract.calibration else None) \
+                                       quant.get("class_mean_probs") if contract.calibration else None) \
             if contract is not None else {}
         return {
             "patient_id": patient_id,

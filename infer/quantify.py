@@ -124,15 +124,27 @@ def error_rates_record(labels, preds, patient_ids) -> dict:
             "per_patient_columns": ["patient_id", "n_idc", "n_idc_called_idc", "n_non_idc", "n_non_idc_called_idc"]}
 
 
-def expected_residuals(probs, labels, patient_ids, min_patches: int = MIN_PATIENT_PATCHES) -> list[float]:
-    """Each validation patient's error of the expected fraction: mean calibrated prob - IDC share."""
+def class_mean_probs(probs, labels, patient_ids) -> list[list]:
+    """Each validation patient's mean calibrated probability over its IDC and over its non-IDC patches,
+    with the counts: [patient_id, n_idc, mean prob of IDC patches, n_non_idc, mean prob of non-IDC patches]
+    (None where the patient has no patch of a class)."""
     probs, labels, pids = np.asarray(probs, dtype=np.float64), np.asarray(labels), np.asarray(patient_ids)
     out = []
     for pid in sorted(set(pids.tolist())):
         mine = pids == pid
-        if mine.sum() >= min_patches:
-            out.append(float(probs[mine].mean() - labels[mine].mean()))
+        pos, neg = mine & (labels == 1), mine & (labels == 0)
+        out.append([str(pid), int(pos.sum()), float(probs[pos].mean()) if pos.any() else None,
+                    int(neg.sum()), float(probs[neg].mean()) if neg.any() else None])
     return out
+
+
+def _class_mean_draws(rng, per_patient: Sequence, column: int, n: int, min_patches: int) -> np.ndarray:
+    """A new patient's mean probability over one class (column 1: IDC, 3: non-IDC): a validation
+    patient's, drawn at random among those with enough patches of that class."""
+    values = [row[column + 1] for row in per_patient if row[column] >= min_patches]
+    if not values:  # none with enough patches: every patient that has the class
+        values = [row[column + 1] for row in per_patient if row[column] > 0]
+    return np.asarray(values, dtype=np.float64)[rng.integers(0, len(values), n)]
 
 
 def _rate_draws(rng, per_patient: Sequence, which: str, n: int, min_patches: int) -> np.ndarray:
@@ -149,7 +161,7 @@ def _rate_draws(rng, per_patient: Sequence, which: str, n: int, min_patches: int
 
 
 def fraction_estimates(n_idc: int, n_scored: int, sum_prob: float, sum_prob_sq: float, error_rates: dict | None,
-                       residuals: Sequence[float] | None, seed: int = 0, n_draws: int = N_DRAWS,
+                       class_means: Sequence | None, seed: int = 0, n_draws: int = N_DRAWS,
                        level: float = 0.95) -> dict:
     """The adjusted count and the expected fraction of one patient, each with a 95% interval.
 
@@ -157,8 +169,10 @@ def fraction_estimates(n_idc: int, n_scored: int, sum_prob: float, sum_prob_sq: 
     patch sampling) and over the model's TPR and FPR on a new patient (a validation patient's own
     rates, drawn at random, with their count uncertainty): the interval holds the between-patient
     spread of the error rates, not only the pooled rates' sampling error.
-    Expected (mean calibrated probability): the point estimate minus a validation patient's own
-    residual (mean prob - true share), drawn at random, plus the patch-sampling error of the mean.
+    Expected (mean calibrated probability m): a patient with IDC share f reads
+    m = f m1 + (1 - f) m0, where m1, m0 are its mean probabilities over IDC and non-IDC patches;
+    with (m1, m0) drawn from validation patients (as the rates above) and m from its patch-sampling
+    error, the interval holds f = (m - m0) / (m1 - m0), clipped to [0, 1].
     Either is nan where the contract lacks what it needs (an older model: no error rates).
     """
     result = {key: math.nan for key in ("adjusted", "adjusted_low", "adjusted_high",
@@ -182,13 +196,17 @@ def fraction_estimates(n_idc: int, n_scored: int, sum_prob: float, sum_prob_sq: 
             result["adjusted_high"] = float(np.percentile(adjusted, 100 - tail))
     mean = sum_prob / n_scored
     result["expected"] = float(mean)
-    if residuals:
+    if class_means and any(r[1] for r in class_means) and any(r[3] for r in class_means):
         variance = max(0.0, sum_prob_sq / n_scored - mean * mean)
-        sampling = math.sqrt(variance / n_scored)
-        draws = mean - rng.choice(np.asarray(residuals, dtype=np.float64), n_draws) + rng.normal(0, sampling, n_draws)
-        draws = np.clip(draws, 0.0, 1.0)
-        result["expected_low"] = float(np.percentile(draws, tail))
-        result["expected_high"] = float(np.percentile(draws, 100 - tail))
+        m_draws = mean + rng.normal(0, math.sqrt(variance / n_scored), n_draws)
+        m1 = _class_mean_draws(rng, class_means, 1, n_draws, MIN_PATIENT_PATCHES)
+        m0 = _class_mean_draws(rng, class_means, 3, n_draws, MIN_PATIENT_PATCHES)
+        separation = m1 - m0
+        usable = separation > MIN_SEPARATION
+        if usable.mean() > 0.5:
+            draws = np.clip((m_draws[usable] - m0[usable]) / separation[usable], 0.0, 1.0)
+            result["expected_low"] = float(np.percentile(draws, tail))
+            result["expected_high"] = float(np.percentile(draws, 100 - tail))
     return result
 
 

@@ -65,13 +65,27 @@ def test_adjusted_interval_holds_the_spread_between_patients():
     assert b["adjusted_high"] > 0.3  # a patient whose FPR is 0.05 reads 0.302 -> (0.302 - 0.05) / 0.85 = 0.30
 
 
-def test_expected_fraction_and_its_interval_from_residuals():
-    # 100 patches with calibrated probabilities averaging 0.30; validation patients' residuals +-0.1
-    probs = np.full(100, 0.3)
-    est = fraction_estimates(30, 100, float(probs.sum()), float((probs ** 2).sum()), None, [-0.1, 0.1, -0.1, 0.1])
-    assert est["expected"] == pytest.approx(0.3)
-    assert est["expected_low"] == pytest.approx(0.2) and est["expected_high"] == pytest.approx(0.4)
-    assert math.isnan(est["adjusted"])  # no error rates (an older model): no adjusted count
+def test_expected_fraction_interval_inverts_the_validation_patients_class_means():
+    """Validation patients read 0.8 on IDC patches and 0.1 on the others: a patient whose 1,000 patches
+    average 0.31 holds (0.31 - 0.1) / 0.7 = 30% IDC. If their non-IDC mean swings 0.0 / 0.2, so does f."""
+    probs = np.full(1000, 0.31)
+    sums = (float(probs.sum()), float((probs ** 2).sum()))
+    steady = [[f"p{i}", 100, 0.8, 100, 0.1] for i in range(6)]
+    swinging = [[f"p{i}", 100, 0.8, 100, 0.0 if i % 2 else 0.2] for i in range(6)]
+    a = fraction_estimates(310, 1000, *sums, None, steady)
+    b = fraction_estimates(310, 1000, *sums, None, swinging)
+    assert a["expected"] == pytest.approx(0.31) == b["expected"]  # the point is the mean calibrated probability
+    assert a["expected_low"] == pytest.approx(0.3, abs=0.01) and a["expected_high"] == pytest.approx(0.3, abs=0.01)
+    assert b["expected_low"] == pytest.approx(0.11 / 0.6, abs=0.01)  # (0.31 - 0.2) / (0.8 - 0.2)
+    assert b["expected_high"] == pytest.approx(0.31 / 0.8, abs=0.01)  # (0.31 - 0.0) / 0.8
+    assert math.isnan(a["adjusted"])  # no error rates (an older model): no adjusted count
+
+
+def test_class_means_per_patient():
+    from idc_infer.quantify import class_mean_probs
+
+    rows = class_mean_probs([0.9, 0.7, 0.2, 0.4], [1, 1, 0, 1], ["a", "a", "a", "b"])
+    assert rows == [["a", 2, pytest.approx(0.8), 1, pytest.approx(0.2)], ["b", 1, pytest.approx(0.4), 0, None]]
 
 
 def test_no_scored_patches_gives_no_fractions():
