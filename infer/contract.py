@@ -104,7 +104,9 @@ class Contract:
         return "; ".join(bits)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        from .files import finite_json  # NaN metrics (one class absent) are null: the contract stays strict JSON
+
+        return json.dumps(finite_json(dataclasses.asdict(self)), sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> "Contract":

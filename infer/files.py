@@ -5,6 +5,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import re
 import tempfile
@@ -109,7 +110,19 @@ def write_csv(target: Path, header: Sequence[str], rows: Sequence[dict[str, Any]
             out.row(values)
 
 
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) as None: JSON has no NaN, and a file with a
+    bare ``NaN`` token is refused by strict readers (browsers, jq, most languages)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def write_json(target: Path, payload: Any) -> None:
     with atomic_path(target) as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+        json.dump(finite_json(payload), handle, indent=2, sort_keys=True, default=str, allow_nan=False)
         handle.write("\n")

@@ -182,7 +182,8 @@ def fraction_estimates(n_idc: int, n_scored: int, sum_prob: float, sum_prob_sq: 
     rng = np.random.default_rng(seed)
     tail = (1 - level) / 2 * 100
     q = n_idc / n_scored
-    if error_rates and error_rates.get("per_patient"):
+    if (error_rates and error_rates.get("per_patient") and error_rates.get("sensitivity") is not None
+            and error_rates.get("specificity") is not None):  # null: a class was absent from validation
         tpr, fpr = error_rates["sensitivity"], 1 - error_rates["specificity"]
         result["adjusted"] = adjusted_fraction(q, tpr, fpr)
         q_draws = rng.beta(n_idc + 0.5, n_scored - n_idc + 0.5, n_draws)

@@ -55,3 +55,20 @@ def test_reports_get_ordinary_permissions(tmp_path):
     plain.write_text("x")
     write_csv(tmp_path / "r.csv", ["a"], [{"a": 1}])
     assert stat.S_IMODE(os.stat(tmp_path / "r.csv").st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
+
+
+def test_json_outputs_hold_no_nan_tokens(tmp_path):
+    """NaN metrics (a class absent) are written as null: strict JSON readers accept the file."""
+    import json
+    import math
+
+    from idc_infer.contract import Contract
+    from idc_infer.files import write_json
+
+    write_json(tmp_path / "m.json", {"auc": math.nan, "nested": [1.0, math.inf, {"x": -math.inf}]})
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"auc": None, "nested": [1.0, None, {"x": None}]}
+    contract = Contract(provenance={"metrics": {"roc_auc": math.nan}})
+    assert "NaN" not in contract.to_json()
+    assert Contract.from_json(contract.to_json()).provenance["metrics"]["roc_auc"] is None
