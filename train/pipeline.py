@@ -63,7 +63,7 @@ def augment(image: tf.Tensor, contract: Contract, seed: tf.Tensor) -> tf.Tensor:
     return unit * (hi - lo) + lo
 
 
-# skimage.color's hed_from_rgb (Ruifrok & Johnston 2001 stain vectors), as Tellez et al. 2019 used it
+# Ruifrok & Johnston 2001 stain vectors (skimage.color's rgb_from_hed), as Tellez et al. 2019 used them
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32)
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED).astype(np.float32)
 HED_SIGMA = 0.05  # Tellez et al. 2019 "HED-light": alpha ~ U(1 - s, 1 + s), beta ~ U(-s, s) per stain channel
@@ -71,21 +71,20 @@ _OD_FLOOR = 1e-6
 
 
 def hed_jitter(unit: tf.Tensor, seed: tf.Tensor, sigma: float = HED_SIGMA) -> tf.Tensor:
-    """Stain augmentation in HED space (Tellez et al. 2019): RGB -> optical density -> haematoxylin,
-    eosin, DAB concentrations; scale and shift each by its own random draw; back to RGB.
+    """Stain augmentation in HED space (Tellez et al. 2019): RGB -> optical density -ln(RGB) ->
+    haematoxylin, eosin, DAB concentrations; scale and shift each by its own random draw; back to RGB.
 
-    Works on one [0, 1] RGB patch; the conversions are those of skimage.color.rgb2hed / hed2rgb.
+    Works on one [0, 1] RGB patch. Concentrations are in natural-log optical density, as in the paper
+    and skimage before 0.19: skimage's rgb2hed now divides them by -ln(1e-6) = 13.8, and a shift of
+    0.05 in those units moved the RGB of real patches by 0.1-0.3 on average (14x "HED-light").
+    Negative concentrations are kept, so the round trip is exact at sigma 0.
     """
     seeds = tf.random.experimental.stateless_split(seed, num=2)
     alpha = tf.random.stateless_uniform((3,), seeds[0], 1.0 - sigma, 1.0 + sigma)
     beta = tf.random.stateless_uniform((3,), seeds[1], -sigma, sigma)
-    log_floor = float(np.log(_OD_FLOOR))
-    rgb = tf.maximum(unit, _OD_FLOOR)
-    # unlike skimage.color.rgb2hed, negative concentrations are kept: the round trip is then exact at
-    # sigma 0, where clipping them shifted ~5% of the pixels of a real patch by up to 0.18
-    stains = tf.tensordot(tf.math.log(rgb) / log_floor, HED_FROM_RGB, axes=1)
+    stains = tf.tensordot(-tf.math.log(tf.maximum(unit, _OD_FLOOR)), HED_FROM_RGB, axes=1)
     stains = stains * alpha + beta
-    back = tf.exp(tf.tensordot(-stains * -log_floor, RGB_FROM_HED, axes=1))
+    back = tf.exp(-tf.tensordot(stains, RGB_FROM_HED, axes=1))
     return tf.clip_by_value(back, 0.0, 1.0)
 
 

@@ -77,3 +77,11 @@ def test_adam_cosine_decays_to_zero_over_the_run():
     opt = make_optimizer("cancernet", 1e-3, epochs=4, optimizer="adam-cosine", steps_per_epoch=10)
     schedule = opt.learning_rate if callable(opt.learning_rate) else opt._learning_rate
     assert float(schedule(0)) == pytest.approx(1e-3) and float(schedule(40)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_hed_light_moves_colours_a_little_not_a_lot():
+    """HED-light (sigma 0.05, optical density in natural log units as Tellez et al.) changes an H&E-like
+    patch by a few percent; the 1/ln(1e-6)-scaled concentrations of skimage >= 0.19 made it ~14x stronger."""
+    patch = _he_like_patch(3)
+    moves = [np.abs(hed_jitter(patch, tf.constant([s, 5], tf.int64)).numpy() - patch.numpy()).mean() for s in range(8)]
+    assert 0.002 < np.mean(moves) < 0.05
