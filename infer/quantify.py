@@ -189,12 +189,7 @@ def fraction_estimates(n_idc: int, n_scored: int, sum_prob: float, sum_prob_sq: 
         q_draws = rng.beta(n_idc + 0.5, n_scored - n_idc + 0.5, n_draws)
         tpr_draws = _rate_draws(rng, error_rates["per_patient"], "tpr", n_draws, MIN_PATIENT_PATCHES)
         fpr_draws = _rate_draws(rng, error_rates["per_patient"], "fpr", n_draws, MIN_PATIENT_PATCHES)
-        separation = tpr_draws - fpr_draws
-        usable = separation > MIN_SEPARATION
-        if usable.mean() > 0.5:
-            adjusted = np.clip((q_draws[usable] - fpr_draws[usable]) / separation[usable], 0.0, 1.0)
-            result["adjusted_low"] = float(np.percentile(adjusted, tail))
-            result["adjusted_high"] = float(np.percentile(adjusted, 100 - tail))
+        result["adjusted_low"], result["adjusted_high"] = _inverted_interval(q_draws, fpr_draws, tpr_draws, tail)
     mean = sum_prob / n_scored
     result["expected"] = float(mean)
     if class_means and any(r[1] for r in class_means) and any(r[3] for r in class_means):
@@ -202,13 +197,20 @@ def fraction_estimates(n_idc: int, n_scored: int, sum_prob: float, sum_prob_sq: 
         m_draws = mean + rng.normal(0, math.sqrt(variance / n_scored), n_draws)
         m1 = _class_mean_draws(rng, class_means, 1, n_draws, MIN_PATIENT_PATCHES)
         m0 = _class_mean_draws(rng, class_means, 3, n_draws, MIN_PATIENT_PATCHES)
-        separation = m1 - m0
-        usable = separation > MIN_SEPARATION
-        if usable.mean() > 0.5:
-            draws = np.clip((m_draws[usable] - m0[usable]) / separation[usable], 0.0, 1.0)
-            result["expected_low"] = float(np.percentile(draws, tail))
-            result["expected_high"] = float(np.percentile(draws, 100 - tail))
+        result["expected_low"], result["expected_high"] = _inverted_interval(m_draws, m0, m1, tail)
     return result
+
+
+def _inverted_interval(observed: np.ndarray, at_none: np.ndarray, at_all: np.ndarray, tail: float) -> tuple[float, float]:
+    """Percentile interval of f = (observed - at_none) / (at_all - at_none), clipped to [0, 1]: the IDC
+    share that gives the observed reading when a patient with none reads ``at_none`` and one with
+    only IDC ``at_all`` (draws of each). nan where most draws cannot tell the two apart."""
+    separation = at_all - at_none
+    usable = separation > MIN_SEPARATION
+    if usable.mean() <= 0.5:
+        return math.nan, math.nan
+    draws = np.clip((observed[usable] - at_none[usable]) / separation[usable], 0.0, 1.0)
+    return float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))
 
 
 ESTIMATOR_COLUMNS = {"counted": "idc_fraction", "adjusted": "idc_fraction_adjusted", "expected": "idc_fraction_expected"}
