@@ -88,6 +88,9 @@ def _calibrate_files(out_dir: Path, files: dict, meta: dict | None, quantization
         contract = read_file_contract(path)
         if colour is None:
             colour = colour_reference(meta, contract)
+        if precision == "int8" and "fp32" in files:  # the fp32 file it came from was rewritten just before
+            export = {**contract.provenance.get("export", {}), "fp32_sha256": files["fp32"]["sha256"]}
+            contract = contract.replace(provenance={**contract.provenance, "export": export})
         updated, reports[precision] = quantify_model(path, contract, meta, colour)
         rewrite_contract(path, updated)
         files[precision] = {**_file_entry(path, entry["status"])}

@@ -1,5 +1,6 @@
 """int8 export: both precisions from the demo model, the contract survives quantization, the accuracy gate bites."""
 import json
+import math
 from pathlib import Path
 
 import cv2
@@ -97,8 +98,17 @@ def test_contract_survives_quantization_and_is_read_by_infer(good_export):
     out, _ = good_export
     fp32 = load_model(out / "cancernet-fp32.onnx").contract
     int8 = load_model(out / "cancernet-int8.onnx").contract
-    # preprocessing and threshold identical: only provenance may differ
-    assert int8.replace(provenance={}) == fp32.replace(provenance={})
+    # preprocessing identical; each file has its own calibration, so its own calibrated threshold for the
+    # same calls: both thresholds are the one raw threshold of training carried through each calibration
+    own = dict(provenance={}, threshold=0.5, calibration=None, quantification=None)
+    assert int8.replace(**own) == fp32.replace(**own)
+    assert int8.calibration != fp32.calibration and int8.quantification["error_rates"]["per_patient"]
+    raw = json.loads((out / "export-report.json").read_text())["calibration"]
+    assert raw["fp32"]["raw_threshold"] == raw["int8"]["raw_threshold"]
+    for contract in (fp32, int8):
+        a, b = contract.calibration["a"], contract.calibration["b"]
+        t = raw["fp32"]["raw_threshold"]
+        assert contract.threshold == pytest.approx(1 / (1 + math.exp(-(a * math.log(t / (1 - t)) + b))))
     prov = int8.provenance
     assert prov["quantization_gate"] == "passed"
     assert prov["source_model_sha256"] == fp32.provenance["source_model_sha256"]
