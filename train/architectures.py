@@ -7,10 +7,10 @@ import keras
 from keras import layers
 
 from .cancernet import build_cancernet
+from .options import ARCHITECTURES, OPTIMIZERS
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("cancernet", "simple-cnn", "transfer")
 DEFAULT_LEARNING_RATE = {"cancernet": 1e-2, "simple-cnn": 1e-3, "transfer": 1e-4}
 
 
@@ -73,9 +73,6 @@ def build_model(arch: str, height: int, width: int, classes: int, transfer_weigh
     if arch == "transfer":
         return build_transfer(height, width, 3, classes, weights=transfer_weights)
     raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
-
-
-OPTIMIZERS = ("seed", "adam-cosine")
 
 
 def make_optimizer(arch: str, learning_rate: float, epochs: int, optimizer: str = "seed", steps_per_epoch: int = 1):

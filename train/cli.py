@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from .options import recipe_options
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -14,8 +16,7 @@ import click
               help="Run directory: model.keras, split.csv, history.csv, train_meta.json.")
 @click.option("--epochs", type=click.IntRange(1), default=40, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--arch", type=click.Choice(["cancernet", "simple-cnn", "transfer"]), default="cancernet", show_default=True,
-              help="cancernet (the seed tutorial), simple-cnn (the seed's plain CNN), transfer (MobileNetV2 backbone).")
+@recipe_options
 @click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=None,
               help="[default: 1e-2 Adagrad for cancernet as the seed; 1e-3 / 1e-4 Adam for simple-cnn / transfer; "
                    "1e-3 with adam-cosine]")
@@ -27,16 +28,6 @@ import click
 @click.option("--patience", type=click.IntRange(0), default=8, show_default=True,
               help="Stop after this many epochs without a better validation score (see --early-stopping) and keep "
                    "the best epoch; 0: no early stopping, train every epoch and keep the last (as the seed).")
-@click.option("--augment", type=click.Choice(["idc", "hed", "seed", "both", "none"]), default="idc", show_default=True,
-              help="idc: flips, right-angle rotations, RGB colour jitter (breaks the brightness shortcut); hed: flips, "
-                   "rotations, brightness/contrast and stain jitter in HED colour space (Tellez et al. 2019); seed: "
-                   "the tutorial's rotation 20, zoom, shifts, shear and flips; both (idc + seed); none.")
-@click.option("--optimizer", type=click.Choice(["seed", "adam-cosine"]), default="seed", show_default=True,
-              help="seed: the architecture's seed optimizer (Adagrad with inverse-time decay for cancernet, Adam for "
-                   "the others); adam-cosine: Adam with the learning rate decayed to 0 by a cosine over --epochs.")
-@click.option("--patient-weight", type=click.Choice(["none", "sqrt", "equal"]), default="none", show_default=True,
-              help="How much each patient weighs in training: none (every patch 1), sqrt (a patient of n patches "
-                   "weighs sqrt(n)), equal (every patient the same); both classes are balanced after it.")
 @click.option("--early-stopping", type=click.Choice(["val-auc", "val-loss"]), default="val-auc", show_default=True,
               help="What --patience counts and which epoch is kept.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last epoch checkpoint.")
@@ -120,7 +111,7 @@ def eval_main(model_path, data_dir, out_dir, split, set_name, threshold, seed, h
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--folds", type=click.IntRange(3), default=4, show_default=True)
-@click.option("--arch", type=click.Choice(["cancernet", "simple-cnn", "transfer"]), default="cancernet", show_default=True)
+@recipe_options
 @click.option("--epochs", type=click.IntRange(1), default=40, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--patience", type=click.IntRange(1), default=8, show_default=True)
@@ -128,19 +119,21 @@ def eval_main(model_path, data_dir, out_dir, split, set_name, threshold, seed, h
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted cross-validation in --out: finished folds are reused, the interrupted "
                    "one continues from its last epoch checkpoint. Needs the same data and options.")
-def crossval_main(data_dir, out_dir, folds, arch, epochs, batch_size, patience, seed, resume):
+def crossval_main(data_dir, out_dir, folds, arch, epochs, batch_size, patience, seed, optimizer, augment,
+                  patient_weight, resume):
     """Patient-level k-fold cross-validation of the training recipe on DATA_DIR (pooled out-of-fold metrics).
 
     \b
     Exit codes: 0 done; 2 usage error; 3 a fold's model collapsed to a constant output.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    from .architectures import DEFAULT_LEARNING_RATE
+    from .architectures import default_learning_rate
     from .crossval import cross_validate
     from .training import CollapsedModelError, TrainConfig
 
     base = TrainConfig(data_dir, out_dir, epochs=epochs, batch_size=batch_size, seed=seed, patience=patience,
-                       arch=arch, learning_rate=DEFAULT_LEARNING_RATE[arch])
+                       arch=arch, learning_rate=default_learning_rate(arch, optimizer), optimizer=optimizer,
+                       augment=augment, patient_weight=patient_weight)
     try:
         result = cross_validate(base, folds, out_dir, resume=resume)
     except ValueError as exc:

@@ -6,6 +6,8 @@ import tensorflow as tf
 
 from idc_infer.contract import Contract
 
+from .options import AUGMENTATIONS
+
 AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -105,7 +107,6 @@ def augment_hed(image: tf.Tensor, contract: Contract, seed: tf.Tensor) -> tf.Ten
     return unit * (hi - lo) + lo
 
 
-AUGMENTATIONS = ("idc", "hed", "seed", "both", "none")
 
 
 def seed_geometric_augmenter(seed: int = 0):

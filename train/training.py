@@ -20,6 +20,7 @@ from idc_infer.files import write_json
 from idc_infer.metrics import best_balanced_threshold, classification_metrics
 
 from .synthetic import SYNTHETIC_MARKER
+from .options import PATIENT_WEIGHTS
 from .data import counts_by_patient, discover_labelled, resolve_split, write_split_manifest
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,6 @@ def _seed_everything(seed: int) -> None:
 
     os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
     keras.utils.set_random_seed(seed)
-
-
-PATIENT_WEIGHTS = ("none", "sqrt", "equal")
 
 
 def patch_weights(labels: list[int], patient_ids: list[str], patient_weight: str = "none") -> np.ndarray:
