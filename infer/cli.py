@@ -81,7 +81,8 @@ def _versions() -> dict:
 @click.command(epilog=HELP_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--from-list", "from_list", type=click.File("r", encoding="utf-8-sig"),
-              help="Text file listing patch paths, one per line ('-' for stdin).")
+              help="Text file listing patch paths, one per line ('-' for stdin); relative paths are taken from "
+                   "the current folder.")
 @click.option("--model", "model_path", type=click.Path(path_type=Path),
               help="ONNX model exported by idc-export [default: the model shipped with idc].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("idc-reports"),
@@ -137,7 +138,7 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
     list_skips = SkipCounter()
     patients = patients_from_dirs(inputs, exclude=[out_dir], skipped=list_skips)
     if from_list is not None:
-        base = Path.cwd() if from_list.name == "<stdin>" else Path(from_list.name).resolve().parent
+        base = Path.cwd()  # relative paths as a user typed them: from where the command runs, not the list's folder
         try:
             patients += patients_from_list(from_list, base, list_skips)
         except ValueError as exc:  # not UTF-8 text, for one

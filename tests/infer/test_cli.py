@@ -301,3 +301,18 @@ def test_corrupt_resume_state_means_scoring_again(tmp_path):
     result = run([SAMPLE_PATIENT, "--out", out, "--resume", "--no-review"])
     assert result.exit_code == 0 and json.loads((out / "run.json").read_text())["counts"]["patients_resumed"] == 0
     assert (out / "10253.csv").read_bytes() == clean
+
+
+def test_from_list_resolves_relative_paths_against_the_current_folder(tmp_path, monkeypatch):
+    """A list written by `find samples -name '*.png' > lists/all.txt` holds paths relative to where it was
+    made: they are found from the current folder, not from the list's folder (which gave every row missing)."""
+    work = tmp_path / "work"
+    shutil.copytree(SAMPLE_PATIENT, work / "samples" / "10253")
+    (work / "lists").mkdir()
+    lines = sorted(str(p.relative_to(work)) for p in (work / "samples").rglob("*.png"))
+    (work / "lists" / "all.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(work)
+    result = run(["--from-list", "lists/all.txt", "--out", tmp_path / "o", "--no-review"])
+    assert result.exit_code == 0, result.output
+    rows = read_csv(tmp_path / "o" / "10253.csv")
+    assert len(rows) == 11 and {r["status"] for r in rows} == {"ok"}
