@@ -86,11 +86,16 @@ class CsvOut:
     def __init__(self, handle, header: Sequence[str]):
         self.header = list(header)
         self._writer = csv.writer(handle, lineterminator="\n")
+        # Python's csv quotes a cell holding "\n" but not one holding a lone "\r" when lines end in "\n":
+        # readers then split the row there (and a "=..." after the CR became a cell of its own)
+        self._quoted = csv.writer(handle, lineterminator="\n", quoting=csv.QUOTE_ALL)
         self._writer.writerow(self.header)
 
     def row(self, values: dict[str, Any]) -> None:
         # neutralise text only: a formatted negative number is a number, not a formula
-        self._writer.writerow([_fmt(neutralise_cell(values.get(key))) for key in self.header])
+        cells = [_fmt(neutralise_cell(values.get(key))) for key in self.header]
+        writer = self._quoted if any(isinstance(c, str) and "\r" in c for c in cells) else self._writer
+        writer.writerow(cells)
 
 
 def _fmt(value: Any) -> Any:

@@ -72,3 +72,16 @@ def test_json_outputs_hold_no_nan_tokens(tmp_path):
     contract = Contract(provenance={"metrics": {"roc_auc": math.nan}})
     assert "NaN" not in contract.to_json()
     assert Contract.from_json(contract.to_json()).provenance["metrics"]["roc_auc"] is None
+
+
+def test_carriage_return_in_a_name_stays_inside_its_cell(tmp_path):
+    """A file name holding '\\r' (legal on POSIX) must not split summary.csv into extra rows, nor let a
+    '=...' after it become a cell of its own."""
+    import csv
+
+    from idc_infer.files import write_csv
+
+    write_csv(tmp_path / "s.csv", ("patient_id", "n"), [{"patient_id": "p\r=HYPERLINK(1)", "n": 3}, {"patient_id": "q", "n": 4}])
+    with open(tmp_path / "s.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    assert rows == [["patient_id", "n"], ["p\r=HYPERLINK(1)", "3"], ["q", "4"]]
