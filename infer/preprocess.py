@@ -5,7 +5,9 @@ stop a run over a hundred thousand good ones.
 """
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +56,15 @@ class Decoded:
 
 def _read_bytes(path: Path) -> tuple[bytes | None, Decoded | None]:
     try:
-        with path.open("rb") as handle:
-            # one byte past the limit is enough to refuse the file; a multi-GB file must not land in memory
-            return handle.read(MAX_FILE_BYTES + 1), None
+        # non-blocking open: a FIFO named *.png would otherwise wait forever for a writer
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return None, Decoded(STATUS_NOT_IMAGE, "not a regular file (a FIFO, socket or device): not read")
+            # the file's own size (+1 to see growth), capped one byte past the limit: a multi-GB file must not
+            # land in memory, and reading the limit itself would allocate 16 MB for every 2 KB patch
+            return handle.read(min(info.st_size, MAX_FILE_BYTES) + 1), None
     except ValueError as exc:  # a NUL byte or an unencodable character in a --from-list line
         return None, Decoded(STATUS_UNREADABLE, f"path cannot be opened: {exc}")
     except FileNotFoundError:

@@ -206,3 +206,20 @@ def test_huge_file_is_refused_without_reading_it_whole(tmp_path):
         handle.truncate(256 * 1024**2)  # sparse: long, yet nothing on disk
     decoded = decode_file(path, CONTRACT)
     assert decoded.status == "oversized_refused" and "MB" in decoded.message
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are a POSIX thing")
+def test_a_fifo_named_png_gets_a_row_and_does_not_hang(tmp_path):
+    """Opening a FIFO blocks until a writer comes: it must be refused from its file type, at once."""
+    fifo = tmp_path / "8863_idx5_x1_y1_class0.png"
+    os.mkfifo(fifo)
+    code = textwrap.dedent(f"""
+        from pathlib import Path
+        from idc_infer.contract import Contract
+        from idc_infer.preprocess import decode_file
+        d = decode_file(Path({str(fifo)!r}), Contract())
+        print(d.status, d.message)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("not_an_image") and "not a regular file" in done.stdout
