@@ -104,10 +104,10 @@ def test_permission_error_is_reported_in_the_row(tmp_path, monkeypatch):
     path = tmp_path / "locked.png"
     path.write_bytes(b"x")
 
-    def denied(self, *args, **kwargs):
+    def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(Path, "open", denied)
+    monkeypatch.setattr(os, "open", denied)  # what decode_file opens files with (non-blocking)
     decoded = decode_file(path, CONTRACT)
     assert decoded.status == "unreadable" and "permission" in decoded.message
 
