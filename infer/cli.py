@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from .precision import PRECISIONS
 from .quantify import ESTIMATOR_COLUMNS, headline_of
 
 from . import __version__
@@ -33,6 +34,23 @@ def _default_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def _shipped_model(precision: str, threads: int, load):
+    """The shipped model of --precision (auto: the faster of fp32 and int8 on this machine, timed once
+    and cached) and the record of the choice for run.json."""
+    from .model import ModelError, default_model_path, shipped_model_path
+    from .precision import choose
+
+    fp32 = default_model_path()
+    if precision == "auto":
+        path, record = choose(fp32, shipped_model_path("int8"), threads, load)
+        return load(path), record
+    path = fp32 if precision == "fp32" else shipped_model_path("int8")
+    if path is None:
+        raise ModelError("no int8 model is shipped (it failed its accuracy gate at export, see MODEL_CARD.md); "
+                         "use --precision fp32 or auto")
+    return load(path), {"requested": precision, "chosen": precision}
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -44,12 +62,16 @@ def _finite_threshold(_ctx, _param, value):
     return value
 
 
-def _announce(model, quiet: bool) -> None:
+def _announce(model, quiet: bool, precision: dict | None = None) -> None:
     contract = model.contract
     lines = [
         f"idc-infer: model {model.path.name} (sha256 {model.sha256[:12]}), threshold {contract.threshold:.3f}",
         f"idc-infer: trained on {contract.describe_training()}",
     ]
+    rates = (precision or {}).get("patches_per_s")
+    if rates:
+        lines.append(f"idc-infer: precision {precision['chosen']}: timed here, fp32 {rates['fp32']:.0f} vs int8 "
+                     f"{rates['int8']:.0f} patches/s{' (cached)' if precision.get('cached') else ''}")
     if contract.is_demo:
         lines.insert(0, "!" * 72)
         lines.insert(1, "!! DEMO MODEL: trained on synthetic data. Its outputs say nothing about real tissue.")
@@ -83,6 +105,9 @@ def _versions() -> dict:
 @click.option("--from-list", "from_list", type=click.File("r", encoding="utf-8-sig"),
               help="Text file listing patch paths, one per line ('-' for stdin); relative paths are taken from "
                    "the current folder.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="Which shipped model to run: auto times fp32 and int8 briefly on this machine (once; cached) "
+                   "and runs the faster; fp32 or int8 force one. Not with --model.")
 @click.option("--model", "model_path", type=click.Path(path_type=Path),
               help="ONNX model exported by idc-export [default: the model shipped with idc].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("idc-reports"),
@@ -104,7 +129,7 @@ def _versions() -> dict:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, warnings only.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.version_option(__version__, prog_name="idc-infer")
-def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads, allow_failed_gate, overwrite, resume,
+def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_size, threads, allow_failed_gate, overwrite, resume,
          strict, review, review_scale, quiet, verbose):
     """Score histopathology patches for IDC and write per-patient reports.
 
@@ -116,7 +141,7 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
     from .discover import SkipCounter, duplicate_ids, patients_from_dirs, patients_from_list
     from .engine import clear_previous_run, existing_reports, run_patients, RunSettings
     from .files import RESEARCH_NOTICE, write_json
-    from .model import ModelError, default_model_path, load_model
+    from .model import ModelError, load_model
 
     _setup_logging(verbose, quiet)
     started = time.time()
@@ -125,11 +150,18 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
     if overwrite and resume:
         raise click.UsageError("--overwrite and --resume contradict each other; pick one")
 
+    if model_path is not None and precision != "auto":
+        raise click.UsageError(f"--precision {precision} picks one of the shipped files; --model {model_path} "
+                               "names a file itself: give one or the other")
+    # no spin-waiting: idle onnxruntime threads would steal the cores the decode workers need
+    load = lambda path: load_model(path, threads=threads, spin=False)  # noqa: E731
     try:
-        # no spin-waiting: idle onnxruntime threads would steal the cores the decode workers need
-        model = load_model(model_path if model_path is not None else default_model_path(), threads=threads, spin=False)
+        if model_path is not None:
+            model, precision_record = load(model_path), {"requested": "--model", "chosen": "the file given"}
+        else:
+            model, precision_record = _shipped_model(precision, threads, load)
     except ModelError as exc:
-        raise click.BadParameter(str(exc), param_hint="--model") from None
+        raise click.BadParameter(str(exc), param_hint="--model" if model_path is not None else "--precision") from None
     if model.contract.failed_gate and not allow_failed_gate:
         raise click.BadParameter(f"{model.path} failed its int8 accuracy gate at export (see its contract); use the "
                                  "fp32 model, or pass --allow-failed-gate to use it anyway", param_hint="--model")
@@ -155,7 +187,7 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
     if overwrite:
         clear_previous_run(out_dir)
 
-    _announce(model, quiet)
+    _announce(model, quiet, precision_record)
     from tqdm import tqdm
 
     show_bar = not quiet and sys.stderr.isatty()
@@ -197,6 +229,7 @@ def main(inputs, from_list, model_path, out_dir, threshold, batch_size, threads,
             "sha256": model.sha256,
             "demo": model.contract.is_demo,
             "trained_on": model.contract.describe_training(),
+            "precision": precision_record,
             "fraction_headline": headline_of(model.contract),
             "fraction_headline_why": (model.contract.quantification or {}).get("headline_why"),
             "contract": model.contract.__dict__ | {"class_names": list(model.contract.class_names)},

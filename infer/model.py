@@ -11,7 +11,6 @@ import numpy as np
 from .contract import Contract, ContractError, contract_from_metadata
 
 FP32_NAME, INT8_NAME = "cancernet-fp32.onnx", "cancernet-int8.onnx"
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 class ModelError(ValueError):
@@ -37,26 +36,18 @@ def read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None, set[st
     return model_name, flags
 
 
-def cpu_flags() -> set[str]:
-    """CPU feature flags; empty where they cannot be read."""
-    return read_cpuinfo()[1] or set()
+def shipped_model_path(precision: str = "fp32") -> Path | None:
+    """The shipped model file of ``precision`` ("fp32" or "int8") in the ``idc_models`` package; None if absent."""
+    candidate = importlib.resources.files("idc_models") / (INT8_NAME if precision == "int8" else FP32_NAME)
+    return Path(str(candidate)) if candidate.is_file() else None
 
 
-def preferred_precision(flags: set[str]) -> str:
-    """int8 only where the CPU has VNNI: without it onnxruntime's int8 kernels are slower than fp32."""
-    return "int8" if any(flag in flags for flag in VNNI_FLAGS) else "fp32"
-
-
-def default_model_path(flags: set[str] | None = None) -> Path:
-    """The model shipped in the ``idc_models`` package, in the precision that suits this CPU."""
-    root = importlib.resources.files("idc_models")
-    names = (INT8_NAME, FP32_NAME) if preferred_precision(cpu_flags() if flags is None else flags) == "int8" \
-        else (FP32_NAME, INT8_NAME)
-    for name in names:
-        candidate = root / name
-        if candidate.is_file():
-            return Path(str(candidate))
-    raise ModelError("no default model is installed in idc_models; pass --model FILE")
+def default_model_path() -> Path:
+    """The shipped fp32 model (``idc-infer --precision auto`` may pick the int8 one by timing both)."""
+    path = shipped_model_path("fp32")
+    if path is None:
+        raise ModelError("no default model is installed in idc_models; pass --model FILE")
+    return path
 
 
 def sha256_of(path: Path) -> str:

@@ -247,7 +247,7 @@ def test_interrupted_patient_leaves_no_review_files(tmp_path):
 
     from idc_infer.model import default_model_path, load_model
 
-    model = load_model(default_model_path(set()))
+    model = load_model(default_model_path())
     patient = Patient("p", root=SAMPLE_PATIENT)
     patient.iter_paths = exploding_paths
     settings = RunSettings(tmp_path, 0.5, batch_size=2, sink_factories=review_sink_factories(0.5))
