@@ -175,6 +175,12 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
             patients += patients_from_list(from_list, base, list_skips)
         except ValueError as exc:  # not UTF-8 text, for one
             raise click.BadParameter(str(exc), param_hint="--from-list") from None
+    out_resolved = out_dir.resolve()
+    for patient in patients:
+        if patient.root is not None and out_resolved.is_relative_to(patient.root.resolve()):
+            raise click.BadParameter(f"{out_dir} lies inside the folder of patient {patient.patient_id} "
+                                     f"({patient.root}): its reports would sit among the patient's patches; "
+                                     "choose a folder outside it", param_hint="--out")
     dupes = duplicate_ids(patients)
     if dupes:
         raise click.UsageError(f"patient id(s) given more than once: {', '.join(dupes[:10])}")

@@ -15,6 +15,13 @@ log = logging.getLogger(__name__)
 
 LOOSE_IMAGE_IN_COHORT_ROOT = "image beside patient folders in a cohort root"
 DIRECTORY_ALREADY_WALKED = "link to a directory already walked"
+REPORT_DIRECTORY = "folder of idc reports"
+STATE_DIR = ".idc-state"  # what marks a folder of idc's own reports (engine writes it)
+
+
+def is_report_dir(path: str | Path) -> bool:
+    """A folder idc-infer wrote its reports into: its mosaics are not patches of a patient."""
+    return os.path.isdir(os.path.join(path, STATE_DIR))
 DUPLICATE_LIST_PATH = "path listed more than once"
 
 
@@ -75,7 +82,8 @@ def _is_dir(entry: os.DirEntry) -> bool:
 
 
 def _is_walkable_dir(entry: os.DirEntry, exclude: frozenset[Path]) -> bool:
-    return _is_dir(entry) and not _is_hidden(entry) and Path(entry.path).resolve() not in exclude
+    return (_is_dir(entry) and not _is_hidden(entry) and Path(entry.path).resolve() not in exclude
+            and not is_report_dir(entry.path))
 
 
 def _directory_key(path: str | Path) -> tuple | None:
@@ -153,6 +161,9 @@ def _classify(directory: Path, exclude: frozenset[Path]) -> tuple[bool, list[os.
     """
     subdirs, loose = [], []
     for entry in _sorted_entries(directory):
+        if _is_dir(entry) and not _is_hidden(entry) and is_report_dir(entry.path):
+            log.warning("%s holds idc reports (it has %s): not scored as a patient", entry.path, STATE_DIR)
+            continue
         if _is_walkable_dir(entry, exclude):
             subdirs.append(entry)
         elif not _is_dir(entry) and not _is_hidden(entry) and is_candidate_image(entry.name):
@@ -181,6 +192,11 @@ def patients_from_dirs(directories: Iterable[Path], exclude: Iterable[Path] = ()
     patients: list[Patient] = []
     for directory in directories:
         directory = Path(directory)
+        if is_report_dir(directory):
+            log.warning("%s holds idc reports (it has %s): not scored as a patient", directory, STATE_DIR)
+            if skipped is not None:
+                skipped.skip(REPORT_DIRECTORY)
+            continue
         is_patient, subdirs, loose = _classify(directory, excluded)
         if is_patient:
             patients.append(Patient(directory.resolve().name, root=directory, exclude=excluded))

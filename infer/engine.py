@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
-from .discover import Patient, SkipCounter
+from .discover import STATE_DIR, Patient, SkipCounter
 from .files import RESEARCH_NOTICE, CsvOut, atomic_path, safe_file_stem, write_csv
 from .contract import Contract
 from .metrics import Confusion, safe_ratio, wilson_interval
@@ -44,7 +44,6 @@ SUMMARY_COLUMNS = (
 )
 COLOUR_Z_LIMIT = 3.0  # a patient's mean colour this many training-patient SDs away, in any channel, is flagged
 COHORT_ID = "(cohort)"
-STATE_DIR = ".idc-state"
 
 
 @dataclass

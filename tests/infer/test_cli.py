@@ -240,14 +240,20 @@ def test_infer_never_imports_tensorflow(tmp_path):
     assert (tmp_path / "o" / "10253.csv").exists()
 
 
-def test_report_dir_inside_the_patient_dir_is_not_scored_on_rerun(tmp_path, monkeypatch):
-    patient = tmp_path / "10253"
+def test_default_out_inside_the_patient_dir_is_refused_and_a_cohort_root_is_fine(tmp_path, monkeypatch):
+    """`cd 10253 && idc-infer .` would put ./idc-reports among the patient's patches: a clear usage error.
+    Reports inside a cohort root (beside the patients) are fine and never scored on a rerun."""
+    patient = tmp_path / "cohort" / "10253"
     shutil.copytree(SAMPLE_PATIENT, patient)
     monkeypatch.chdir(patient)
-    assert run(["."]).exit_code == 0  # default --out ./idc-reports, inside the input
+    refused = run(["."])
+    assert refused.exit_code == 2 and "inside the folder of patient 10253" in refused.output
+    assert not (patient / "idc-reports").exists()
+    monkeypatch.chdir(tmp_path / "cohort")
+    assert run(["."]).exit_code == 0
     again = run([".", "--overwrite", "--strict"])
     assert again.exit_code == 0, again.output
-    summary = read_csv(patient / "idc-reports" / "summary.csv")
+    summary = read_csv(tmp_path / "cohort" / "idc-reports" / "summary.csv")
     assert [s["patient_id"] for s in summary] == ["10253"] and summary[0]["n_patches"] == "11"
 
 
@@ -316,3 +322,24 @@ def test_from_list_resolves_relative_paths_against_the_current_folder(tmp_path, 
     assert result.exit_code == 0, result.output
     rows = read_csv(tmp_path / "o" / "10253.csv")
     assert len(rows) == 11 and {r["status"] for r in rows} == {"ok"}
+
+
+def test_a_folder_of_idc_reports_is_not_scored_as_a_patient(tmp_path):
+    """Reports written into a cohort (idc-reports/ beside the patients) hold mosaic PNGs and .idc-state:
+    a second run over the cohort must not report a patient 'idc-reports'."""
+    cohort = tmp_path / "cohort"
+    shutil.copytree(SAMPLE_PATIENT, cohort / "10253")
+    assert run([cohort, "--out", cohort / "idc-reports"]).exit_code == 0
+    assert run([cohort, "--out", tmp_path / "second"]).exit_code == 0
+    ids = [r["patient_id"] for r in read_csv(tmp_path / "second" / "summary.csv")]
+    assert ids == ["10253"]
+    alone = run([cohort / "idc-reports", "--out", tmp_path / "third"])
+    assert alone.exit_code == 2 and "no patient directories" in alone.output
+
+
+def test_out_inside_a_patient_folder_is_refused(tmp_path):
+    patient = tmp_path / "10253"
+    shutil.copytree(SAMPLE_PATIENT, patient)
+    result = run([patient, "--out", patient / "reports"])
+    assert result.exit_code == 2 and "inside the folder of patient 10253" in result.output
+    assert not (patient / "reports").exists()
