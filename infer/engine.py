@@ -5,9 +5,11 @@ paths are discovered lazily and each row is written to the patient's CSV as soon
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections import deque
@@ -19,9 +21,10 @@ from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
+from . import __version__
+from .contract import Contract
 from .discover import STATE_DIR, Patient, SkipCounter
 from .files import RESEARCH_NOTICE, CsvOut, atomic_path, safe_file_stem, write_csv
-from .contract import Contract
 from .metrics import Confusion, safe_ratio, wilson_interval
 from .quantify import FEW_PATCHES, fraction_estimates
 from .model import LoadedModel, sha256_of
@@ -295,8 +298,40 @@ def _state_path(out_dir: Path, stem: str) -> Path:
     return out_dir / STATE_DIR / f"{stem}.json"
 
 
-def _completed_tally(settings: RunSettings, stem: str, patient_id: str, model: LoadedModel) -> PatientTally | None:
-    """The tally of a patient finished by an earlier run with the same model, threshold and outputs."""
+class InputFingerprint:
+    """sha256 over a patient's file list as scored: each path with its size and modification time.
+
+    --resume keeps a patient only if this is unchanged: patches added, removed or rewritten since
+    (a class folder deleted, 212 files added) mean the patient's reports are stale."""
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+
+    def watch(self, paths: Iterable[Path]) -> Iterator[Path]:
+        for path in paths:
+            try:
+                info = os.stat(path)
+                size, mtime = info.st_size, info.st_mtime_ns
+            except (OSError, ValueError):
+                size, mtime = -1, -1
+            self._digest.update(f"{path}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
+            yield path
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def input_fingerprint(patient: Patient) -> str:
+    fingerprint = InputFingerprint()
+    for _ in fingerprint.watch(patient.iter_paths(SkipCounter())):
+        pass
+    return fingerprint.hexdigest()
+
+
+def _completed_tally(settings: RunSettings, stem: str, patient: Patient, model: LoadedModel) -> PatientTally | None:
+    """The tally of a patient finished by an earlier run of this idc version with the same model, threshold,
+    outputs and input files."""
+    patient_id = patient.patient_id
     state_file = _state_path(settings.out_dir, stem)
     csv_file = settings.out_dir / f"{stem}.csv"
     try:
@@ -308,7 +343,10 @@ def _completed_tally(settings: RunSettings, stem: str, patient_id: str, model: L
             "threshold": state.get("threshold") == settings.threshold,
             "output settings": state.get("output_settings", {}) == settings.output_settings,
             "CSV unchanged": state.get("csv_sha256") == sha256_of(csv_file),
+            "idc version": state.get("idc_version") == __version__,
         }
+        if all(checks.values()):  # only then walk the patient's files again
+            checks["input files unchanged"] = state.get("inputs_sha256") == input_fingerprint(patient)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.info("patient %s: no usable record of an earlier run (%s); scoring it", patient_id, exc)
         return None
@@ -331,11 +369,12 @@ def score_patient(
         for suffix in PATIENT_SUFFIXES:
             (settings.out_dir / f"{stem}{suffix}").unlink(missing_ok=True)
     tally = PatientTally()
+    fingerprint = InputFingerprint()
     sinks = [make(patient.patient_id, settings.out_dir, stem, settings.threshold) for make in settings.sink_factories]
     try:
         with atomic_path(csv_file, newline="") as handle:
             out = CsvOut(handle, PATCH_COLUMNS)
-            for scored in score_paths(model, patient.iter_paths(skipped), pool, settings.batch_size):
+            for scored in score_paths(model, fingerprint.watch(patient.iter_paths(skipped)), pool, settings.batch_size):
                 row, pred, label = patch_row(scored, patient, settings.threshold)
                 out.row(row)
                 for sink in sinks:
@@ -355,6 +394,8 @@ def score_patient(
         "threshold": settings.threshold,
         "csv_sha256": sha256_of(csv_file),
         "output_settings": settings.output_settings,
+        "inputs_sha256": fingerprint.hexdigest(),
+        "idc_version": __version__,
         "tally": tally.to_state(),
     }
     with atomic_path(_state_path(settings.out_dir, stem)) as handle:
@@ -412,7 +453,7 @@ def run_patients(
     with ThreadPoolExecutor(max_workers=decode_workers(settings.threads), thread_name_prefix="decode") as pool:
         for patient in patients:
             stem = safe_file_stem(patient.patient_id)
-            tally = _completed_tally(settings, stem, patient.patient_id, model) if settings.resume else None
+            tally = _completed_tally(settings, stem, patient, model) if settings.resume else None
             if tally is not None:
                 resumed.append(patient.patient_id)
                 progress(tally.n_patches)

@@ -343,3 +343,22 @@ def test_out_inside_a_patient_folder_is_refused(tmp_path):
     result = run([patient, "--out", patient / "reports"])
     assert result.exit_code == 2 and "inside the folder of patient 10253" in result.output
     assert not (patient / "reports").exists()
+
+
+def test_resume_rescores_a_patient_whose_files_changed(tmp_path, caplog):
+    """--resume keeps a finished patient only while its file list (names, sizes, times) is the same."""
+    cohort = tmp_path / "cohort"
+    for pid in ("10253", "20000"):
+        shutil.copytree(SAMPLE_PATIENT, cohort / pid)
+    out = tmp_path / "out"
+    assert run([cohort, "--out", out, "--no-review"]).exit_code == 0
+    removed = sorted((cohort / "20000").rglob("*.png"))[0]
+    removed.unlink()  # a patch of patient 20000 is gone; patient 10253 is untouched
+    kept_csv = (out / "10253.csv").read_bytes()
+    with caplog.at_level("INFO", logger="idc_infer.engine"):
+        result = CliRunner().invoke(main, [str(cohort), "--out", str(out), "--no-review", "--resume"])
+    assert result.exit_code == 0, result.output
+    summary = {r["patient_id"]: r for r in read_csv(out / "summary.csv")}
+    assert summary["20000"]["n_patches"] == "10" and summary["10253"]["n_patches"] == "11"
+    assert (out / "10253.csv").read_bytes() == kept_csv
+    assert any("20000" in r.message and "input files unchanged" in r.getMessage() for r in caplog.records)
