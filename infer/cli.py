@@ -140,7 +140,7 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
     """
     from .discover import SkipCounter, duplicate_ids, patients_from_dirs, patients_from_list
     from .engine import clear_previous_run, existing_reports, run_patients, RunSettings
-    from .files import RESEARCH_NOTICE, write_json
+    from .files import RESEARCH_NOTICE, FolderBusyError, folder_lock, write_json
     from .model import ModelError, load_model
 
     _setup_logging(verbose, quiet)
@@ -188,6 +188,15 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
         raise click.UsageError("no patient directories found in the inputs")
     log.info("%d patient(s) to score with %s, threshold %.4f", len(patients), model.path, effective_threshold)
 
+    # held until the command ends (click closes the context on return, error and sys.exit alike)
+    lock = folder_lock(out_dir)
+    try:
+        lock.__enter__()
+    except FolderBusyError as exc:
+        raise click.BadParameter(str(exc), param_hint="--out") from None
+    except OSError as exc:
+        raise click.BadParameter(f"cannot write into {out_dir}: {exc}", param_hint="--out") from None
+    click.get_current_context().call_on_close(lambda: lock.__exit__(None, None, None))
     if existing_reports(out_dir) and not (overwrite or resume):
         raise click.UsageError(f"{out_dir} already holds idc reports; pass --resume to continue or --overwrite")
     if overwrite:

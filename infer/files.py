@@ -131,3 +131,46 @@ def write_json(target: Path, payload: Any) -> None:
     with atomic_path(target) as handle:
         json.dump(finite_json(payload), handle, indent=2, sort_keys=True, default=str, allow_nan=False)
         handle.write("\n")
+
+
+LOCK_NAME = ".idc-lock"
+
+
+class FolderBusyError(RuntimeError):
+    """Another idc process is writing the same output folder."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (its .idc-lock file) while writing reports into it.
+
+    An operating-system lock (flock on POSIX, msvcrt.locking on Windows) on an open file: it goes
+    away with the process, so a run killed with kill -9 or a power cut leaves no stale lock behind.
+    A second run on the same folder gets FolderBusyError at once instead of interleaving its reports.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    handle = open(path, "a+b")
+    try:
+        try:
+            if os.name == "nt":
+                import msvcrt
+
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read(200).decode("utf-8", "replace").strip() or "another process"
+            raise FolderBusyError(f"{folder} is being written by another idc-infer run ({holder}); wait for it to "
+                                  "finish or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}".encode())
+        handle.flush()
+        yield
+    finally:
+        handle.close()

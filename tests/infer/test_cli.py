@@ -362,3 +362,26 @@ def test_resume_rescores_a_patient_whose_files_changed(tmp_path, caplog):
     assert summary["20000"]["n_patches"] == "10" and summary["10253"]["n_patches"] == "11"
     assert (out / "10253.csv").read_bytes() == kept_csv
     assert any("20000" in r.message and "input files unchanged" in r.getMessage() for r in caplog.records)
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_writes(tmp_path):
+    """Two runs into one --out would leave reports that disagree; the second is a usage error, and once
+    the first is done (its lock goes with it) the folder is usable again."""
+    from idc_infer.files import folder_lock
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from idc_infer.files import folder_lock\n"
+        f"with folder_lock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = run([SAMPLE_PATIENT, "--out", out])
+        assert busy.exit_code == 2 and "being written by another idc-infer run" in busy.output
+        assert not (out / "summary.csv").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run([SAMPLE_PATIENT, "--out", out]).exit_code == 0  # killed: no stale lock left behind
+    with folder_lock(out):  # and this run released its own
+        pass
