@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 LOOSE_IMAGE_IN_COHORT_ROOT = "image beside patient folders in a cohort root"
 DIRECTORY_ALREADY_WALKED = "link to a directory already walked"
 REPORT_DIRECTORY = "folder of idc reports"
+LINK_OUTSIDE_PATIENT = "link to a folder outside the patient"
 STATE_DIR = ".idc-state"  # what marks a folder of idc's own reports (engine writes it)
 
 
@@ -99,8 +100,19 @@ def _directory_key(path: str | Path) -> tuple | None:
     return "path", os.path.normcase(os.path.realpath(path))
 
 
+def _real(path: str | Path) -> str:
+    try:
+        return os.path.normcase(os.path.realpath(path))
+    except (OSError, ValueError):
+        return os.path.normcase(os.path.abspath(path))
+
+
+def _inside(path: str, tree: str) -> bool:
+    return path == tree or path.startswith(tree.rstrip(os.sep) + os.sep)
+
+
 def _walk_patches(directory: Path, skipped: SkipCounter, exclude: frozenset[Path] = frozenset(),
-                  visited: set | None = None) -> Iterator[Path]:
+                  visited: set | None = None, tree: str | None = None) -> Iterator[Path]:
     """Image files under a patient dir, depth first in name order, so runs are reproducible.
 
     Each real directory is walked once: a link back up the tree (``ln -s .. back``) or a
@@ -113,10 +125,17 @@ def _walk_patches(directory: Path, skipped: SkipCounter, exclude: frozenset[Path
         root_key = _directory_key(directory)
         if root_key is not None:
             visited.add(root_key)
+    if tree is None:
+        tree = _real(directory)
     for entry in _sorted_entries(directory, skipped):
         if _is_dir(entry):
             if not _is_walkable_dir(entry, exclude):
                 skipped.skip("hidden or excluded directory")
+                continue
+            if entry.is_symlink() and not _inside(_real(entry.path), tree):
+                # a link out of the patient's folder (ln -s .. back) would pull other patients' patches in
+                log.warning("%s links outside the patient folder %s: not followed", entry.path, directory)
+                skipped.skip(LINK_OUTSIDE_PATIENT)
                 continue
             key = _directory_key(entry.path)
             if key is not None and key in visited:
@@ -125,7 +144,7 @@ def _walk_patches(directory: Path, skipped: SkipCounter, exclude: frozenset[Path
                 continue
             if key is not None:
                 visited.add(key)
-            yield from _walk_patches(Path(entry.path), skipped, exclude, visited)
+            yield from _walk_patches(Path(entry.path), skipped, exclude, visited, tree)
         elif is_candidate_image(entry.name) and not _is_hidden(entry):
             yield Path(entry.path)
         else:

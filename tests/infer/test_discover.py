@@ -177,3 +177,16 @@ def test_duplicate_list_lines_do_not_inflate_the_report(tmp_path):
         assert [row["n_patches"] for row in csv.DictReader(handle)] == [str(len(SAMPLE_PATHS))]
     counts = json.loads((tmp_path / "out" / "run.json").read_text(encoding="utf-8"))["counts"]
     assert counts["skipped_by_reason"] == {"path listed more than once": len(SAMPLE_PATHS)}
+
+
+def test_a_link_out_of_the_patient_folder_is_not_followed(tmp_path, caplog):
+    """`ln -s ../.. up` inside patient 90001 of a cohort would pull patient 90002's patches into 90001
+    and count them twice in the cohort: the walk stays inside each patient's folder."""
+    written = write_cohort(tmp_path / "cohort", n_patients=2, grid=3)
+    symlink_or_skip(tmp_path / "cohort", tmp_path / "cohort" / "90001" / "0" / "up")
+    skipped = SkipCounter()
+    with caplog.at_level(logging.WARNING, logger="idc_infer"):
+        counts = found(patients_from_dirs([tmp_path / "cohort"]), skipped)
+    assert counts == {pid: sum(w.patient_id == pid for w in written) for pid in ("90001", "90002")}
+    assert skipped.counts["link to a folder outside the patient"] == 1
+    assert "links outside the patient folder" in caplog.text
