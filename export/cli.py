@@ -113,6 +113,9 @@ def main(keras_model, out_path, parity_dirs, opset, int8, calibration_dir, gate_
     With --int8, the int8 model must stay within 0.005 ROC-AUC and 0.01 balanced accuracy of
     fp32 on held-out labelled patients, or it is not written as a usable model.
     """
+    from idc_train.options import require
+
+    require("idc-export", "export", "tensorflow", "tf2onnx", "onnx")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
     if out_path.suffix.lower() == ".onnx":
         if int8 or calibration_dir or gate_dir:

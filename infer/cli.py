@@ -271,13 +271,18 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
             "patches_per_s": (cohort.n_patches / result.elapsed_s) if result.elapsed_s > 0 else None,
         },
     }
-    write_json(out_dir / "run.json", run_info)
-    if review:
-        from .review import write_report_html
+    try:
+        write_json(out_dir / "run.json", run_info)
+        if review:
+            from .review import write_report_html
 
-        write_report_html(out_dir, result.summary_rows, run_info)
-    else:  # a report.html of an earlier run would link mosaics --resume has just removed
-        (out_dir / "report.html").unlink(missing_ok=True)
+            write_report_html(out_dir, result.summary_rows, run_info)
+        else:  # a report.html of an earlier run would link mosaics --resume has just removed
+            (out_dir / "report.html").unlink(missing_ok=True)
+    except OSError as exc:  # a full disk, a read-only folder: the patients' reports are written already
+        click.echo(f"idc-infer: cannot write run.json or report.html in {out_dir}: {exc}; the patients' CSVs and "
+                   "summary.csv are complete; fix the cause and rerun with --resume", err=True)
+        sys.exit(EXIT_FAILED_PATCHES)
 
     headline = headline_of(model.contract)
     column = ESTIMATOR_COLUMNS[headline]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .options import recipe_options
+from .options import fail_on_os_error, recipe_options, require
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,6 +38,7 @@ from .options import recipe_options
 def main(data_dir, run_dir, epochs, batch_size, arch, learning_rate, seed, split, patience, augment, optimizer,
          patient_weight, early_stopping, resume, distribute, mixed_precision, verbose):
     """Train CancerNet on DATA_DIR (Kaggle layout <pid>/<0|1>/*.png) with a patient-level split."""
+    require("idc-train", "train", "tensorflow", "matplotlib")
     logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
     from .data import check_split
@@ -58,8 +59,10 @@ def main(data_dir, run_dir, epochs, batch_size, arch, learning_rate, seed, split
                          mixed_precision=mixed_precision)
     try:
         meta = train(config)
-    except (ValueError, OSError) as exc:  # TrainingDataError, a bad manifest, ids that match no split...
+    except ValueError as exc:  # TrainingDataError, a bad manifest, ids that match no split...
         raise click.UsageError(str(exc)) from None
+    except OSError as exc:
+        fail_on_os_error("idc-train", exc)
     except CollapsedModelError as exc:
         click.echo(f"idc-train: FAILED: {exc}", err=True)
         sys.exit(3)
@@ -90,6 +93,7 @@ def main(data_dir, run_dir, epochs, batch_size, arch, learning_rate, seed, split
               help="history.csv of the training run, for curves.png [default: the one beside MODEL, if any].")
 def eval_main(model_path, data_dir, out_dir, split, set_name, threshold, seed, history_csv):
     """Evaluate MODEL (.keras or .onnx) on labelled patches in DATA_DIR: metrics.json, report.txt, plots."""
+    require("idc-eval", "train", "matplotlib", *(["tensorflow"] if model_path.suffix == ".keras" else []))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     from .data import check_split
     from .evaluate import evaluate
@@ -102,8 +106,10 @@ def eval_main(model_path, data_dir, out_dir, split, set_name, threshold, seed, h
     try:
         evaluate(model_path, data_dir, out_dir, split=split, set_name=set_name, threshold=threshold, seed=seed,
                  history_csv=history_csv)
-    except (ValueError, OSError) as exc:
+    except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    except OSError as exc:
+        fail_on_os_error("idc-eval", exc)
     click.echo((Path(out_dir) / "report.txt").read_text(encoding="utf-8"), nl=False)
 
 
@@ -126,6 +132,7 @@ def crossval_main(data_dir, out_dir, folds, arch, epochs, batch_size, patience, 
     \b
     Exit codes: 0 done; 2 usage error; 3 a fold's model collapsed to a constant output.
     """
+    require("idc-crossval", "train", "tensorflow", "matplotlib")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     from .architectures import default_learning_rate
     from .crossval import cross_validate

@@ -1,6 +1,10 @@
 """The training recipe's choices, defined once (no TensorFlow import), and the click options built from them."""
 from __future__ import annotations
 
+import errno
+import importlib.util
+import sys
+
 import click
 
 ARCHITECTURES = ("cancernet", "simple-cnn", "transfer")
@@ -31,3 +35,25 @@ def recipe_options(function):
     for decorator in reversed(decorators):
         function = decorator(function)
     return function
+
+
+EXIT_WRITE_FAILED = 1
+
+
+def require(command: str, extra: str, *modules: str) -> None:
+    """A usage error naming the extra to install when a module the command needs is missing
+    (idc-train on a lab PC's inference-only install, for one), instead of a ModuleNotFoundError."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise click.UsageError(f"{command} needs {', '.join(missing)}, which this install lacks: "
+                               f"pip install 'idc[{extra}]' (the base install runs idc-infer only)")
+
+
+def fail_on_os_error(command: str, exc: OSError) -> None:
+    """Exit 1 with a message for a file system failure that is not the user's input (disk full, read-only
+    folder); a missing input is a usage error (exit 2)."""
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        raise click.UsageError(str(exc))
+    reason = errno.errorcode.get(exc.errno or 0, "")
+    click.echo(f"{command}: cannot read or write files: {exc}" + (f" ({reason})" if reason else ""), err=True)
+    sys.exit(EXIT_WRITE_FAILED)

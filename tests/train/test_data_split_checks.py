@@ -150,3 +150,37 @@ def test_folders_split_warns_about_patients_in_two_folders(tmp_path, caplog):
 def test_folders_split_needs_set_folders(synthetic_cohort):
     with pytest.raises(ValueError, match="train/, val/ and test/ folders"):
         resolve_split("folders", discover_labelled(synthetic_cohort))
+
+
+def test_commands_on_an_install_without_tensorflow_name_the_extra(monkeypatch, tmp_path):
+    """On a lab PC's inference-only install idc-train/idc-export say which extra to install."""
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from idc_export.cli import main as export_main
+    from idc_train.cli import main as train_main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorflow" else real(name, *a))
+    (tmp_path / "m.keras").write_bytes(b"x")
+    result = CliRunner().invoke(train_main, [str(tmp_path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "pip install 'idc[train]'" in result.output and "tensorflow" in result.output
+    result = CliRunner().invoke(export_main, [str(tmp_path / "m.keras"), "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "pip install 'idc[export]'" in result.output
+
+
+def test_a_full_disk_in_training_is_exit_1_not_a_usage_error(monkeypatch, tmp_path):
+    import errno
+
+    from click.testing import CliRunner
+
+    import idc_train.training as training
+    from idc_train.cli import main as train_main
+
+    def full(config):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(training, "train", full)
+    result = CliRunner().invoke(train_main, [str(tmp_path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "No space left on device" in result.output
