@@ -156,13 +156,14 @@ def export_directory(keras_path: Path, out_dir: Path, options: ExportOptions) ->
         "notice": RESEARCH_NOTICE,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "code_version": code_version(),
-        "source_model": {"path": str(keras_path), "sha256": fp32["contract"]["provenance"]["source_model_sha256"]},
+        # file names, not machine paths: the report ships with the model (models/export-report.json)
+        "source_model": {"path": Path(keras_path).name, "sha256": fp32["contract"]["provenance"]["source_model_sha256"]},
         "contract": json.loads(read_file_contract(fp32_path).to_json()),
         "calibration": calibration_reports,
         "calibration_error": calibration_error,
         "files": files,
         "parity": fp32["parity"],
-        "parity_data": [str(p) for p in parity_dirs],
+        "parity_data": sorted({Path(p).name for p in parity_dirs}),
         "quantization": quantization,
         "int8_usable": int8_usable,
         "int8_error": int8_error,
@@ -170,7 +171,7 @@ def export_directory(keras_path: Path, out_dir: Path, options: ExportOptions) ->
         "throughput_batch": options.bench_batch,
         "throughput_threads": options.bench_threads,
         "notes": notes,
-        "options": {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if isinstance(v, list) else v)
+        "options": {k: (Path(v).name if isinstance(v, Path) else [Path(p).name for p in v] if isinstance(v, list) else v)
                     for k, v in options.__dict__.items()},
     }
     write_json(out_dir / REPORT_NAME, report)

@@ -150,7 +150,7 @@ def calibration_pool(meta: dict | None, calibration_dir: Path | None) -> tuple[l
     patches = discover_labelled(Path(calibration_dir))
     in_train = [p for p in patches if p.patient_id in train_ids]
     if in_train:
-        return in_train, f"training-split patients in {calibration_dir}"
+        return in_train, f"training-split patients in {Path(calibration_dir).name}"  # no machine path in the card
     # The split's patients are not in this directory (another copy or another cohort): use what is
     # there, but never patients the model was validated or tested on.
     others = [p for p in patches if p.patient_id not in held_out]
@@ -159,7 +159,8 @@ def calibration_pool(meta: dict | None, calibration_dir: Path | None) -> tuple[l
                                 "(none, or only validation/test patients)")
     if train_ids:
         log.warning("none of the split's training patients are in %s; calibrating on its other patients", calibration_dir)
-    return others, f"patches in {calibration_dir} (not the split's training patients; validation/test patients excluded)"
+    return others, (f"patches in {Path(calibration_dir).name} (not the split's training patients; validation/test "
+                    "patients excluded)")
 
 
 def _without_gate(pool: list, gate: PatchSet, where: str) -> tuple[list, str]:
@@ -216,7 +217,7 @@ def gate_set(meta: dict | None, contract: Contract, gate_dir: Path | None) -> Pa
     train_ids = _split_ids(meta, "train")
     if gate_dir is not None:
         patches = discover_labelled(Path(gate_dir))
-        description = f"labelled patches in {gate_dir}"
+        description = f"labelled patches in {Path(gate_dir).name}"
         leaked = sorted({p.patient_id for p in patches} & train_ids)
         held_out = [p for p in patches if p.patient_id not in train_ids]
         if leaked and held_out:
@@ -233,7 +234,7 @@ def gate_set(meta: dict | None, contract: Contract, gate_dir: Path | None) -> Pa
             raise QuantizationError("no validation patients to gate on (train_meta.json split or data_dir missing): "
                                     "pass --gate-data DIR")
         patches = [p for p in discover_labelled(data_dir) if p.patient_id in val_ids]
-        description = f"validation-split patients in {data_dir}"
+        description = f"validation-split patients in {data_dir.name}"
     if not patches:
         raise QuantizationError(f"no labelled patches for the accuracy gate ({description})")
     return decode_patch_set(patches, contract, description)

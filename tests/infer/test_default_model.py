@@ -10,6 +10,8 @@ from idc_infer.engine import score_paths
 from idc_infer.metrics import roc_auc
 from idc_infer.model import INT8_NAME, default_model_path, load_model
 
+from ..conftest import REPO
+
 REQUIRED_METRICS = ("roc_auc", "balanced_accuracy", "f1", "sensitivity", "specificity")
 
 
@@ -103,3 +105,6 @@ def test_shipped_report_and_card_describe_the_shipped_files(shipped):
     assert shipped.sha256[:12] in card and "research use only" in card.lower()
     assert f"| roc_auc | {shipped.contract.provenance['metrics']['roc_auc']:.4f} |" in card
     assert "for scale only" in card and "Headline estimator" in card
+    report_text = (models_dir / "export-report.json").read_text(encoding="utf-8")
+    for text in (card, report_text):  # they ship with the package: no path of the machine that built them
+        assert str(REPO.parent) not in text and "/shared/data/" not in text
