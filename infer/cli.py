@@ -181,6 +181,11 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
             raise click.BadParameter(f"{out_dir} lies inside the folder of patient {patient.patient_id} "
                                      f"({patient.root}): its reports would sit among the patient's patches; "
                                      "choose a folder outside it", param_hint="--out")
+    from .engine import COHORT_ID
+
+    if any(patient.patient_id == COHORT_ID for patient in patients):
+        raise click.UsageError(f"a patient folder is named {COHORT_ID!r}, the name of summary.csv's row for the whole "
+                               "cohort: rename the folder")
     dupes = duplicate_ids(patients)
     if dupes:
         raise click.UsageError(f"patient id(s) given more than once: {', '.join(dupes[:10])}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .naming import LABEL_DIRS, is_candidate_image, parse_patch_name, patient_dir_of
+from .naming import is_candidate_image, is_label_dir, parse_patch_name, patient_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def _holds_patches(directory: str, exclude: frozenset[Path]) -> bool:
                 if _is_hidden(entry):
                     continue
                 if _is_dir(entry):
-                    if entry.name in LABEL_DIRS and _is_walkable_dir(entry, exclude):
+                    if is_label_dir(entry.name) and _is_walkable_dir(entry, exclude):
                         return True
                 elif is_candidate_image(entry.name):
                     return True
@@ -187,7 +187,7 @@ def _classify(directory: Path, exclude: frozenset[Path]) -> tuple[bool, list[os.
             subdirs.append(entry)
         elif not _is_dir(entry) and not _is_hidden(entry) and is_candidate_image(entry.name):
             loose.append(entry)
-    if not subdirs or any(entry.name in LABEL_DIRS for entry in subdirs):
+    if not subdirs or any(is_label_dir(entry.name) for entry in subdirs):
         return True, subdirs, loose
     if not loose:
         return False, subdirs, loose

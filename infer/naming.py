@@ -9,7 +9,9 @@ from pathlib import Path
 KAGGLE_NAME = re.compile(
     r"^(?P<pid>[A-Za-z0-9-]+)_idx\d+_x(?P<x>\d+)_y(?P<y>\d+)(?:_class(?P<label>[01]))?\.[A-Za-z0-9]+$"
 )
-LABEL_DIRS = {"0": 0, "1": 1}
+# class folders, lower case: the public set's 0/ 1/, and benign/ malignant/ (BreakHis-style) which
+# idc-train accepts too, so idc-infer reads their labels instead of taking them for patients
+LABEL_DIRS = {"0": 0, "1": 1, "benign": 0, "malignant": 1, "non-idc": 0, "idc": 1}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
@@ -35,15 +37,19 @@ def parse_patch_name(name: str) -> PatchName:
     )
 
 
+def is_label_dir(name: str) -> bool:
+    return name.lower() in LABEL_DIRS
+
+
 def label_from_parent(path: Path) -> int | None:
-    """The label of a patch stored under a ``0/`` or ``1/`` folder, else None."""
-    return LABEL_DIRS.get(path.parent.name)
+    """The label of a patch stored under a class folder (``0/``, ``1/``, ``benign/``...), else None."""
+    return LABEL_DIRS.get(path.parent.name.lower())
 
 
 def patient_dir_of(path: Path) -> Path:
     """The patient directory of a patch: its folder, or the one above a ``0/``/``1/`` folder."""
     parent = path.parent
-    return parent.parent if parent.name in LABEL_DIRS else parent
+    return parent.parent if is_label_dir(parent.name) else parent
 
 
 def is_candidate_image(name: str) -> bool:

@@ -10,11 +10,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from idc_infer.naming import is_candidate_image, parse_patch_name
+from idc_infer.naming import LABEL_DIRS, is_candidate_image, parse_patch_name
 
 log = logging.getLogger(__name__)
 
-CLASS_DIRS = {"0": 0, "1": 1, "benign": 0, "malignant": 1, "non-idc": 0, "idc": 1}
+CLASS_DIRS = LABEL_DIRS  # one definition, shared with idc-infer
 # BreakHis: SOB_<B|M>_<tumour type>-<year>-<slide id>-<magnification>-<seq>.png
 BREAKHIS_NAME = re.compile(r"^SOB_(?P<cls>[BM])_[A-Z]+-(?P<patient>\d+-[A-Za-z0-9]+)-\d+-\d+\.\w+$")
 SET_NAMES = ("train", "val", "test")

@@ -403,3 +403,23 @@ def test_disk_full_while_writing_run_json_is_an_exit_1_message(tmp_path, monkeyp
     result = CliRunner().invoke(main, [str(SAMPLE_PATIENT), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "No space left on device" in result.output and "--resume" in result.output
     assert (tmp_path / "o" / "summary.csv").exists()
+
+
+def test_benign_and_malignant_folders_are_labels_not_patients(tmp_path):
+    """The class-folder layout idc-train accepts (<patient>/benign|malignant/) is one labelled patient here too."""
+    patient = tmp_path / "P1"
+    for folder, label in (("benign", "0"), ("malignant", "1")):
+        (patient / folder).mkdir(parents=True)
+        for source in sorted((SAMPLE_PATIENT / label).glob("*.png")):
+            # names without the Kaggle pattern: the label can only come from the folder
+            shutil.copy(source, patient / folder / (source.name.replace("10253_idx5_", "patch_").split("_class")[0] + ".png"))
+    assert run([patient, "--out", tmp_path / "o", "--no-review"]).exit_code == 0
+    [row] = read_csv(tmp_path / "o" / "summary.csv")
+    assert row["patient_id"] == "P1" and row["n_labelled"] == "11" and row["true_idc_fraction"] != ""
+
+
+def test_a_patient_folder_named_like_the_cohort_row_is_refused(tmp_path):
+    shutil.copytree(SAMPLE_PATIENT, tmp_path / "cohort" / "(cohort)")
+    shutil.copytree(SAMPLE_PATIENT, tmp_path / "cohort" / "10253")
+    result = run([tmp_path / "cohort", "--out", tmp_path / "o"])
+    assert result.exit_code == 2 and "'(cohort)'" in result.output
