@@ -169,6 +169,18 @@ def _holds_patches(directory: str, exclude: frozenset[Path]) -> bool:
     return False
 
 
+def _first_image_patient(directory: str) -> str | None:
+    """The Kaggle patient id of the first image directly in ``directory`` (one directory read, stops early)."""
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if not _is_hidden(entry) and is_candidate_image(entry.name):
+                    return parse_patch_name(entry.name).patient_id
+    except OSError:
+        pass
+    return None
+
+
 def _classify(directory: Path, exclude: frozenset[Path]) -> tuple[bool, list[os.DirEntry], list[os.DirEntry]]:
     """(is a patient dir, walkable subdirectories, loose image files) of one input directory.
 
@@ -189,9 +201,11 @@ def _classify(directory: Path, exclude: frozenset[Path]) -> tuple[bool, list[os.
             loose.append(entry)
     if not subdirs or any(is_label_dir(entry.name) for entry in subdirs):
         return True, subdirs, loose
-    if not loose:
-        return False, subdirs, loose
     own_name = directory.resolve().name
+    if not loose:
+        # 8863/tiles/8863_idx5_...: the images below carry this folder's name, so it is the patient
+        # (not a cohort with a patient "tiles")
+        return any(_first_image_patient(entry.path) == own_name for entry in subdirs), subdirs, loose
     if any(parse_patch_name(entry.name).patient_id == own_name for entry in loose):
         return True, subdirs, loose
     if any(_holds_patches(entry.path, exclude) for entry in subdirs):

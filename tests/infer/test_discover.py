@@ -190,3 +190,19 @@ def test_a_link_out_of_the_patient_folder_is_not_followed(tmp_path, caplog):
     assert counts == {pid: sum(w.patient_id == pid for w in written) for pid in ("90001", "90002")}
     assert skipped.counts["link to a folder outside the patient"] == 1
     assert "links outside the patient folder" in caplog.text
+
+
+def test_patches_in_a_subfolder_named_after_the_patient_stay_that_patient(tmp_path):
+    """idc-infer nested/8863 with its patches in 8863/tiles/ is patient 8863, not a cohort with patient 'tiles'."""
+    written = write_patient(tmp_path / "nested", "8863", grid=3)
+    patient_dir = tmp_path / "nested" / "8863"
+    (patient_dir / "tiles").mkdir()
+    for w in written:
+        w.path.rename(patient_dir / "tiles" / w.path.name)
+    for label_dir in ("0", "1"):
+        if (patient_dir / label_dir).is_dir():
+            (patient_dir / label_dir).rmdir()
+    assert found(patients_from_dirs([patient_dir]), SkipCounter()) == {"8863": len(written)}
+    # a real cohort root of two patients is still a cohort
+    write_cohort(tmp_path / "cohort", n_patients=2, grid=3)
+    assert set(found(patients_from_dirs([tmp_path / "cohort"]), SkipCounter())) == {"90001", "90002"}
