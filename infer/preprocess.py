@@ -102,6 +102,10 @@ def _to_rgb8(image: np.ndarray, notes: list[str]) -> np.ndarray | None:
 def _fit_size(rgb: np.ndarray, contract: Contract, notes: list[str]) -> tuple[np.ndarray | None, Decoded | None]:
     height, width = rgb.shape[:2]
     native = contract.native_patch_px
+    # larger than a patch in either side is oversized even when the other side is short (60x40): the same
+    # rule the header check applies before decoding, whatever the format
+    if (height > native or width > native) and contract.oversized_policy == "refuse":
+        return None, Decoded(STATUS_OVERSIZED, f"{width}x{height} px is larger than {native}x{native}")
     if height < native or width < native:
         if contract.undersized_policy == "refuse":
             return None, Decoded(STATUS_UNDERSIZED, f"{width}x{height} px is smaller than {native}x{native}")
@@ -197,9 +201,57 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def bmp_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a BMP's info header (height may be negative: a top-down bitmap)."""
+    if len(data) >= 26 and data[:2] == b"BM" and int.from_bytes(data[14:18], "little") >= 12:
+        if int.from_bytes(data[14:18], "little") == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+            return int.from_bytes(data[18:20], "little"), int.from_bytes(data[20:22], "little")
+        width = int.from_bytes(data[18:22], "little", signed=True)
+        height = int.from_bytes(data[22:26], "little", signed=True)
+        return abs(width), abs(height)
+    return None
+
+
+def tiff_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a TIFF's first image (ImageWidth 256 / ImageLength 257 of the first IFD)."""
+    if len(data) < 8 or data[:4] not in (b"II*\x00", b"MM\x00*"):
+        return None
+    order = "little" if data[:2] == b"II" else "big"
+    offset = int.from_bytes(data[4:8], order)
+    if offset + 2 > len(data):
+        return None
+    count = int.from_bytes(data[offset:offset + 2], order)
+    sizes = {}
+    for i in range(min(count, 4096)):
+        entry = offset + 2 + 12 * i
+        if entry + 12 > len(data):
+            break
+        tag, kind = int.from_bytes(data[entry:entry + 2], order), int.from_bytes(data[entry + 2:entry + 4], order)
+        if tag in (256, 257):
+            width = 2 if kind == 3 else 4  # SHORT or LONG
+            sizes[tag] = int.from_bytes(data[entry + 8:entry + 8 + width], order)
+    return (sizes[256], sizes[257]) if 256 in sizes and 257 in sizes else None
+
+
+def webp_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a WebP's VP8 / VP8L / VP8X chunk header."""
+    if len(data) < 30 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return None
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+    if chunk == b"VP8L" and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    return None
+
+
 def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) read from a PNG or JPEG header; None for other formats or unreadable headers."""
-    return png_size(data) or jpeg_size(data)
+    """(width, height) read from a PNG, JPEG, BMP, TIFF or WebP header without decoding the pixels;
+    None for other formats or unreadable headers (cv2's decode limit still applies to those)."""
+    return png_size(data) or jpeg_size(data) or bmp_size(data) or tiff_size(data) or webp_size(data)
 
 
 def _source_notes(data: bytes) -> list[str]:

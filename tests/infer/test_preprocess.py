@@ -174,12 +174,19 @@ def bmp_claiming(width_px: int, height_px: int) -> bytes:
     return b"BM" + struct.pack("<IHHI", 14 + len(info) + 16, 0, 0, 14 + len(info)) + info + bytes(16)
 
 
-def test_decode_limit_refusal_is_reported_in_the_row(tmp_path):
-    """A format whose header is not read here (BMP) claiming 10000x10000 px: cv2's decode limit refuses it.
-
-    Run in a fresh interpreter: OpenCV reads its limit once, when cv2 is first imported."""
+def test_a_huge_bmp_is_refused_from_its_header(tmp_path):
     path = tmp_path / "slide.bmp"
     path.write_bytes(bmp_claiming(10000, 10000))
+    decoded = decode_file(path, Contract(oversized_policy="resize"))
+    assert decoded.status == "oversized_refused" and "Mpx any patch could need" in decoded.message
+
+
+def test_decode_limit_refusal_is_reported_in_the_row(tmp_path):
+    """A format whose header is not read here (PPM) claiming 10000x10000 px: cv2's decode limit refuses it.
+
+    Run in a fresh interpreter: OpenCV reads its limit once, when cv2 is first imported."""
+    path = tmp_path / "slide.png"
+    path.write_bytes(b"P6\n10000 10000\n255\n" + b"\0" * 300)
     script = textwrap.dedent(f"""
         from pathlib import Path
         from idc_infer.contract import Contract
@@ -223,3 +230,19 @@ def test_a_fifo_named_png_gets_a_row_and_does_not_hang(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("not_an_image") and "not a regular file" in done.stdout
+
+
+@pytest.mark.parametrize("ext", [".png", ".bmp", ".tiff", ".webp"])
+def test_a_60x40_image_is_oversized_in_every_format_and_read_from_its_header(ext, tmp_path):
+    """60 px wide is larger than a 50 px patch even when 40 px high: refused as PNG was, never stretched;
+    and the size comes from the header, before any pixel is decoded."""
+    from idc_infer.preprocess import header_size
+
+    ok, data = cv2.imencode(ext, np.full((40, 60, 3), 128, np.uint8))
+    if not ok:
+        pytest.skip(f"this OpenCV cannot write {ext}")
+    assert header_size(data.tobytes()) == (60, 40)
+    path = tmp_path / f"p{ext}"
+    path.write_bytes(data.tobytes())
+    decoded = decode_file(path, CONTRACT)
+    assert decoded.status == "oversized_refused" and "60x40" in decoded.message
