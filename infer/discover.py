@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 LOOSE_IMAGE_IN_COHORT_ROOT = "image beside patient folders in a cohort root"
 DIRECTORY_ALREADY_WALKED = "link to a directory already walked"
 REPORT_DIRECTORY = "folder of idc reports"
+UNREADABLE_DIRECTORY = "unreadable directory"
 LINK_OUTSIDE_PATIENT = "link to a folder outside the patient"
 STATE_DIR = ".idc-state"  # what marks a folder of idc's own reports (engine writes it)
 
@@ -60,9 +61,10 @@ def _sorted_entries(directory: Path, skipped: SkipCounter | None = None) -> list
     try:
         with os.scandir(directory) as entries:
             return sorted(entries, key=lambda e: e.name)
-    except OSError:  # permission denied, vanished: counted, the run goes on
+    except OSError as exc:  # permission denied, vanished: said, counted, the run goes on
         if skipped is not None:
-            skipped.skip("unreadable directory")
+            log.warning("%s cannot be read (%s): patches in it are not scored", directory, exc.strerror or exc)
+            skipped.skip(UNREADABLE_DIRECTORY)
         return []
 
 

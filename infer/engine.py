@@ -23,7 +23,7 @@ import numpy as np
 
 from . import __version__
 from .contract import Contract
-from .discover import STATE_DIR, Patient, SkipCounter
+from .discover import STATE_DIR, UNREADABLE_DIRECTORY, Patient, SkipCounter
 from .files import RESEARCH_NOTICE, CsvOut, atomic_path, safe_file_stem, write_csv
 from .metrics import Confusion, safe_ratio, wilson_interval
 from .quantify import FEW_PATCHES, fraction_estimates
@@ -63,6 +63,7 @@ class PatientTally:
     sum_b: float = 0.0
     n_labelled: int = 0
     n_true_idc: int = 0
+    n_unreadable_dirs: int = 0  # sub-folders that could not be listed: their patches are missing
     tp: int = 0  # plain counters: this runs once per patch
     fp: int = 0
     tn: int = 0
@@ -107,6 +108,8 @@ class PatientTally:
     def notes(self, patient_id: str, contract: Contract | None, threshold: float) -> list[str]:
         """What a reviewer must know before reading this patient's fractions."""
         notes = []
+        if self.n_unreadable_dirs:
+            notes.append(f"{self.n_unreadable_dirs} sub-folder(s) could not be read: their patches are missing here")
         if self.n_scored < FEW_PATCHES:
             notes.append(f"only {self.n_scored} scored patches: too few for a meaningful fraction")
         if contract is None:
@@ -170,7 +173,7 @@ class PatientTally:
 
 
 STATE_FIELDS = ("n_patches", "n_scored", "n_idc", "sum_prob", "sum_prob_sq", "sum_r", "sum_g", "sum_b", "n_labelled",
-                "n_true_idc", "tp", "fp", "tn", "fn")
+                "n_true_idc", "n_unreadable_dirs", "tp", "fp", "tn", "fn")
 
 
 @dataclass
@@ -369,6 +372,7 @@ def score_patient(
         for suffix in PATIENT_SUFFIXES:
             (settings.out_dir / f"{stem}{suffix}").unlink(missing_ok=True)
     tally = PatientTally()
+    unreadable_before = skipped.counts[UNREADABLE_DIRECTORY]
     fingerprint = InputFingerprint()
     sinks = [make(patient.patient_id, settings.out_dir, stem, settings.threshold) for make in settings.sink_factories]
     try:
@@ -386,6 +390,7 @@ def score_patient(
         for sink in sinks:  # interrupted: no review file for a patient whose CSV was not written
             getattr(sink, "abort", lambda: None)()
         raise
+    tally.n_unreadable_dirs = skipped.counts[UNREADABLE_DIRECTORY] - unreadable_before
     for sink in sinks:
         sink.close()
     state = {

@@ -423,3 +423,25 @@ def test_a_patient_folder_named_like_the_cohort_row_is_refused(tmp_path):
     shutil.copytree(SAMPLE_PATIENT, tmp_path / "cohort" / "10253")
     result = run([tmp_path / "cohort", "--out", tmp_path / "o"])
     assert result.exit_code == 2 and "'(cohort)'" in result.output
+
+
+def test_an_unreadable_sub_folder_is_warned_about_and_noted_in_the_summary(tmp_path, monkeypatch, caplog):
+    import os
+
+    patient = tmp_path / "10253"
+    shutil.copytree(SAMPLE_PATIENT, patient)
+    locked = patient / "1"
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level("WARNING", logger="idc_infer"):
+        result = CliRunner().invoke(main, [str(patient), "--out", str(tmp_path / "o"), "--no-review"])
+    assert result.exit_code == 0, result.output
+    assert "cannot be read" in caplog.text and str(locked) in caplog.text
+    [row] = read_csv(tmp_path / "o" / "summary.csv")
+    assert row["n_patches"] == "6" and "1 sub-folder(s) could not be read" in row["notes"]
