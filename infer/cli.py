@@ -56,6 +56,13 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def _report_folder(_ctx, _param, value):
+    # an empty --out ("", e.g. an unset shell variable) would scatter reports over the current folder
+    if not value.strip():
+        raise click.BadParameter("an empty name is not a folder for reports; name one, e.g. --out idc-reports")
+    return Path(value)
+
+
 def _finite_threshold(_ctx, _param, value):
     if value is not None and value != value:  # click's FloatRange lets NaN through
         raise click.BadParameter(f"{value} is not a number in [0, 1]")
@@ -110,7 +117,7 @@ def _versions() -> dict:
                    "and runs the faster; fp32 or int8 force one. Not with --model.")
 @click.option("--model", "model_path", type=click.Path(path_type=Path),
               help="ONNX model exported by idc-export [default: the model shipped with idc].")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("idc-reports"),
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="idc-reports", callback=_report_folder,
               show_default=True, help="Directory for the reports.")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), callback=_finite_threshold,
               help="prob_idc at or above which a patch counts as IDC [default: the model's].")

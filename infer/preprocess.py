@@ -284,7 +284,7 @@ def decode_bytes(data: bytes, contract: Contract) -> Decoded:
             refused.message += f", beyond the {MAX_DECODE_PIXELS / 1e6:.0f} Mpx any patch could need"
             return refused
     if len(data) > MAX_FILE_BYTES:
-        return Decoded(STATUS_OVERSIZED, f"file over {MAX_FILE_BYTES / 1e6:.0f} MB is far too large for a patch")
+        return Decoded(STATUS_OVERSIZED, f"file over {MAX_FILE_BYTES // 2**20} MiB is far too large for a patch")
     buffer = np.frombuffer(data, dtype=np.uint8)
     try:
         image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)

@@ -445,3 +445,10 @@ def test_an_unreadable_sub_folder_is_warned_about_and_noted_in_the_summary(tmp_p
     assert "cannot be read" in caplog.text and str(locked) in caplog.text
     [row] = read_csv(tmp_path / "o" / "summary.csv")
     assert row["n_patches"] == "6" and "1 sub-folder(s) could not be read" in row["notes"]
+
+
+def test_an_empty_out_is_a_usage_error_not_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run([SAMPLE_PATIENT, "--out", ""])
+    assert result.exit_code == 2 and "empty name" in result.output
+    assert not (tmp_path / "summary.csv").exists()
