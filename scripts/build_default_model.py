@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 EXIT_INT8_GATE = 3  # idc-export: fp32 written, int8 failed its accuracy gate
 # The shipped recipe (docs/recipe.md says why): idc-train options beside data, split, epochs and seed.
-RECIPE = {"--arch": "cancernet", "--optimizer": "adam-cosine", "--augment": "", "--patient-weight": "none",
+RECIPE = {"--arch": "cancernet", "--optimizer": "adam-cosine", "--augment": "idc", "--patient-weight": "none",
           "--batch-size": "32", "--patience": "10"}
 README_START, README_END = "<!-- shipped-model:start -->", "<!-- shipped-model:end -->"
 
