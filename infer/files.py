@@ -136,6 +136,22 @@ def write_json(target: Path, payload: Any) -> None:
 LOCK_NAME = ".idc-lock"
 
 
+def remove_stale_temp_files(folder: Path) -> int:
+    """Remove the half-written ``.<name>.*.tmp`` files atomic_path leaves when a run is killed (kill -9,
+    power cut). Only called under the folder's lock: no other run can be writing them."""
+    removed = 0
+    for directory in (folder, folder / ".idc-state"):
+        try:
+            candidates = list(directory.glob(".*.tmp"))
+        except OSError:
+            continue
+        for path in candidates:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+    return removed
+
+
 class FolderBusyError(RuntimeError):
     """Another idc process is writing the same output folder."""
 
@@ -171,6 +187,7 @@ def folder_lock(folder: Path) -> Iterator[None]:
         handle.truncate()
         handle.write(f"pid {os.getpid()}".encode())
         handle.flush()
+        remove_stale_temp_files(folder)
         yield
     finally:
         handle.close()

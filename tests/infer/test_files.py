@@ -85,3 +85,16 @@ def test_carriage_return_in_a_name_stays_inside_its_cell(tmp_path):
     with open(tmp_path / "s.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     assert rows == [["patient_id", "n"], ["p\r=HYPERLINK(1)", "3"], ["q", "4"]]
+
+
+def test_temp_files_left_by_a_killed_run_are_removed_under_the_lock(tmp_path):
+    from idc_infer.files import folder_lock
+
+    (tmp_path / ".idc-state").mkdir()
+    stale = [tmp_path / ".summary.csv.x1y2.tmp", tmp_path / ".idc-state" / ".10253.json.a.tmp"]
+    for path in stale:
+        path.write_text("half")
+    (tmp_path / "keep.tmp").write_text("not ours")
+    with folder_lock(tmp_path):
+        pass
+    assert not any(p.exists() for p in stale) and (tmp_path / "keep.tmp").exists()
