@@ -572,6 +572,11 @@ def _patient_row(out_dir: Path, row: dict, labelled: bool, is_cohort: bool, head
     return "<tr>" + "".join(cells) + "</tr>"
 
 
+def _counted(n: Any, one: str, many: str | None = None) -> str:
+    """'1 patient', '3 patients', '? patients' (unknown)."""
+    return f"{n} {one}" if n == 1 else f"{'?' if n is None else n} {many or one + 's'}"
+
+
 def _run_meta(out_dir: Path, run_info: dict, summary_rows: list[dict]) -> list[tuple[str, str]]:
     """(label, escaped html) pairs describing the model and the run."""
     model = run_info.get("model", {})
@@ -590,7 +595,7 @@ def _run_meta(out_dir: Path, run_info: dict, summary_rows: list[dict]) -> list[t
     ]
     if counts:
         meta.append(("Counts", _esc(
-            f"{counts.get('patients', '?')} patients, {counts.get('patches', '?')} patches, "
+            f"{_counted(counts.get('patients'), 'patient')}, {_counted(counts.get('patches'), 'patch', 'patches')}, "
             f"{counts.get('scored', '?')} scored, {counts.get('failed', '?')} failed")))
     if _number(started) is not None:
         meta.append(("Run started", _esc(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(started))))))
