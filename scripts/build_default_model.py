@@ -96,7 +96,8 @@ def readme_block(report: dict) -> str:
             lines.append(f"| {name}{' (headline)' if name == est['headline'] else ''} | {_fmt(m['mae'])} | "
                          f"{_fmt(m['max_error'])} | {_fmt(m['coverage_95'], 2)} ({m['n']} patients) |")
     files = report["files"]
-    lines += ["", "Files: " + ", ".join(f"`{e['path']}` {e['size_bytes'] / 1e6:.2f} MB" for e in files.values())
+    shipped = [e for e in files.values() if e["status"] == "usable"]
+    lines += ["", "Files: " + ", ".join(f"`{e['path']}` {e['size_bytes'] / 1e6:.2f} MB" for e in shipped)
               + ("" if report.get("int8_usable") else "; int8 not shipped: it failed its accuracy gate (see the card)")]
     return "\n".join(lines)
 
