@@ -212,7 +212,7 @@ def test_huge_file_is_refused_without_reading_it_whole(tmp_path):
     with path.open("wb") as handle:
         handle.truncate(256 * 1024**2)  # sparse: long, yet nothing on disk
     decoded = decode_file(path, CONTRACT)
-    assert decoded.status == "oversized_refused" and "MB" in decoded.message
+    assert decoded.status == "oversized_refused" and "16 MiB" in decoded.message  # the limit as it is: 16 MiB
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are a POSIX thing")
