@@ -1,6 +1,6 @@
 """fp32 vs int8 on this CPU: file size, onnxruntime throughput at b1/b8/b32, accuracy deltas on held-out patients.
 
-    python benchmarks/bench_precision.py models/                          # the shipped pair
+    python benchmarks/bench_precision.py runs/default-model/export        # what build_default_model.py exported
     python benchmarks/bench_precision.py runs/export --data ../shared/data/idc-real --threads 2
 
 Reads cancernet-fp32.onnx and cancernet-int8.onnx (or cancernet-int8.rejected.onnx) from the
