@@ -81,7 +81,9 @@ def _announce(model, quiet: bool, precision: dict | None = None) -> None:
                      f"{rates['int8']:.0f} patches/s{' (cached)' if precision.get('cached') else ''}")
     if contract.is_demo:
         lines.insert(0, "!" * 72)
-        lines.insert(1, "!! DEMO MODEL: trained on synthetic data. Its outputs say nothing about real tissue.")
+        lines.insert(1, "!! DEMO MODEL: trained on synthetic data. Its outputs say nothing about real tissue."
+                     if contract.provenance else
+                     "!! UNVERIFIED MODEL: its contract says nothing of its training data or how it was evaluated.")
         lines.append("!" * 72)
     if contract.failed_gate:
         lines.append("idc-infer: WARNING this model FAILED its int8 accuracy gate (used because of "

@@ -13,7 +13,7 @@ from idc_infer.contract import CONTRACT_KEY, Contract  # noqa: E402
 from idc_infer.model import ModelError, load_model  # noqa: E402
 
 
-def _tiny_model(path, ending: str):
+def _tiny_model(path, ending: str, provenance=None):
     """NHWC 48x48x3 -> flatten -> MatMul (2 outputs) -> softmax | logits | NaN."""
     weights = np.random.default_rng(0).normal(0, 0.01, (48 * 48 * 3, 2)).astype(np.float32)
     nodes = [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
@@ -34,7 +34,7 @@ def _tiny_model(path, ending: str):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     entry = model.metadata_props.add()
-    entry.key, entry.value = CONTRACT_KEY, Contract(provenance={"demo": True}).to_json()
+    entry.key, entry.value = CONTRACT_KEY, Contract(provenance={"demo": True} if provenance is None else provenance).to_json()
     onnx.save(model, str(path))
     return path
 
@@ -83,3 +83,13 @@ def test_a_non_finite_output_makes_the_row_model_error(tmp_path, shared_sample, 
     assert all(r["prob_idc"] != "" for r in rows if r["status"] == "ok")
     summary = next(csv.DictReader(open(out / "summary.csv", newline="")))
     assert int(summary["n_failed"]) == 1 and int(summary["n_scored"]) == len(rows) - 1
+
+
+def test_a_contract_without_provenance_is_announced_as_unverified_not_synthetic(tmp_path, shared_sample):
+    from idc_infer.cli import main
+
+    path = _tiny_model(tmp_path / "bare.onnx", "softmax", provenance={})
+    result = CliRunner().invoke(main, [str(shared_sample), "--model", str(path), "--out", str(tmp_path / "o"),
+                                       "--no-review"])
+    assert result.exit_code == 0, result.output
+    assert "UNVERIFIED MODEL" in result.output and "synthetic" not in result.output
