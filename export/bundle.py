@@ -81,21 +81,23 @@ def _calibrate_files(out_dir: Path, files: dict, meta: dict | None, quantization
     them into its contract; the file entries (sha256) and the int8 contract in the report follow."""
     from .quantification import colour_reference, quantify_model, rewrite_contract
 
-    reports = {}
+    reports, updated = {}, {}
     colour = None
-    for precision, entry in files.items():
+    for precision, entry in files.items():  # fit every file first: a failure leaves all of them as they were
         path = out_dir / entry["path"]
         contract = read_file_contract(path)
         if colour is None:
             colour = colour_reference(meta, contract)
+        updated[precision], reports[precision] = quantify_model(path, contract, meta, colour)
+    for precision, contract in updated.items():
+        path = out_dir / files[precision]["path"]
         if precision == "int8" and "fp32" in files:  # the fp32 file it came from was rewritten just before
             export = {**contract.provenance.get("export", {}), "fp32_sha256": files["fp32"]["sha256"]}
             contract = contract.replace(provenance={**contract.provenance, "export": export})
-        updated, reports[precision] = quantify_model(path, contract, meta, colour)
-        rewrite_contract(path, updated)
-        files[precision] = {**_file_entry(path, entry["status"])}
+        rewrite_contract(path, contract)
+        files[precision] = {**_file_entry(path, files[precision]["status"])}
         if precision == "int8" and quantization is not None:
-            quantization["contract"] = json.loads(updated.to_json())
+            quantization["contract"] = json.loads(contract.to_json())
     return reports
 
 

@@ -124,7 +124,9 @@ def colour_reference(meta: dict | None, contract: Contract, seed: int = 0) -> di
 def _fit(scores: ValidationScores, raw_threshold: float, keep: np.ndarray) -> dict:
     """Calibration, calibrated threshold, error rates and per-class mean probabilities from the patches
     where ``keep``."""
-    fit_on = keep & scores.uniform if (keep & scores.uniform).sum() >= 50 else keep
+    uniform = keep & scores.uniform
+    # the uniform sample when it is big enough and holds both classes, else every kept patch
+    fit_on = uniform if uniform.sum() >= 50 and len(set(scores.labels[uniform].tolist())) == 2 else keep
     a, b = fit_platt(scores.raw[fit_on], scores.labels[fit_on])
     calibration = {"method": "platt", "a": a, "b": b}
     probs = apply_calibration(scores.raw, calibration)
@@ -159,13 +161,19 @@ def measure_estimators(scores: ValidationScores, raw_threshold: float) -> dict:
         others = scores.patient_ids != pid
         if len(set(scores.labels[others].tolist())) < 2:
             continue
-        rows.append({**_patient_estimates(scores, _fit(scores, raw_threshold, others), pid),
-                     "whole_patient": str(pid) in scores.whole_patients})
+        try:
+            fit = _fit(scores, raw_threshold, others)
+        except (ValueError, np.linalg.LinAlgError) as exc:  # one fold that cannot be fitted must not stop the export
+            log.warning("leave-one-out fold without patient %s could not be fitted (%s): left out", pid, exc)
+            continue
+        rows.append({**_patient_estimates(scores, fit, pid), "whole_patient": str(pid) in scores.whole_patients})
 
     def summarise(subset: list[dict]) -> dict:
+        # every estimator on the same patients: those where all three are defined
+        subset = [r for r in subset if not any(math.isnan(r[name]) for name in ESTIMATORS)]
         out = {"n_patients": len(subset)}
         for name in ESTIMATORS:
-            usable = [r for r in subset if not math.isnan(r[name])]
+            usable = subset
             errors = [abs(r[name] - r["true"]) for r in usable]
             covered = [r[f"{name}_low"] <= r["true"] <= r[f"{name}_high"] for r in usable
                        if not math.isnan(r[f"{name}_low"])]
@@ -231,6 +239,7 @@ def quantify_model(model_path: Path, contract: Contract, meta: dict | None, colo
         "class_mean_probs_columns": ["patient_id", "n_idc", "mean_prob_of_idc_patches", "n_non_idc",
                                      "mean_prob_of_non_idc_patches"],
         "measured_on": f"all patches of {len(set(scores.patient_ids.tolist()))} validation patients",
+        "validation_patients": sorted(set(scores.patient_ids.tolist())),
         "headline": measured["headline"],
         "headline_why": (f"the estimator with the lowest mean absolute error on {measured['headline_chosen_on']}, "
                          "each left out of the fit in turn" if measured["headline"] != "counted"

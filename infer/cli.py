@@ -185,6 +185,11 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
         except ValueError as exc:  # not UTF-8 text, for one
             raise click.BadParameter(str(exc), param_hint="--from-list") from None
     out_resolved = out_dir.resolve()
+    for given in inputs:
+        if out_resolved == Path(given).resolve():
+            # its .idc-state would make the next run take the input for a folder of reports and skip it
+            raise click.BadParameter(f"{out_dir} is an input folder itself; write the reports to a folder of "
+                                     "their own (e.g. its subfolder idc-reports)", param_hint="--out")
     for patient in patients:
         if patient.root is not None and out_resolved.is_relative_to(patient.root.resolve()):
             raise click.BadParameter(f"{out_dir} lies inside the folder of patient {patient.patient_id} "
@@ -259,7 +264,7 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
             "demo": model.contract.is_demo,
             "trained_on": model.contract.describe_training(),
             "precision": precision_record,
-            "fraction_headline": headline_of(model.contract),
+            "fraction_headline": headline_of(model.contract, effective_threshold),
             "fraction_headline_why": (model.contract.quantification or {}).get("headline_why"),
             "contract": model.contract.__dict__ | {"class_names": list(model.contract.class_names)},
         },
@@ -298,7 +303,7 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
                    "summary.csv are complete; fix the cause and rerun with --resume", err=True)
         sys.exit(EXIT_FAILED_PATCHES)
 
-    headline = headline_of(model.contract)
+    headline = headline_of(model.contract, effective_threshold)
     column = ESTIMATOR_COLUMNS[headline]
     for row in result.summary_rows:
         fraction, low, high = (row.get(column + suffix) for suffix in ("", "_ci95_low", "_ci95_high"))

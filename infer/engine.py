@@ -116,6 +116,9 @@ class PatientTally:
             return notes
         if patient_id in contract.training_patients:
             notes.append("this patient was in the model's training data: its fractions are optimistic")
+        elif patient_id in ((contract.quantification or {}).get("validation_patients") or ()):
+            notes.append("this patient was one of the model's validation patients (threshold and calibration were "
+                         "fitted on it): its fractions are optimistic")
         reference = contract.colour_reference
         colour = self.mean_colour()
         if reference and colour:

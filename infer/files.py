@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -172,15 +174,26 @@ def folder_lock(folder: Path) -> Iterator[None]:
             if os.name == "nt":
                 import msvcrt
 
-                handle.seek(0)
+                # a byte far past the pid text: Windows byte locks are mandatory, the holder's pid stays readable
+                handle.seek(1 << 30)
                 msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
             else:
                 import fcntl
 
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, errno.EDEADLK):
+                # a file system without locks (some NFS or FUSE mounts): go on unlocked rather than refuse forever
+                logging.getLogger(__name__).warning("%s cannot be locked (%s): two runs into it would not be "
+                                                    "kept apart", folder, exc.strerror or exc)
+                handle.seek(0)
+                yield
+                return
             handle.seek(0)
-            holder = handle.read(200).decode("utf-8", "replace").strip() or "another process"
+            try:
+                holder = handle.read(200).decode("utf-8", "replace").strip() or "another process"
+            except OSError:
+                holder = "another process"
             raise FolderBusyError(f"{folder} is being written by another idc-infer run ({holder}); wait for it to "
                                   "finish or choose another --out") from None
         handle.seek(0)

@@ -77,7 +77,13 @@ def choose(fp32_path: Path, int8_path: Path | None, threads: int, load, measure=
     if key in cache and cache[key].get("chosen") in ("fp32", "int8"):
         record = {**cache[key], "requested": "auto", "cached": True, "cache_file": str(cache_file)}
         return (int8_path if record["chosen"] == "int8" else fp32_path), record
-    models = {"fp32": load(fp32_path), "int8": load(int8_path)}
+    try:
+        int8_model = load(int8_path)
+    except ValueError as exc:  # ModelError: a broken int8 file must not stop a run fp32 can do
+        return fp32_path, {"requested": "auto", "chosen": "fp32", "why": f"the int8 file cannot be used: {exc}"}
+    if int8_model.contract.failed_gate:
+        return fp32_path, {"requested": "auto", "chosen": "fp32", "why": "the int8 file failed its accuracy gate"}
+    models = {"fp32": load(fp32_path), "int8": int8_model}
     contract = models["fp32"].contract
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (TIMING_BATCH, contract.input_height_px, contract.input_width_px, 3))

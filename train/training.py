@@ -259,7 +259,9 @@ def _check_resumable(run_dir: Path, config_record: dict, assignment: dict) -> No
             return Path(before).resolve() == Path(now).resolve()  # relative or absolute, the same place
         return str(before) == str(now)
 
-    changed = [key for key in RESUME_KEYS if not same(key)]
+    # adam-cosine decays over epochs x steps: a new --epochs would make the learning rate jump back up
+    keys = RESUME_KEYS + (("epochs",) if config_record.get("optimizer") == "adam-cosine" else ())
+    changed = [key for key in keys if not same(key)]
     if changed:
         raise TrainingDataError(f"{run_dir} was started with other settings ({', '.join(changed)}); resume with the "
                                 "same options or start a new --out")

@@ -452,3 +452,10 @@ def test_an_empty_out_is_a_usage_error_not_the_current_folder(tmp_path, monkeypa
     result = run([SAMPLE_PATIENT, "--out", ""])
     assert result.exit_code == 2 and "empty name" in result.output
     assert not (tmp_path / "summary.csv").exists()
+
+
+def test_out_equal_to_the_input_cohort_is_refused(tmp_path):
+    """--out data over the cohort data/ would mark data/ as a folder of reports: the next run would skip it."""
+    shutil.copytree(SAMPLE_PATIENT, tmp_path / "data" / "10253")
+    result = run([tmp_path / "data", "--out", tmp_path / "data"])
+    assert result.exit_code == 2 and "is an input folder itself" in result.output

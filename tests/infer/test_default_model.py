@@ -67,7 +67,7 @@ def test_real_whole_patient_gets_corrected_fractions_and_training_patients_a_not
     for name in ("idc_fraction", "idc_fraction_adjusted", "idc_fraction_expected"):
         point, low, high = (float(val[name + s]) for s in ("", "_ci95_low", "_ci95_high"))
         assert 0.0 <= low <= high <= 1.0 and low <= point + 1e-9, name
-    assert "training data" not in val["notes"]
+    assert "training data" not in val["notes"] and "validation patients" in val["notes"]
     assert "was in the model's training data" in rows[train_patient]["notes"]
 
 

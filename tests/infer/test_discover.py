@@ -206,3 +206,10 @@ def test_patches_in_a_subfolder_named_after_the_patient_stay_that_patient(tmp_pa
     # a real cohort root of two patients is still a cohort
     write_cohort(tmp_path / "cohort", n_patients=2, grid=3)
     assert set(found(patients_from_dirs([tmp_path / "cohort"]), SkipCounter())) == {"90001", "90002"}
+
+
+def test_a_cohort_folder_named_like_a_class_is_still_a_cohort(tmp_path):
+    """datasets/idc/<patients>: a folder named idc without images of its own is not the IDC class folder."""
+    written = write_cohort(tmp_path / "datasets" / "idc", n_patients=2, grid=3)
+    counts = found(patients_from_dirs([tmp_path / "datasets" / "idc"]), SkipCounter())
+    assert counts == {pid: sum(w.patient_id == pid for w in written) for pid in ("90001", "90002")}

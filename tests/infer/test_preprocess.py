@@ -246,3 +246,10 @@ def test_a_60x40_image_is_oversized_in_every_format_and_read_from_its_header(ext
     path.write_bytes(data.tobytes())
     decoded = decode_file(path, CONTRACT)
     assert decoded.status == "oversized_refused" and "60x40" in decoded.message
+
+
+def test_a_text_file_starting_with_bm_is_not_taken_for_a_bitmap(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_bytes(b"BM: meeting notes about the slides, nothing like a bitmap header at all\n" * 3)
+    decoded = decode_file(path, CONTRACT)  # "BM" is the bitmap signature: a broken image, never "oversized"
+    assert decoded.status == "corrupt_image" and "px" not in decoded.message
