@@ -74,8 +74,7 @@ def test_expected_fraction_interval_inverts_the_validation_patients_class_means(
     swinging = [[f"p{i}", 100, 0.8, 100, 0.0 if i % 2 else 0.2] for i in range(6)]
     a = fraction_estimates(310, 1000, *sums, None, steady)
     b = fraction_estimates(310, 1000, *sums, None, swinging)
-    # the point corrects the mean by the pooled class means (0.8, 0.1): (0.31 - 0.1) / 0.7 = 0.3, inside both intervals
-    assert a["expected"] == pytest.approx(0.3) == b["expected"]
+    assert a["expected"] == pytest.approx(0.31) == b["expected"]  # the point is the mean calibrated probability
     assert b["expected_low"] <= b["expected"] <= b["expected_high"]
     assert a["expected_low"] == pytest.approx(0.3, abs=0.01) and a["expected_high"] == pytest.approx(0.3, abs=0.01)
     assert b["expected_low"] == pytest.approx(0.11 / 0.6, abs=0.01)  # (0.31 - 0.2) / (0.8 - 0.2)
@@ -95,14 +94,15 @@ def test_no_scored_patches_gives_no_fractions():
     assert all(math.isnan(v) for v in est.values())
 
 
-def test_expected_point_lies_inside_its_interval_at_the_extremes():
-    """A patient with no IDC (mean 0.1 where non-IDC patches read 0.1) is 0, not 0.1; one with all IDC is 1."""
+def test_expected_interval_is_for_the_true_share_even_where_the_mean_is_biased():
+    """Validation non-IDC patches read 0.1 and IDC ones 0.8: a patient with no IDC averages 0.12, which the
+    plain mean reports; its interval is for the true share and reaches 0; one with all IDC reaches 1."""
     means = [[f"p{i}", 100, 0.8 + 0.02 * (i % 3), 100, 0.1 + 0.02 * (i % 3)] for i in range(9)]
     for mean, truth in ((0.12, 0.0), (0.82, 1.0), (0.45, 0.5)):
         probs = np.full(500, mean)
         est = fraction_estimates(0, 500, float(probs.sum()), float((probs ** 2).sum()), None, means)
-        assert est["expected_low"] <= est["expected"] <= est["expected_high"]
-        assert est["expected"] == pytest.approx(truth, abs=0.03)
+        assert est["expected"] == pytest.approx(mean)
+        assert est["expected_low"] <= truth <= est["expected_high"]
 
 
 def test_headline_falls_back_when_the_threshold_is_not_the_models():
