@@ -79,16 +79,17 @@ def read_file_contract(path: Path):
 def _calibrate_files(out_dir: Path, files: dict, meta: dict | None, quantization: dict | None) -> dict:
     """Fit each written file's own calibration and error rates on the validation patients and write
     them into its contract; the file entries (sha256) and the int8 contract in the report follow."""
-    from .quantification import colour_reference, quantify_model, rewrite_contract
+    from .quantification import colour_reference, quantify_model, rewrite_contract, validation_set
 
     reports, updated = {}, {}
-    colour = None
+    colour = validation = None
     for precision, entry in files.items():  # fit every file first: a failure leaves all of them as they were
         path = out_dir / entry["path"]
         contract = read_file_contract(path)
-        if colour is None:
+        if validation is None:  # the files share their preprocessing: one decode, one colour reference
+            validation = validation_set(meta, contract)
             colour = colour_reference(meta, contract)
-        updated[precision], reports[precision] = quantify_model(path, contract, meta, colour)
+        updated[precision], reports[precision] = quantify_model(path, contract, meta, colour, validation)
     for precision, contract in updated.items():
         path = out_dir / files[precision]["path"]
         if precision == "int8" and "fp32" in files:  # the fp32 file it came from was rewritten just before

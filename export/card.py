@@ -83,10 +83,6 @@ def _metrics_lines(prov: dict) -> list[str]:
     return lines
 
 
-PUBLISHED = {"Cruz-Roa et al. 2014": {"f1": 0.718, "balanced_accuracy": 0.842},
-             "Janowczyk & Madabhushi 2016": {"f1": 0.7648, "balanced_accuracy": 0.847}}
-
-
 def _interval(m: dict, key: str) -> str:
     low, high = (m.get("interval_95") or {}).get(key, (None, None))
     if low is None:
@@ -96,6 +92,7 @@ def _interval(m: dict, key: str) -> str:
 
 def _validation_lines(prov: dict) -> list[str]:
     """The validation patients as idc-eval judges them: pooled metrics with patient-bootstrap intervals."""
+    from idc_train.evaluate import PUBLISHED  # one table of the published results
     evaluation = prov.get("val_evaluation")
     if not evaluation:
         return []

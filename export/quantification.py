@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from idc_infer.contract import Contract
-from idc_infer.quantify import (apply_calibration, brier_score, error_rates_record, expected_calibration_error,
-                                class_mean_probs, fit_platt, fraction_estimates, logit, sigmoid)
+from idc_infer.quantify import (COLOUR_Z_LIMIT, apply_calibration, brier_score, class_mean_probs, colour_distance_sd,
+                                error_rates_record, expected_calibration_error, fit_platt, fraction_estimates, logit,
+                                patch_mean_colour, sigmoid)
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +28,16 @@ COLOUR_PATCHES_PER_PATIENT = 100
 
 @dataclass
 class ValidationScores:
-    """Raw (uncalibrated) model outputs on the validation patients' patches."""
+    """The validation patients' patches, decoded once for every file fitted on them, and one file's raw
+    (uncalibrated) outputs on them (``raw``, set per file)."""
 
-    raw: np.ndarray
+    tensors: np.ndarray
     labels: np.ndarray
     patient_ids: np.ndarray
     uniform: np.ndarray  # bool: the patch is part of its patient's uniform random sample
+    colours: np.ndarray  # per-patch mean RGB on [0, 1]
     whole_patients: frozenset
+    raw: np.ndarray | None = None
 
 
 def validation_patches(meta: dict | None) -> tuple[list, "object"]:
@@ -57,7 +61,7 @@ def decode_tensors(patches, contract: Contract):
         decoded = decode_file(patch.path, contract)
         if decoded.status == STATUS_OK:
             tensors.append(decoded.tensor)
-            colours.append(decoded.rgb.reshape(-1, 3).mean(axis=0) / 255.0)
+            colours.append(patch_mean_colour(decoded.rgb))
             kept.append(patch)
     return np.stack(tensors), kept, np.asarray(colours)
 
@@ -65,15 +69,10 @@ def decode_tensors(patches, contract: Contract):
 def colour_flags(colours: np.ndarray, patient_ids: np.ndarray, reference: dict | None) -> dict | None:
     """How far each validation patient's mean colour lies from the training patients' (max |z| over
     R, G, B), and how many idc-infer would flag: the measured false-alarm rate of the colour note."""
-    from idc_infer.engine import COLOUR_Z_LIMIT
-
     if not reference:
         return None
-    mean, sd = np.asarray(reference["mean_rgb"]), np.maximum(np.asarray(reference["std_rgb"]), 1e-6)
-    per_patient = {}
-    for pid in sorted(set(patient_ids.tolist())):
-        colour = colours[patient_ids == pid].mean(axis=0)
-        per_patient[str(pid)] = round(float(np.max(np.abs(colour - mean) / sd)), 2)
+    per_patient = {str(pid): round(colour_distance_sd(colours[patient_ids == pid].mean(axis=0), reference), 2)
+                   for pid in sorted(set(patient_ids.tolist()))}
     flagged = sorted(pid for pid, z in per_patient.items() if z > COLOUR_Z_LIMIT)
     return {"z_limit": COLOUR_Z_LIMIT, "max_abs_z": per_patient, "flagged": flagged,
             "flagged_share": len(flagged) / max(1, len(per_patient))}
@@ -111,7 +110,7 @@ def colour_reference(meta: dict | None, contract: Contract, seed: int = 0) -> di
         for patch in rng.sample(patches, min(COLOUR_PATCHES_PER_PATIENT, len(patches))):
             decoded = decode_file(patch.path, contract)
             if decoded.status == STATUS_OK:
-                colours.append(decoded.rgb.reshape(-1, 3).mean(axis=0) / 255.0)
+                colours.append(patch_mean_colour(decoded.rgb))
         if colours:
             means.append(np.mean(colours, axis=0))
     if len(means) < 2:
@@ -173,16 +172,15 @@ def measure_estimators(scores: ValidationScores, raw_threshold: float) -> dict:
         subset = [r for r in subset if not any(math.isnan(r[name]) for name in ESTIMATORS)]
         out = {"n_patients": len(subset)}
         for name in ESTIMATORS:
-            usable = subset
-            errors = [abs(r[name] - r["true"]) for r in usable]
-            covered = [r[f"{name}_low"] <= r["true"] <= r[f"{name}_high"] for r in usable
-                       if not math.isnan(r[f"{name}_low"])]
-            widths = [r[f"{name}_high"] - r[f"{name}_low"] for r in usable if not math.isnan(r[f"{name}_low"])]
+            errors = [abs(r[name] - r["true"]) for r in subset]
+            with_interval = [r for r in subset if not math.isnan(r[f"{name}_low"])]
+            covered = [r[f"{name}_low"] <= r["true"] <= r[f"{name}_high"] for r in with_interval]
+            widths = [r[f"{name}_high"] - r[f"{name}_low"] for r in with_interval]
             out[name] = {"mae": float(np.mean(errors)) if errors else math.nan,
                          "max_error": float(np.max(errors)) if errors else math.nan,
                          "coverage_95": float(np.mean(covered)) if covered else math.nan,
                          "mean_interval_width": float(np.mean(widths)) if widths else math.nan,
-                         "n": len(usable)}
+                         "n": len(subset)}
         return out
 
     whole = [r for r in rows if r["whole_patient"]]
@@ -195,23 +193,32 @@ def measure_estimators(scores: ValidationScores, raw_threshold: float) -> dict:
     if candidates:
         measured["headline"] = min(candidates, key=lambda name: basis[name]["mae"])
         measured["headline_chosen_on"] = "whole validation patients" if whole else "all validation patients"
+        measured["headline_why"] = (f"the estimator with the lowest mean absolute error on "
+                                    f"{measured['headline_chosen_on']}, each left out of the fit in turn")
     else:  # one validation patient: nothing left to fit on when it is left out
         measured["headline"] = "counted"
-        measured["headline_chosen_on"] = "not measured (too few validation patients): the plain count"
+        measured["headline_chosen_on"] = measured["headline_why"] = \
+            "not measured (too few validation patients): the plain count"
     return measured
 
 
-def quantify_model(model_path: Path, contract: Contract, meta: dict | None, colour: dict | None) -> tuple[Contract, dict]:
-    """The contract with calibration, calibrated threshold, error rates, training patients and colour
-    reference, fitted on this file's own outputs; and the report of the fit (ECE, Brier, estimator errors)."""
+def validation_set(meta: dict | None, contract: Contract) -> ValidationScores:
+    """Decode the split's validation patches (ValueError when there are none of both classes)."""
     patches, design = validation_patches(meta)
     if not patches or len({p.label for p in patches}) < 2:
         raise ValueError("no validation patients of both classes in train_meta.json's split: no calibration")
     tensors, kept, colours = decode_tensors(patches, contract)
-    raw = raw_probs(model_path, tensors)
-    uniform = np.array([Path(p.path) in design.uniform for p in kept], dtype=bool)
-    scores = ValidationScores(raw, np.array([p.label for p in kept]), np.array([p.patient_id for p in kept]),
-                              uniform, design.whole_patients)
+    return ValidationScores(tensors, np.array([p.label for p in kept]), np.array([p.patient_id for p in kept]),
+                            np.array([Path(p.path) in design.uniform for p in kept], dtype=bool), colours,
+                            design.whole_patients)
+
+
+def quantify_model(model_path: Path, contract: Contract, meta: dict | None, colour: dict | None,
+                   validation: ValidationScores) -> tuple[Contract, dict]:
+    """The contract with calibration, calibrated threshold, error rates, training patients and colour
+    reference, fitted on this file's own outputs; and the report of the fit (ECE, Brier, estimator errors)."""
+    raw = raw_probs(model_path, validation.tensors)
+    scores = replace(validation, raw=raw)
     everything = np.ones(len(raw), dtype=bool)
     fit = _fit(scores, contract.threshold, everything)
     fit_on = fit["fit_on"]
@@ -230,7 +237,7 @@ def quantify_model(model_path: Path, contract: Contract, meta: dict | None, colo
         "brier_after": brier_score(fit["probs"][fit_on], scores.labels[fit_on]),
         "calibration_measured_on": f"{where} (in-sample: the same patches the fit used)",
         "estimators": measured,
-        "colour_of_validation_patients": colour_flags(colours, scores.patient_ids, colour),
+        "colour_of_validation_patients": colour_flags(scores.colours, scores.patient_ids, colour),
     }
     rates = fit["error_rates"]
     quantification = {
@@ -241,9 +248,7 @@ def quantify_model(model_path: Path, contract: Contract, meta: dict | None, colo
         "measured_on": f"all patches of {len(set(scores.patient_ids.tolist()))} validation patients",
         "validation_patients": sorted(set(scores.patient_ids.tolist())),
         "headline": measured["headline"],
-        "headline_why": (f"the estimator with the lowest mean absolute error on {measured['headline_chosen_on']}, "
-                         "each left out of the fit in turn" if measured["headline"] != "counted"
-                         or "not measured" not in measured["headline_chosen_on"] else measured["headline_chosen_on"]),
+        "headline_why": measured["headline_why"],
         "estimator_errors": {k: v for k, v in measured.items() if k in ("whole_patients", "all_validation_patients")},
     }
     updated = contract.replace(

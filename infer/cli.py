@@ -42,8 +42,7 @@ def _shipped_model(precision: str, threads: int, load):
 
     fp32 = default_model_path()
     if precision == "auto":
-        path, record = choose(fp32, shipped_model_path("int8"), threads, load)
-        return load(path), record
+        return choose(fp32, shipped_model_path("int8"), threads, load)
     path = fp32 if precision == "fp32" else shipped_model_path("int8")
     if path is None:
         raise ModelError("no int8 model is shipped (it failed its accuracy gate at export, see MODEL_CARD.md); "
@@ -207,15 +206,12 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
         raise click.UsageError("no patient directories found in the inputs")
     log.info("%d patient(s) to score with %s, threshold %.4f", len(patients), model.path, effective_threshold)
 
-    # held until the command ends (click closes the context on return, error and sys.exit alike)
-    lock = folder_lock(out_dir)
-    try:
-        lock.__enter__()
+    try:  # held until the command ends: click closes its resources on return, error and sys.exit alike
+        click.get_current_context().with_resource(folder_lock(out_dir))
     except FolderBusyError as exc:
         raise click.BadParameter(str(exc), param_hint="--out") from None
     except OSError as exc:
         raise click.BadParameter(f"cannot write into {out_dir}: {exc}", param_hint="--out") from None
-    click.get_current_context().call_on_close(lambda: lock.__exit__(None, None, None))
     if existing_reports(out_dir) and not (overwrite or resume):
         raise click.UsageError(f"{out_dir} already holds idc reports; pass --resume to continue or --overwrite")
     if overwrite:

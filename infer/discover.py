@@ -171,21 +171,21 @@ def _holds_patches(directory: str, exclude: frozenset[Path]) -> bool:
     return False
 
 
-def _is_class_folder(entry: os.DirEntry) -> bool:
-    """0/ and 1/ always; a worded class folder (benign/, malignant/, idc/...) only when it holds images
+def _is_class_folder(entry: os.DirEntry, exclude: frozenset[Path]) -> bool:
+    """0/ and 1/ always; a worded class folder (benign/, malignant/, idc/...) only when it holds patches
     itself: datasets/idc/8863/... is a cohort folder named idc, not IDC patches of one patient."""
     if not is_label_dir(entry.name):
         return False
-    return entry.name in ("0", "1") or _first_image_patient(entry.path, any_name=True) is not None
+    return entry.name in ("0", "1") or _holds_patches(entry.path, exclude)
 
 
-def _first_image_patient(directory: str, any_name: bool = False) -> str | None:
+def _first_image_patient(directory: str) -> str | None:
     """The Kaggle patient id of the first image directly in ``directory`` (one directory read, stops early)."""
     try:
         with os.scandir(directory) as entries:
             for entry in sorted(entries, key=lambda e: e.name)[:64]:  # sorted: the same answer on every file system
                 if not _is_hidden(entry) and is_candidate_image(entry.name):
-                    return entry.name if any_name else parse_patch_name(entry.name).patient_id
+                    return parse_patch_name(entry.name).patient_id
     except OSError:
         pass
     return None
@@ -209,7 +209,7 @@ def _classify(directory: Path, exclude: frozenset[Path]) -> tuple[bool, list[os.
             subdirs.append(entry)
         elif not _is_dir(entry) and not _is_hidden(entry) and is_candidate_image(entry.name):
             loose.append(entry)
-    if not subdirs or any(_is_class_folder(entry) for entry in subdirs):
+    if not subdirs or any(_is_class_folder(entry, exclude) for entry in subdirs):
         return True, subdirs, loose
     own_name = directory.resolve().name
     if not loose:

@@ -26,7 +26,7 @@ from .contract import Contract
 from .discover import STATE_DIR, UNREADABLE_DIRECTORY, Patient, SkipCounter
 from .files import RESEARCH_NOTICE, CsvOut, atomic_path, safe_file_stem, write_csv
 from .metrics import Confusion, safe_ratio, wilson_interval
-from .quantify import FEW_PATCHES, fraction_estimates
+from .quantify import COLOUR_Z_LIMIT, FEW_PATCHES, colour_distance_sd, fraction_estimates, patch_mean_colour
 from .model import LoadedModel, sha256_of
 from .naming import label_from_parent, parse_patch_name
 from .preprocess import STATUS_OK, Decoded, decode_file
@@ -45,7 +45,6 @@ SUMMARY_COLUMNS = (
     "n_labelled", "true_idc_fraction", "sensitivity", "specificity", "balanced_accuracy",
     "notes", "model_sha256", "notice",
 )
-COLOUR_Z_LIMIT = 3.0  # a patient's mean colour this many training-patient SDs away, in any channel, is flagged
 COHORT_ID = "(cohort)"
 
 
@@ -82,7 +81,7 @@ class PatientTally:
         self.sum_prob += prob
         self.sum_prob_sq += prob * prob
         if rgb is not None:
-            r, g, b = (rgb.reshape(-1, 3).mean(axis=0) / 255.0).tolist()
+            r, g, b = patch_mean_colour(rgb).tolist()
             self.sum_r += r
             self.sum_g += g
             self.sum_b += b
@@ -105,41 +104,38 @@ class PatientTally:
             return None
         return [self.sum_r / self.n_scored, self.sum_g / self.n_scored, self.sum_b / self.n_scored]
 
-    def notes(self, patient_id: str, contract: Contract | None, threshold: float) -> list[str]:
+    def notes(self, patient_id: str, contract: Contract, threshold: float) -> list[str]:
         """What a reviewer must know before reading this patient's fractions."""
         notes = []
         if self.n_unreadable_dirs:
             notes.append(f"{self.n_unreadable_dirs} sub-folder(s) could not be read: their patches are missing here")
         if self.n_scored < FEW_PATCHES:
             notes.append(f"only {self.n_scored} scored patches: too few for a meaningful fraction")
-        if contract is None:
-            return notes
         if patient_id in contract.training_patients:
             notes.append("this patient was in the model's training data: its fractions are optimistic")
         elif patient_id in ((contract.quantification or {}).get("validation_patients") or ()):
             notes.append("this patient was one of the model's validation patients (threshold and calibration were "
                          "fitted on it): its fractions are optimistic")
-        reference = contract.colour_reference
         colour = self.mean_colour()
-        if reference and colour:
-            z = [abs(c - m) / max(sd, 1e-6) for c, m, sd in zip(colour, reference["mean_rgb"], reference["std_rgb"])]
-            if max(z) > COLOUR_Z_LIMIT:
+        if contract.colour_reference and colour:
+            distance = colour_distance_sd(colour, contract.colour_reference)
+            if distance > COLOUR_Z_LIMIT:
                 notes.append(f"colour outside the training patients' (mean RGB {', '.join(f'{c:.2f}' for c in colour)}; "
-                             f"{max(z):.1f} SD from theirs): stain or scanner differ, fractions may be wrong")
+                             f"{distance:.1f} SD from theirs): stain or scanner differ, fractions may be wrong")
         if contract.quantification and threshold != contract.threshold:
             notes.append(f"adjusted fraction not computed: threshold {threshold:g} is not the model's "
                          f"{contract.threshold:g}, at which its error rates were measured")
         return notes
 
-    def summary_row(self, patient_id: str, threshold: float, model_sha256: str,
-                    contract: Contract | None = None) -> dict:
+    def summary_row(self, patient_id: str, threshold: float, model_sha256: str, contract: Contract) -> dict:
         low, high = wilson_interval(self.n_idc, self.n_scored)
         labelled = self.n_labelled > 0
-        quant = (contract.quantification if contract is not None else None) or {}
-        error_rates = quant.get("error_rates") if contract is not None and threshold == contract.threshold else None
-        estimates = fraction_estimates(self.n_idc, self.n_scored, self.sum_prob, self.sum_prob_sq, error_rates,
-                                       quant.get("class_mean_probs") if contract.calibration else None) \
-            if contract is not None else {}
+        quant = contract.quantification or {}
+        calibrated = contract.calibration is not None
+        # the error rates hold at the model's threshold only; the class means need calibrated probabilities
+        estimates = fraction_estimates(self.n_idc, self.n_scored, self.sum_prob, self.sum_prob_sq,
+                                       quant.get("error_rates") if threshold == contract.threshold else None,
+                                       quant.get("class_mean_probs") if calibrated else None)
         return {
             "patient_id": patient_id,
             "n_patches": self.n_patches,
@@ -149,12 +145,12 @@ class PatientTally:
             "idc_fraction": safe_ratio(self.n_idc, self.n_scored),
             "idc_fraction_ci95_low": low,
             "idc_fraction_ci95_high": high,
-            "idc_fraction_adjusted": estimates.get("adjusted"),
-            "idc_fraction_adjusted_ci95_low": estimates.get("adjusted_low"),
-            "idc_fraction_adjusted_ci95_high": estimates.get("adjusted_high"),
-            "idc_fraction_expected": estimates.get("expected") if contract is not None and contract.calibration else None,
-            "idc_fraction_expected_ci95_low": estimates.get("expected_low"),
-            "idc_fraction_expected_ci95_high": estimates.get("expected_high"),
+            "idc_fraction_adjusted": estimates["adjusted"],
+            "idc_fraction_adjusted_ci95_low": estimates["adjusted_low"],
+            "idc_fraction_adjusted_ci95_high": estimates["adjusted_high"],
+            "idc_fraction_expected": estimates["expected"] if calibrated else None,
+            "idc_fraction_expected_ci95_low": estimates["expected_low"],
+            "idc_fraction_expected_ci95_high": estimates["expected_high"],
             "notes": "; ".join(self.notes(patient_id, contract, threshold)),
             "mean_prob_idc": safe_ratio(self.sum_prob, self.n_scored),
             "threshold": float(threshold),

@@ -64,25 +64,25 @@ def _read_cache(path: Path) -> dict:
         return {}
 
 
-def choose(fp32_path: Path, int8_path: Path | None, threads: int, load, measure=time_rates) -> tuple[Path, dict]:
-    """The file to run and a record of why (for run.json). ``load(path)`` opens a model file."""
+def choose(fp32_path: Path, int8_path: Path | None, threads: int, load, measure=time_rates) -> tuple[object, dict]:
+    """The model to run, loaded by ``load(path)`` (once: the timed one is kept), and a record of why (for run.json)."""
     from .files import write_json
     from .model import sha256_of
 
     if int8_path is None or not int8_path.is_file():
-        return fp32_path, {"requested": "auto", "chosen": "fp32", "why": "no int8 file beside the fp32 one"}
+        return load(fp32_path), {"requested": "auto", "chosen": "fp32", "why": "no int8 file beside the fp32 one"}
     key = machine_key(sha256_of(fp32_path), sha256_of(int8_path), threads)
     cache_file = cache_dir() / "precision.json"
     cache = _read_cache(cache_file)
     if key in cache and cache[key].get("chosen") in ("fp32", "int8"):
         record = {**cache[key], "requested": "auto", "cached": True, "cache_file": str(cache_file)}
-        return (int8_path if record["chosen"] == "int8" else fp32_path), record
+        return load(int8_path if record["chosen"] == "int8" else fp32_path), record
     try:
         int8_model = load(int8_path)
     except ValueError as exc:  # ModelError: a broken int8 file must not stop a run fp32 can do
-        return fp32_path, {"requested": "auto", "chosen": "fp32", "why": f"the int8 file cannot be used: {exc}"}
+        return load(fp32_path), {"requested": "auto", "chosen": "fp32", "why": f"the int8 file cannot be used: {exc}"}
     if int8_model.contract.failed_gate:
-        return fp32_path, {"requested": "auto", "chosen": "fp32", "why": "the int8 file failed its accuracy gate"}
+        return load(fp32_path), {"requested": "auto", "chosen": "fp32", "why": "the int8 file failed its accuracy gate"}
     models = {"fp32": load(fp32_path), "int8": int8_model}
     contract = models["fp32"].contract
     rng = np.random.default_rng(0)
@@ -99,5 +99,4 @@ def choose(fp32_path: Path, int8_path: Path | None, threads: int, load, measure=
         write_json(cache_file, {**cache, key: record})
     except OSError:
         pass
-    return (int8_path if chosen == "int8" else fp32_path), {**record, "requested": "auto", "cached": False,
-                                                            "cache_file": str(cache_file)}
+    return models[chosen], {**record, "requested": "auto", "cached": False, "cache_file": str(cache_file)}

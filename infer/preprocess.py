@@ -203,9 +203,12 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 def bmp_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a BMP's info header (height may be negative: a top-down bitmap)."""
+    if len(data) < 26 or data[:2] != b"BM":
+        return None
+    header_bytes = int.from_bytes(data[14:18], "little")
     # the DIB header sizes BMP writers use: a text file starting "BM" is not a bitmap
-    if len(data) >= 26 and data[:2] == b"BM" and int.from_bytes(data[14:18], "little") in (12, 16, 40, 52, 56, 64, 108, 124):
-        if int.from_bytes(data[14:18], "little") == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+    if header_bytes in (12, 16, 40, 52, 56, 64, 108, 124):
+        if header_bytes == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
             return int.from_bytes(data[18:20], "little"), int.from_bytes(data[20:22], "little")
         width = int.from_bytes(data[18:22], "little", signed=True)
         height = int.from_bytes(data[22:26], "little", signed=True)

@@ -20,6 +20,20 @@ MIN_PATIENT_PATCHES = 20  # a validation patient's own error rate counts only ov
 FEW_PATCHES = 30  # fewer scored patches than this: the fraction says little (a note in summary.csv)
 N_DRAWS = 4000
 MIN_SEPARATION = 0.05  # TPR - FPR below this would divide by ~0: the adjusted count is then undefined
+COLOUR_Z_LIMIT = 3.0  # a patient's mean colour this many training-patient SDs away, in any channel, is flagged
+
+
+def patch_mean_colour(rgb: np.ndarray) -> np.ndarray:
+    """Mean R, G, B of an 8-bit patch on [0, 1]: what the colour statistics of patients are made of."""
+    return rgb.reshape(-1, 3).mean(axis=0) / 255.0
+
+
+def colour_distance_sd(colour, reference: dict) -> float:
+    """How far a patient's mean colour lies from the training patients': the largest |z| over R, G, B,
+    in units of the training patients' spread (the contract's colour_reference)."""
+    mean = np.asarray(reference["mean_rgb"], dtype=np.float64)
+    sd = np.maximum(np.asarray(reference["std_rgb"], dtype=np.float64), 1e-6)
+    return float(np.max(np.abs(np.asarray(colour, dtype=np.float64) - mean) / sd))
 
 
 def logit(p) -> np.ndarray:
@@ -109,12 +123,8 @@ def error_rates_record(labels, preds, patient_ids) -> dict:
     pooled counts, and each patient's own counts (so intervals carry the spread between patients)."""
     labels = np.asarray(labels, dtype=int)
     preds = np.asarray(preds, dtype=int)
-    pids = np.asarray(patient_ids)
-    per_patient = []
-    for pid in sorted(set(pids.tolist())):
-        mine = pids == pid
-        pos, neg = mine & (labels == 1), mine & (labels == 0)
-        per_patient.append([str(pid), int(pos.sum()), int(preds[pos].sum()), int(neg.sum()), int(preds[neg].sum())])
+    per_patient = [[pid, int(pos.sum()), int(preds[pos].sum()), int(neg.sum()), int(preds[neg].sum())]
+                   for pid, pos, neg in _patients_by_class(labels, patient_ids)]
     tp = int(((labels == 1) & (preds == 1)).sum())
     fp = int(((labels == 0) & (preds == 1)).sum())
     n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
@@ -128,14 +138,18 @@ def class_mean_probs(probs, labels, patient_ids) -> list[list]:
     """Each validation patient's mean calibrated probability over its IDC and over its non-IDC patches,
     with the counts: [patient_id, n_idc, mean prob of IDC patches, n_non_idc, mean prob of non-IDC patches]
     (None where the patient has no patch of a class)."""
-    probs, labels, pids = np.asarray(probs, dtype=np.float64), np.asarray(labels), np.asarray(patient_ids)
-    out = []
+    probs = np.asarray(probs, dtype=np.float64)
+    return [[pid, int(pos.sum()), float(probs[pos].mean()) if pos.any() else None,
+             int(neg.sum()), float(probs[neg].mean()) if neg.any() else None]
+            for pid, pos, neg in _patients_by_class(labels, patient_ids)]
+
+
+def _patients_by_class(labels, patient_ids):
+    """(patient id, mask of its IDC patches, mask of its non-IDC patches) for each patient, in id order."""
+    labels, pids = np.asarray(labels), np.asarray(patient_ids)
     for pid in sorted(set(pids.tolist())):
         mine = pids == pid
-        pos, neg = mine & (labels == 1), mine & (labels == 0)
-        out.append([str(pid), int(pos.sum()), float(probs[pos].mean()) if pos.any() else None,
-                    int(neg.sum()), float(probs[neg].mean()) if neg.any() else None])
-    return out
+        yield str(pid), mine & (labels == 1), mine & (labels == 0)
 
 
 def _class_mean_draws(rng, per_patient: Sequence, column: int, n: int, min_patches: int) -> np.ndarray:

@@ -14,7 +14,6 @@ from idc_infer.naming import LABEL_DIRS, is_candidate_image, parse_patch_name
 
 log = logging.getLogger(__name__)
 
-CLASS_DIRS = LABEL_DIRS  # one definition, shared with idc-infer
 # BreakHis: SOB_<B|M>_<tumour type>-<year>-<slide id>-<magnification>-<seq>.png
 BREAKHIS_NAME = re.compile(r"^SOB_(?P<cls>[BM])_[A-Z]+-(?P<patient>\d+-[A-Za-z0-9]+)-\d+-\d+\.\w+$")
 SET_NAMES = ("train", "val", "test")
@@ -47,7 +46,7 @@ def _patient_of(path: Path, data_dir: Path) -> str:
     if breakhis:
         return breakhis.group("patient")
     folder = path.parent
-    if (folder.name.lower() in CLASS_DIRS and folder.parent != data_dir
+    if (folder.name.lower() in LABEL_DIRS and folder.parent != data_dir
             and folder.parent.name.lower() not in SET_FOLDERS):
         return folder.parent.name
     return folder.name
@@ -60,12 +59,12 @@ def _label_of(path: Path) -> int | None:
     breakhis = BREAKHIS_NAME.match(path.name)
     if breakhis:
         return int(breakhis.group("cls") == "M")
-    return CLASS_DIRS.get(path.parent.name.lower())
+    return LABEL_DIRS.get(path.parent.name.lower())
 
 
 def is_class_folder_id(patient_id: str) -> bool:
     """A stand-in id ("0", "benign"...) given to patches whose patient is unknown: their class folder's name."""
-    return patient_id.lower() in CLASS_DIRS
+    return patient_id.lower() in LABEL_DIRS
 
 
 def _set_folder_of(path: Path, data_dir: Path) -> str | None:
@@ -331,10 +330,6 @@ class SampleDesign:
 
     uniform: frozenset[Path] = frozenset()
     whole_patients: frozenset[str] = frozenset()
-
-    @property
-    def known(self) -> bool:
-        return bool(self.uniform or self.whole_patients)
 
 
 def read_sample_design(data_dir: Path) -> SampleDesign:

@@ -38,29 +38,29 @@ def _fake(rates):
 def test_auto_takes_int8_only_when_it_is_clearly_faster_and_caches_it(pair):
     fp32, int8 = pair
     measure, calls = _fake({"fp32": 1000.0, "int8": 1300.0})
-    path, record = precision.choose(fp32, int8, 2, load_model, measure)
-    assert path == int8 and record["chosen"] == "int8" and record["patches_per_s"] == {"fp32": 1000.0, "int8": 1300.0}
+    model, record = precision.choose(fp32, int8, 2, load_model, measure)
+    assert model.path == int8 and record["chosen"] == "int8" and record["patches_per_s"] == {"fp32": 1000.0, "int8": 1300.0}
     assert not record["cached"] and calls == [["fp32", "int8"]]
 
     def never(models, batch):
         raise AssertionError("the cached choice must be used")
 
     again, cached = precision.choose(fp32, int8, 2, load_model, never)
-    assert again == int8 and cached["cached"] and cached["patches_per_s"] == record["patches_per_s"]
+    assert again.path == int8 and cached["cached"] and cached["patches_per_s"] == record["patches_per_s"]
     other_threads, _ = precision.choose(fp32, int8, 1, load_model, _fake({"fp32": 900.0, "int8": 100.0})[0])
-    assert other_threads == fp32  # another thread count is another measurement
+    assert other_threads.path == fp32  # another thread count is another measurement
 
 
 def test_auto_keeps_fp32_when_int8_is_not_faster_enough(pair):
     fp32, int8 = pair
-    path, record = precision.choose(fp32, int8, 2, load_model, _fake({"fp32": 1000.0, "int8": 1040.0})[0])
-    assert path == fp32 and record["chosen"] == "fp32"
+    model, record = precision.choose(fp32, int8, 2, load_model, _fake({"fp32": 1000.0, "int8": 1040.0})[0])
+    assert model.path == fp32 and record["chosen"] == "fp32"
 
 
 def test_auto_without_an_int8_file_is_fp32(pair, tmp_path):
     fp32, _ = pair
-    path, record = precision.choose(fp32, tmp_path / "absent.onnx", 2, load_model)
-    assert path == fp32 and "no int8 file" in record["why"]
+    model, record = precision.choose(fp32, tmp_path / "absent.onnx", 2, load_model)
+    assert model.path == fp32 and "no int8 file" in record["why"]
 
 
 def test_real_timing_gives_rates_and_run_json_records_the_choice(tmp_path, monkeypatch):
