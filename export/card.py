@@ -203,6 +203,9 @@ def render_model_card(report: dict) -> str:
         f"{contract['channel_order']}, pixel = raw * {contract['scale']:.6g} + {contract['offset']:g}",
         f"- resize {contract['resize_method']} from native {contract['native_patch_px']} px; undersized patches: "
         f"{contract['undersized_policy']}; oversized: {contract['oversized_policy']}",
+        (f"- scale: {contract['patch_mpp']:g} um per pixel, a {contract['native_patch_px']} px patch spans "
+         f"{contract['native_patch_px'] * contract['patch_mpp']:g} um; slides are tiled at this scale"
+         if contract.get("patch_mpp") else "- scale: not recorded (slides need idc-infer --patch-mpp)"),
         f"- classes {', '.join(contract['class_names'])}; positive class {contract['class_names'][contract['positive_class_index']]}",
         f"- threshold on prob_idc: {contract['threshold']:.4f} ({prov.get('threshold_chosen_on', 'unknown')})",
         "",

@@ -159,7 +159,7 @@ def contract_for(keras_path: Path, meta: dict | None, opset: int) -> Contract:
         "export": export_settings(opset),
         "arch": meta.get("arch", "cancernet"),
     }
-    return Contract(threshold=float(meta.get("threshold", 0.5)), provenance=provenance)
+    return Contract(threshold=float(meta.get("threshold", 0.5)), provenance=provenance, patch_mpp=meta.get("patch_mpp"))
 
 
 def export_fp32(keras_path: Path, out_path: Path, sample_dirs: list[Path], opset: int = DEFAULT_OPSET) -> dict:

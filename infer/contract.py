@@ -12,8 +12,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONTRACT_KEY = "idc.contract"
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)  # 2 added calibration, quantification, training_patients, colour_reference
+SCHEMA_VERSION = 3
+# 2 added calibration, quantification, training_patients, colour_reference; 3 added patch_mpp
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+
+# The physical scale of the public "Breast Histopathology Images" patches (the set idc-train trains on by
+# default). Cruz-Roa et al. 2014 (Proc. SPIE 9041, 904103) scanned the 162 slides at 40x (about 0.25 um per
+# pixel) and downsampled them 16:1, to an apparent 2.5x of about 4 um per pixel; Janowczyk & Madabhushi 2016
+# (J Pathol Inform 7:29, use case 6) cut this set's 50x50 patches from those images (so a patch spans about
+# 200 um, and the x, y of its file name are pixels of the 2.5x image, in 50 px steps). The scanner's exact
+# pixel size is not stated, so the scale is good to about +-10%: tiles cut at 4.0 um/px from a slide are at
+# the training patches' scale within that.
+PUBLIC_SET_PATCH_MPP = 4.0
 
 RESIZE_METHODS = ("nearest",)
 UNDERSIZED_POLICIES = ("resize", "pad", "refuse")
@@ -52,6 +62,10 @@ class Contract:
     training_patients: tuple[str, ...] = ()
     # per-patient mean colour of the training patients: {"mean_rgb": [..], "std_rgb": [..], "n_patients"}
     colour_reference: dict[str, Any] | None = None
+    # microns per pixel of a native patch (native_patch_px * patch_mpp um a side): the scale at which slides
+    # are cut into tiles for this model. None: unknown (a model exported before schema 3); slides then need
+    # idc-infer --patch-mpp
+    patch_mpp: float | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -77,6 +91,9 @@ class Contract:
             problems.append(f"threshold {self.threshold} outside [0, 1]")
         if not 0 <= self.positive_class_index < len(self.class_names):
             problems.append(f"positive_class_index {self.positive_class_index}")
+        if self.patch_mpp is not None and not (isinstance(self.patch_mpp, (int, float))
+                                               and math.isfinite(self.patch_mpp) and self.patch_mpp > 0):
+            problems.append(f"patch_mpp {self.patch_mpp!r} (microns per pixel: a positive number)")
         if min(self.input_height_px, self.input_width_px, self.native_patch_px) < 1:
             problems.append("non-positive size")
         if problems:

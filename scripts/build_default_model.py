@@ -45,7 +45,12 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted training run in --run-dir")
     parser.add_argument("--export-only", action="store_true",
                         help="skip training: export the model already in --run-dir (e.g. after idc-train --resume)")
+    parser.add_argument("--stamp-scale", action="store_true",
+                        help="no training or export: write the public set's patch scale (patch_mpp, contract schema 3) "
+                             "into the shipped files' contracts, and the new sha256 into the report, card and README")
     args = parser.parse_args()
+    if args.stamp_scale:
+        return stamp_scale(args.models_dir, args.readme)
 
     bin_dir = Path(sys.executable).parent
     if not args.export_only:
@@ -111,6 +116,37 @@ def update_readme(readme: Path, block: str) -> None:
     tmp = readme.with_name(f".{readme.name}.tmp")
     tmp.write_text(f"{head}{README_START}\n{block}\n{README_END}{tail}", encoding="utf-8")
     os.replace(tmp, readme)
+
+
+def stamp_scale(models_dir: Path, readme: Path) -> int:
+    """Record the training patches' physical scale in the shipped contracts (models exported before schema 3);
+    the graphs and every fitted number stay as they are."""
+    from idc_export.card import render_model_card
+    from idc_export.quantification import rewrite_contract
+    from idc_infer.contract import PUBLIC_SET_PATCH_MPP, SCHEMA_VERSION
+    from idc_infer.files import atomic_path, write_json
+    from idc_infer.model import load_model, sha256_of
+
+    report_path = models_dir / "export-report.json"
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    for precision, entry in report["files"].items():
+        path = models_dir / entry["path"]
+        if not path.exists():
+            continue
+        contract = load_model(path, threads=1).contract.replace(patch_mpp=PUBLIC_SET_PATCH_MPP,
+                                                                 schema_version=SCHEMA_VERSION)
+        rewrite_contract(path, contract)
+        entry["sha256"] = sha256_of(path)
+        key = "contract" if precision == "fp32" else None
+        if key:
+            report[key] = json.loads(contract.to_json())
+        print(f"{path.name}: patch_mpp {PUBLIC_SET_PATCH_MPP}, sha256 {entry['sha256'][:12]}")
+    write_json(report_path, report)
+    with atomic_path(models_dir / "MODEL_CARD.md") as handle:
+        handle.write(render_model_card(report))
+    if models_dir.resolve() == (REPO / "models").resolve():
+        update_readme(readme, readme_block(report))
+    return 0
 
 
 def export_and_ship(run_dir: Path, models_dir: Path, bin_dir: Path) -> int:

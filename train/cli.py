@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from idc_infer.contract import PUBLIC_SET_PATCH_MPP
+
 from .options import fail_on_os_error, recipe_options, require
 
 
@@ -34,9 +36,12 @@ from .options import fail_on_os_error, recipe_options, require
 @click.option("--distribute", type=click.Choice(["none", "mirrored", "multiworker"]), default="none", show_default=True,
               help="tf.distribute: mirrored = all GPUs of this machine; multiworker = several machines (TF_CONFIG).")
 @click.option("--mixed-precision/--no-mixed-precision", default=None, help="[default: on when a GPU is present]")
+@click.option("--patch-mpp", type=click.FloatRange(0.01, 100.0), default=PUBLIC_SET_PATCH_MPP, show_default=True,
+              help="Microns per pixel of DATA_DIR's patches, recorded in the contract so slides are tiled at this "
+                   "scale (4.0: the public set's 2.5x patches).")
 @click.option("-v", "--verbose", count=True)
 def main(data_dir, run_dir, epochs, batch_size, arch, learning_rate, seed, split, patience, augment, optimizer,
-         patient_weight, early_stopping, resume, distribute, mixed_precision, verbose):
+         patient_weight, early_stopping, resume, distribute, mixed_precision, patch_mpp, verbose):
     """Train CancerNet on DATA_DIR (Kaggle layout <pid>/<0|1>/*.png) with a patient-level split."""
     require("idc-train", "train", "tensorflow", "matplotlib")
     logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, format="%(levelname)s %(message)s",
@@ -56,7 +61,7 @@ def main(data_dir, run_dir, epochs, batch_size, arch, learning_rate, seed, split
                          learning_rate=learning_rate or default_learning_rate(arch, optimizer), split=split,
                          patience=patience, augment=augment, optimizer=optimizer, patient_weight=patient_weight,
                          early_stopping=early_stopping, arch=arch, resume=resume, distribute=distribute,
-                         mixed_precision=mixed_precision)
+                         mixed_precision=mixed_precision, patch_mpp=patch_mpp)
     try:
         meta = train(config)
     except ValueError as exc:  # TrainingDataError, a bad manifest, ids that match no split...

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from idc_infer import code_version
-from idc_infer.contract import Contract
+from idc_infer.contract import PUBLIC_SET_PATCH_MPP, Contract
 from idc_infer.files import write_json
 from idc_infer.metrics import best_balanced_threshold, classification_metrics
 
@@ -56,6 +56,7 @@ class TrainConfig:
     distribute: str = "none"  # "none", "mirrored" (all GPUs of this box) or "multiworker" (TF_CONFIG)
     mixed_precision: bool | None = None  # None: on when a GPU is present
     transfer_weights: str | None = "imagenet"
+    patch_mpp: float = PUBLIC_SET_PATCH_MPP  # microns per pixel of the training patches, into the contract
 
 
 def config_record(config: TrainConfig) -> dict:
@@ -407,6 +408,7 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
         "best_epoch": best.best_epoch + 1,
         "config": record,
         "arch": config.arch,
+        "patch_mpp": config.patch_mpp,
         "early_stopping": (f"{config.early_stopping}, patience {config.patience}" if config.patience
                            else "off: the last epoch is kept"),
         "replicas": strategy.num_replicas_in_sync,
