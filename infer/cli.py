@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from .precision import PRECISIONS
+from .quality import DEFAULT_MIN_SHARPNESS, DEFAULT_MIN_TISSUE, QualityControl
 from .quantify import ESTIMATOR_COLUMNS, headline_of
 
 from . import __version__
@@ -109,7 +110,7 @@ def _versions() -> dict:
 
 
 @click.command(epilog=HELP_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("inputs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--from-list", "from_list", type=click.File("r", encoding="utf-8-sig"),
               help="Text file listing patch paths, one per line ('-' for stdin); relative paths are taken from "
                    "the current folder.")
@@ -134,19 +135,39 @@ def _versions() -> dict:
               help="Also write review outputs: <patient_id>_mosaic.png, <patient_id>.geojson, report.html.")
 @click.option("--review-scale", type=click.FloatRange(0.02, 1.0), default=0.25, show_default=True,
               help="Mosaic pixels per slide pixel (0.25: a 50 px patch becomes 12-13 px).")
+@click.option("--mpp", type=click.FloatRange(0.01, 100.0), default=None,
+              help="Slides: microns per pixel of the full-resolution scan (overrides what the files record; "
+                   "e.g. 0.25 for most 40x scans).")
+@click.option("--patch-mpp", type=click.FloatRange(0.01, 100.0), default=None,
+              help="Slides: microns per pixel of the model's training patches [default: the model's contract; "
+                   "4.0 for the public set].")
+@click.option("--qc/--no-qc", default=True, show_default=True,
+              help="Quality control: glass/blank patches get status background, out-of-focus ones blurred; "
+                   "neither is scored nor counted in the fractions.")
+@click.option("--min-tissue", type=click.FloatRange(0.0, 1.0), default=DEFAULT_MIN_TISSUE, show_default=True,
+              help="Share of tissue pixels below which a patch (or a slide tile) is background.")
+@click.option("--min-sharpness", type=click.FloatRange(0.0), default=DEFAULT_MIN_SHARPNESS, show_default=True,
+              help="Variance of the Laplacian below which a tissue patch is blurred.")
+@click.option("--geojson-scale", type=click.FloatRange(0.0, min_open=True), default=None,
+              help="Patch folders: multiply file-name x, y and patch size by this in the GeoJSON, so it lands on the "
+                   "scan's level 0 (16 for the public set's 2.5x patches of 40x scans). Slides are in level-0 "
+                   "pixels already.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, warnings only.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.version_option(__version__, prog_name="idc-infer")
 def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_size, threads, allow_failed_gate, overwrite, resume,
-         strict, review, review_scale, quiet, verbose):
+         strict, review, review_scale, mpp, patch_mpp, qc, min_tissue, min_sharpness, geojson_scale, quiet, verbose):
     """Score histopathology patches for IDC and write per-patient reports.
 
-    INPUTS are patient directories (PNG patches, flat or in 0/ and 1/ folders) or cohort
-    roots holding patient directories. Writes <patient_id>.csv, summary.csv and run.json
-    into --out, and unless --no-review the review outputs: a tissue mosaic with the IDC
-    heatmap and a QuPath GeoJSON per patient, and report.html for the run.
+    INPUTS are patient directories (PNG patches, flat or in 0/ and 1/ folders), cohort
+    roots holding patient directories, or whole-slide images (.svs, .ndpi, .tif...: each
+    slide is a patient, tiled at the model's scale; needs idc[slides]). Writes
+    <patient_id>.csv, summary.csv and run.json into --out, and unless --no-review the
+    review outputs: a tissue mosaic with the IDC heatmap and a QuPath GeoJSON per patient,
+    and report.html for the run.
     """
     from .discover import SkipCounter, duplicate_ids, patients_from_dirs, patients_from_list
+    from .slides import SLIDE_SUFFIXES, SlideError, is_slide_path, slide_patients
     from .engine import clear_previous_run, existing_reports, run_patients, RunSettings
     from .files import RESEARCH_NOTICE, FolderBusyError, folder_lock, write_json
     from .model import ModelError, load_model
@@ -176,7 +197,18 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
     effective_threshold = model.contract.threshold if threshold is None else threshold
 
     list_skips = SkipCounter()
-    patients = patients_from_dirs(inputs, exclude=[out_dir], skipped=list_skips)
+    slide_paths = [p for p in inputs if not p.is_dir()]
+    for path in slide_paths:
+        if not is_slide_path(path):
+            raise click.BadParameter(f"{path} is a file, not a slide ({', '.join(SLIDE_SUFFIXES)}): give patient "
+                                     "folders, slides, or patch files with --from-list", param_hint="INPUTS")
+    folders = [p for p in inputs if p.is_dir()]
+    patients = patients_from_dirs(folders, exclude=[out_dir], skipped=list_skips)
+    if slide_paths:
+        try:
+            patients += slide_patients(slide_paths, model.contract, mpp, patch_mpp, min_tissue)
+        except SlideError as exc:
+            raise click.BadParameter(str(exc), param_hint="--patch-mpp") from None
     if from_list is not None:
         base = Path.cwd()  # relative paths as a user typed them: from where the command runs, not the list's folder
         try:
@@ -232,9 +264,14 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
     if review:
         from .review import review_sink_factories
 
-        sink_factories = review_sink_factories(review_scale)
+        sink_factories = review_sink_factories(review_scale, geojson_scale)
+    quality = QualityControl(min_tissue, min_sharpness) if qc else None
     settings = RunSettings(out_dir, effective_threshold, batch_size, threads, resume, sink_factories=sink_factories,
-                           output_settings={"review": review, "review_scale": review_scale if review else None})
+                           qc=quality,
+                           output_settings={"review": review, "review_scale": review_scale if review else None,
+                                            "geojson_scale": geojson_scale if review else None,
+                                            "qc": quality.settings() if quality else None,
+                                            "mpp": mpp, "patch_mpp": patch_mpp})
     try:
         result = run_patients(model, patients, settings, progress=bar.update, on_patient_done=patient_done)
     except KeyboardInterrupt:
@@ -270,13 +307,18 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
             "out": str(out_dir), "threshold": effective_threshold, "batch_size": batch_size,
             "threads": threads, "resume": resume, "overwrite": overwrite, "strict": strict,
             "review": review, "review_scale": review_scale if review else None,
+            "geojson_scale": geojson_scale, "mpp": mpp, "patch_mpp": patch_mpp,
+            "quality_control": quality.settings() if quality else None,
         },
+        "slides": {p.patient_id: p.stats.record() | {"file": p.slide.name} for p in patients if hasattr(p, "stats")},
         "counts": {
             "patients": len(patients),
             "patients_resumed": len(result.resumed),
             "patches": cohort.n_patches,
             "scored": cohort.n_scored,
-            "failed": cohort.n_patches - cohort.n_scored,
+            "failed": cohort.n_failed,
+            "background": cohort.n_background,
+            "blurred": cohort.n_blurred,
             "skipped_files": sum(skipped.values()),
             "skipped_by_reason": dict(sorted(skipped.items())),
         },
@@ -309,7 +351,7 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
                    + (f"\t({row['notes']})" if row.get("notes") else ""))
     click.echo(f"reports in {out_dir} ({RESEARCH_NOTICE})")
 
-    n_failed = cohort.n_patches - cohort.n_scored
+    n_failed = cohort.n_failed
     if n_failed:
         click.echo(f"idc-infer: {n_failed} patch(es) could not be scored; see the status column", err=True)
     if strict and n_failed:

@@ -7,9 +7,9 @@ import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import ClassVar, Iterable, Iterator
 
-from .naming import is_candidate_image, is_label_dir, parse_patch_name, patient_dir_of
+from .naming import is_candidate_image, is_label_dir, label_from_parent, parse_patch_name, patient_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,40 @@ class Patient:
             yield from self.paths
         else:
             yield from _walk_patches(self.root, skipped or SkipCounter(), self.exclude)
+
+    # level-0 pixels per patch pixel of the rows' x, y (a slide's tiles are drawn at the patch scale)
+    frame_scale: ClassVar[float] = 1.0
+
+    def decoder(self, contract, qc=None):
+        """item -> Decoded for this patient's items (here: patch files; a QuPath tile export is brought to the
+        native patch size first, as its region may be of any size)."""
+        from .preprocess import decode_file
+
+        def decode(path: Path):
+            region = parse_patch_name(path.name).is_region_export
+            return decode_file(path, contract, qc, "QuPath tile" if region else None)
+
+        return decode
+
+    def describe(self, path: Path) -> tuple[str, int | None, int | None, int | None, tuple[int, int] | None]:
+        """(path column, x, y, label, size of the patch in the frame of x, y when the name says it) of a row."""
+        name = parse_patch_name(path.name)
+        label = name.label if name.label is not None else label_from_parent(path)
+        display = str(path)
+        if self.root is not None:
+            try:
+                display = path.relative_to(self.root).as_posix()
+            except ValueError:
+                pass
+        extent = (name.width, name.height) if name.is_region_export else None
+        return display, name.x, name.y, label, extent
+
+    def input_key(self) -> str:
+        """What --resume compares besides the items' own stats (a slide's file and tiling settings)."""
+        return ""
+
+    def finish(self) -> None:
+        """Release what scoring held open (a slide's file handle)."""
 
 
 def _sorted_entries(directory: Path, skipped: SkipCounter | None = None) -> list[os.DirEntry]:

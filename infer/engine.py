@@ -28,8 +28,8 @@ from .files import RESEARCH_NOTICE, CsvOut, atomic_path, safe_file_stem, write_c
 from .metrics import Confusion, safe_ratio, wilson_interval
 from .quantify import COLOUR_Z_LIMIT, FEW_PATCHES, colour_distance_sd, fraction_estimates, patch_mean_colour
 from .model import LoadedModel, sha256_of
-from .naming import label_from_parent, parse_patch_name
 from .preprocess import STATUS_OK, Decoded, decode_file
+from .quality import STATUS_BACKGROUND, STATUS_BLURRED, QualityControl
 
 STATUS_MODEL_ERROR = "model_error"
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 PATCH_COLUMNS = ("path", "x", "y", "width_px", "height_px", "prob_idc", "pred", "label", "status", "message")
 SUMMARY_COLUMNS = (
-    "patient_id", "n_patches", "n_scored", "n_failed", "n_idc", "idc_fraction",
+    "patient_id", "n_patches", "n_scored", "n_failed", "n_background", "n_blurred", "n_idc", "idc_fraction",
     "idc_fraction_ci95_low", "idc_fraction_ci95_high",
     "idc_fraction_adjusted", "idc_fraction_adjusted_ci95_low", "idc_fraction_adjusted_ci95_high",
     "idc_fraction_expected", "idc_fraction_expected_ci95_low", "idc_fraction_expected_ci95_high",
@@ -63,6 +63,9 @@ class PatientTally:
     n_labelled: int = 0
     n_true_idc: int = 0
     n_unreadable_dirs: int = 0  # sub-folders that could not be listed: their patches are missing
+    n_background: int = 0  # quality control: glass or blank, not scored and not failed
+    n_blurred: int = 0
+    slide_note: str = ""  # a slide's tiling (scale, tissue, glass) or why it could not be read; not merged
     tp: int = 0  # plain counters: this runs once per patch
     fp: int = 0
     tn: int = 0
@@ -72,9 +75,17 @@ class PatientTally:
     def confusion(self) -> Confusion:
         return Confusion(self.tp, self.fp, self.tn, self.fn)
 
-    def add(self, prob: float | None, pred: int | None, label: int | None, rgb: np.ndarray | None = None) -> None:
+    @property
+    def n_failed(self) -> int:
+        """Patches that could not be scored (bad files, model errors); quality-control skips are not failures."""
+        return self.n_patches - self.n_scored - self.n_background - self.n_blurred
+
+    def add(self, prob: float | None, pred: int | None, label: int | None, rgb: np.ndarray | None = None,
+            status: str = STATUS_OK) -> None:
         self.n_patches += 1
         if prob is None:
+            self.n_background += status == STATUS_BACKGROUND
+            self.n_blurred += status == STATUS_BLURRED
             return
         self.n_scored += 1
         self.n_idc += pred
@@ -106,7 +117,10 @@ class PatientTally:
 
     def notes(self, patient_id: str, contract: Contract, threshold: float) -> list[str]:
         """What a reviewer must know before reading this patient's fractions."""
-        notes = []
+        notes = [self.slide_note] if self.slide_note else []
+        if self.n_background or self.n_blurred:
+            notes.append(f"{self.n_background} background and {self.n_blurred} blurred patch(es) not scored "
+                         "(quality control): left out of the fractions")
         if self.n_unreadable_dirs:
             notes.append(f"{self.n_unreadable_dirs} sub-folder(s) could not be read: their patches are missing here")
         if self.n_scored < FEW_PATCHES:
@@ -140,7 +154,9 @@ class PatientTally:
             "patient_id": patient_id,
             "n_patches": self.n_patches,
             "n_scored": self.n_scored,
-            "n_failed": self.n_patches - self.n_scored,
+            "n_failed": self.n_failed,
+            "n_background": self.n_background,
+            "n_blurred": self.n_blurred,
             "n_idc": self.n_idc,
             "idc_fraction": safe_ratio(self.n_idc, self.n_scored),
             "idc_fraction_ci95_low": low,
@@ -164,15 +180,15 @@ class PatientTally:
         }
 
     def to_state(self) -> dict:
-        return {name: getattr(self, name) for name in STATE_FIELDS}
+        return {name: getattr(self, name) for name in STATE_FIELDS} | {"slide_note": self.slide_note}
 
     @classmethod
     def from_state(cls, state: dict) -> "PatientTally":
-        return cls(**{name: state[name] for name in STATE_FIELDS})
+        return cls(**{name: state[name] for name in STATE_FIELDS}, slide_note=state.get("slide_note", ""))
 
 
 STATE_FIELDS = ("n_patches", "n_scored", "n_idc", "sum_prob", "sum_prob_sq", "sum_r", "sum_g", "sum_b", "n_labelled",
-                "n_true_idc", "n_unreadable_dirs", "tp", "fp", "tn", "fn")
+                "n_true_idc", "n_unreadable_dirs", "n_background", "n_blurred", "tp", "fp", "tn", "fn")
 
 
 @dataclass
@@ -189,20 +205,24 @@ def _chunks(items: Iterable[Path], size: int) -> Iterator[list[Path]]:
 
 
 def score_paths(
-    model: LoadedModel, paths: Iterable[Path], pool: ThreadPoolExecutor, batch_size: int = 64, lookahead: int = 2
+    model: LoadedModel, paths: Iterable, pool: ThreadPoolExecutor, batch_size: int = 64, lookahead: int = 2,
+    decode: Callable[[object], Decoded] | None = None,
 ) -> Iterator[ScoredPatch]:
-    """Yield every path with its decode outcome and prob_idc, in input order.
+    """Yield every item (a patch path, or a slide's tile) with its decode outcome and prob_idc, in input order.
 
     Decoding of the next ``lookahead`` batches runs in ``pool`` while onnxruntime scores this one.
+    ``decode``: item -> Decoded (default: decode the path as a patch file, no quality control).
     """
     contract = model.contract
+    if decode is None:
+        decode = lambda path: decode_file(path, contract)  # noqa: E731
     pending: deque[tuple[list[Path], list[Future]]] = deque()
     chunks = _chunks(paths, batch_size)
 
     workers = max(1, getattr(pool, "_max_workers", 1))
 
     def decode_many(paths_part: list[Path]) -> list[Decoded]:
-        return [decode_file(p, contract) for p in paths_part]
+        return [decode(p) for p in paths_part]
 
     def submit(chunk: list[Path]) -> None:
         # one task per worker and batch, not per file: a future costs about as much as a decode
@@ -240,26 +260,18 @@ def score_paths(
             yield ScoredPatch(path, result, probs.get(i))
 
 
-def _display_path(path: Path, patient: Patient) -> str:
-    if patient.root is not None:
-        try:
-            return path.relative_to(patient.root).as_posix()
-        except ValueError:
-            pass
-    return str(path)
-
-
 def patch_row(scored: ScoredPatch, patient: Patient, threshold: float) -> tuple[dict, int | None, int | None]:
-    """One CSV row for a patch, plus its prediction and label for the tallies."""
-    name = parse_patch_name(scored.path.name)
-    label = name.label if name.label is not None else label_from_parent(scored.path)
+    """One CSV row for a patch, plus its prediction and label for the tallies. width_px, height_px: the patch's
+    size in the frame of x, y (a patch file's own pixels; a slide tile's or QuPath region's level-0 pixels)."""
+    display, x, y, label, extent = patient.describe(scored.path)
     pred = None if scored.prob_idc is None else int(scored.prob_idc >= threshold)
+    width, height = extent if extent is not None else (scored.decoded.width_px, scored.decoded.height_px)
     row = {
-        "path": _display_path(scored.path, patient),
-        "x": name.x,
-        "y": name.y,
-        "width_px": scored.decoded.width_px,
-        "height_px": scored.decoded.height_px,
+        "path": display,
+        "x": x,
+        "y": y,
+        "width_px": width,
+        "height_px": height,
         "prob_idc": scored.prob_idc,
         "pred": pred,
         "label": label,
@@ -279,7 +291,7 @@ class PatchSink(Protocol):
         """All rows seen: write the outputs (atomically)."""
 
 
-# (patient_id, out_dir, file stem, threshold) -> sink
+# (patient_id, out_dir, file stem, threshold, frame_scale=level-0 px per patch px of the rows) -> sink
 SinkFactory = Callable[[str, Path, str, float], PatchSink]
 
 
@@ -291,6 +303,7 @@ class RunSettings:
     threads: int = 2
     resume: bool = False
     sink_factories: list[SinkFactory] = field(default_factory=list)
+    qc: QualityControl | None = None  # quality control of each patch (None: every decodable patch is scored)
     # what else a patient's outputs depend on (review on/off, mosaic scale): --resume redoes a
     # patient finished with other values
     output_settings: dict = field(default_factory=dict)
@@ -309,8 +322,14 @@ class InputFingerprint:
     def __init__(self):
         self._digest = hashlib.sha256()
 
-    def watch(self, paths: Iterable[Path]) -> Iterator[Path]:
+    def watch(self, paths: Iterable, key: str = "") -> Iterator:
+        if key:
+            self._digest.update(key.encode("utf-8", "surrogateescape") + b"\n")
         for path in paths:
+            if not isinstance(path, Path):  # a slide's tile: its place and size (the slide file is in the key)
+                self._digest.update(f"{path.fingerprint}\n".encode())
+                yield path
+                continue
             try:
                 info = os.stat(path)
                 size, mtime = info.st_size, info.st_mtime_ns
@@ -325,8 +344,11 @@ class InputFingerprint:
 
 def input_fingerprint(patient: Patient) -> str:
     fingerprint = InputFingerprint()
-    for _ in fingerprint.watch(patient.iter_paths(SkipCounter())):
-        pass
+    try:
+        for _ in fingerprint.watch(patient.iter_paths(SkipCounter()), patient.input_key()):
+            pass
+    finally:
+        patient.finish()
     return fingerprint.hexdigest()
 
 
@@ -373,22 +395,34 @@ def score_patient(
     tally = PatientTally()
     unreadable_before = skipped.counts[UNREADABLE_DIRECTORY]
     fingerprint = InputFingerprint()
-    sinks = [make(patient.patient_id, settings.out_dir, stem, settings.threshold) for make in settings.sink_factories]
+    decode = patient.decoder(model.contract, settings.qc)
+    items = fingerprint.watch(patient.iter_paths(skipped), patient.input_key())
+    sinks: list[PatchSink] = []
     try:
         with atomic_path(csv_file, newline="") as handle:
             out = CsvOut(handle, PATCH_COLUMNS)
-            for scored in score_paths(model, fingerprint.watch(patient.iter_paths(skipped)), pool, settings.batch_size):
+            for scored in score_paths(model, items, pool, settings.batch_size, decode=decode):
+                if not sinks and settings.sink_factories:  # after the first item: a slide knows its scale by then
+                    sinks = [make(patient.patient_id, settings.out_dir, stem, settings.threshold,
+                                  frame_scale=patient.frame_scale) for make in settings.sink_factories]
                 row, pred, label = patch_row(scored, patient, settings.threshold)
                 out.row(row)
                 for sink in sinks:
                     sink.add(row, scored.decoded.rgb)
-                tally.add(scored.prob_idc, pred, label, scored.decoded.rgb)
+                tally.add(scored.prob_idc, pred, label, scored.decoded.rgb, scored.decoded.status)
                 scored.decoded.rgb = None
                 on_patch()
+        if not sinks:  # no item at all: the sinks still remove what an earlier run left
+            sinks = [make(patient.patient_id, settings.out_dir, stem, settings.threshold,
+                          frame_scale=patient.frame_scale) for make in settings.sink_factories]
     except BaseException:
         for sink in sinks:  # interrupted: no review file for a patient whose CSV was not written
             getattr(sink, "abort", lambda: None)()
         raise
+    finally:
+        patient.finish()
+    stats = getattr(patient, "stats", None)
+    tally.slide_note = stats.note() if stats is not None else ""
     tally.n_unreadable_dirs = skipped.counts[UNREADABLE_DIRECTORY] - unreadable_before
     for sink in sinks:
         sink.close()
@@ -465,7 +499,7 @@ def run_patients(
                 patient_start = time.perf_counter()
                 tally = score_patient(model, patient, settings, pool, skipped, on_patch=lambda: progress(1))
                 log.info("patient %s: %d patches, %d failed, in %.1f s", patient.patient_id, tally.n_patches,
-                         tally.n_patches - tally.n_scored, time.perf_counter() - patient_start)
+                         tally.n_failed, time.perf_counter() - patient_start)
                 if tally.n_patches == 0:
                     log.warning("patient %s: no image files found under %s", patient.patient_id,
                                 patient.root or "the listed paths")

@@ -6,9 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # <pid>_idx5_x<X>_y<Y>_class<C>.png, as in the public "Breast Histopathology Images" set
+# (idc-tile writes the same pattern for a slide whose id may hold '_' or '.': the id ends at the last _idx)
 KAGGLE_NAME = re.compile(
-    r"^(?P<pid>[A-Za-z0-9-]+)_idx\d+_x(?P<x>\d+)_y(?P<y>\d+)(?:_class(?P<label>[01]))?\.[A-Za-z0-9]+$"
+    r"^(?P<pid>[A-Za-z0-9][A-Za-z0-9._-]*?)_idx\d+_x(?P<x>\d+)_y(?P<y>\d+)(?:_class(?P<label>[01]))?\.[A-Za-z0-9]+$"
 )
+# QuPath's TileExporter: "<image> [d=D,x=X,y=Y,w=W,h=H].png" (d= only when downsampled; z=, t= on stacks), the
+# region in the full-resolution image's pixels
+QUPATH_NAME = re.compile(r"^(?P<image>.+?) \[(?P<fields>(?:[a-z]=[0-9.]+,)*[a-z]=[0-9.]+)\]\.[A-Za-z0-9]+$")
 # class folders, lower case: the public set's 0/ 1/, and benign/ malignant/ (BreakHis-style) which
 # idc-train accepts too, so idc-infer reads their labels instead of taking them for patients
 LABEL_DIRS = {"0": 0, "1": 1, "benign": 0, "malignant": 1, "non-idc": 0, "idc": 1}
@@ -21,13 +25,38 @@ class PatchName:
     x: int | None
     y: int | None
     label: int | None
+    # a QuPath tile: the region's size in full-resolution pixels (the frame of x, y) and its downsample
+    width: int | None = None
+    height: int | None = None
+    downsample: float | None = None
+
+    @property
+    def is_region_export(self) -> bool:
+        return self.width is not None
+
+
+def parse_qupath_name(name: str) -> PatchName | None:
+    match = QUPATH_NAME.match(name)
+    if not match:
+        return None
+    fields: dict[str, float] = {}
+    for pair in match.group("fields").split(","):
+        key, _, value = pair.partition("=")
+        try:
+            fields[key] = float(value)
+        except ValueError:
+            return None
+    if not {"x", "y", "w", "h"} <= set(fields) or min(fields["w"], fields["h"]) <= 0:
+        return None
+    return PatchName(match.group("image"), int(fields["x"]), int(fields["y"]), None,
+                     int(fields["w"]), int(fields["h"]), fields.get("d", 1.0))
 
 
 def parse_patch_name(name: str) -> PatchName:
-    """Parse a Kaggle patch file name; fields that the name does not carry are None."""
+    """Parse a Kaggle patch file name (or a QuPath tile export's); fields the name does not carry are None."""
     match = KAGGLE_NAME.match(name)
     if not match:
-        return PatchName(None, None, None, None)
+        return parse_qupath_name(name) or PatchName(None, None, None, None)
     label = match.group("label")
     return PatchName(
         patient_id=match.group("pid"),

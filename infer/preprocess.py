@@ -16,6 +16,7 @@ import numpy as np
 
 from . import MAX_DECODE_PIXELS
 from .contract import Contract
+from .quality import QualityControl
 
 cv2.setNumThreads(1)  # decode runs in our own worker threads; nested cv2 threads only contend
 try:  # a corrupt file is reported in its row; cv2's own warnings on stderr would only add noise
@@ -273,7 +274,8 @@ def _too_large(width: int, height: int, contract: Contract) -> Decoded:
                    width_px=width, height_px=height)
 
 
-def decode_bytes(data: bytes, contract: Contract) -> Decoded:
+def decode_bytes(data: bytes, contract: Contract, qc: QualityControl | None = None,
+                 resample: str | None = None) -> Decoded:
     """Decode the bytes of one image file into the model's input tensor."""
     if not data:
         return Decoded(STATUS_EMPTY, "zero-byte file")
@@ -281,7 +283,7 @@ def decode_bytes(data: bytes, contract: Contract) -> Decoded:
     if size is not None:
         # refused from the header: a slide overview saved among patches must not be decoded (GBs)
         width, height = size
-        if contract.oversized_policy == "refuse" and max(size) > contract.native_patch_px:
+        if contract.oversized_policy == "refuse" and max(size) > contract.native_patch_px and resample is None:
             return _too_large(width, height, contract)
         if width * height > MAX_DECODE_PIXELS:
             refused = _too_large(width, height, contract)
@@ -310,7 +312,36 @@ def decode_bytes(data: bytes, contract: Contract) -> Decoded:
     if rgb is None:
         return Decoded(STATUS_UNSUPPORTED, f"pixel type {image.dtype} with shape {image.shape} not supported",
                        width_px=width, height_px=height)
+    if resample is not None:  # a tile of another scale (a QuPath export): brought to the contract's first
+        rgb = resample_to_native(rgb, contract, notes, resample)
+    return decode_rgb(rgb, contract, qc, notes, width, height)
+
+
+def resample_to_native(rgb: np.ndarray, contract: Contract, notes: list[str], why: str) -> np.ndarray:
+    """Area-resize an image so its longer side is the contract's native patch size (the shorter keeps the
+    aspect; an edge tile then goes through the undersized policy like any short patch)."""
+    native = contract.native_patch_px
+    height, width = rgb.shape[:2]
+    factor = native / max(height, width)
+    if factor == 1:
+        return rgb
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    notes.append(f"{why}: {width}x{height} px resampled to {size[0]}x{size[1]}")
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+
+
+def decode_rgb(rgb: np.ndarray, contract: Contract, qc: QualityControl | None = None, notes: list[str] | None = None,
+               width: int | None = None, height: int | None = None) -> Decoded:
+    """An 8-bit RGB patch (decoded from a file or read from a slide) to the model's input, after the
+    quality check; ``width``/``height`` are what the row reports (the file's own size by default)."""
+    notes = [] if notes is None else notes
+    if width is None or height is None:
+        height, width = rgb.shape[:2]
     original = rgb
+    if qc is not None:
+        flagged = qc.check(rgb)
+        if flagged is not None:
+            return Decoded(flagged[0], "; ".join([*notes, flagged[1]]), width_px=width, height_px=height, rgb=original)
     rgb, refused = _fit_size(rgb, contract, notes)
     if refused is not None:
         refused.width_px, refused.height_px = width, height
@@ -318,9 +349,11 @@ def decode_bytes(data: bytes, contract: Contract) -> Decoded:
     return Decoded(STATUS_OK, "; ".join(notes), preprocess_rgb(rgb, contract), width, height, original)
 
 
-def decode_file(path: Path, contract: Contract) -> Decoded:
-    """Read and decode one patch file; never raises for a bad file."""
+def decode_file(path: Path, contract: Contract, qc: QualityControl | None = None,
+                resample: str | None = None) -> Decoded:
+    """Read and decode one patch file; never raises for a bad file. ``qc``: the quality check (none by
+    default); ``resample``: why the image is brought to the native patch size first (a tile export)."""
     data, failure = _read_bytes(path)
     if failure is not None:
         return failure
-    return decode_bytes(data, contract)
+    return decode_bytes(data, contract, qc, resample)

@@ -44,6 +44,10 @@ NON_IDC_RGB = (40, 120, 220)
 MOSAIC_SUFFIX = "_mosaic.png"
 GEOJSON_SUFFIX = ".geojson"
 REPORT_NAME = "report.html"
+GEOJSON_FRAME_SLIDE = "level-0 pixels of the slide (x right, y down): drag onto the slide in QuPath"
+GEOJSON_FRAME_PATCHES = ("pixels of the image the patches were cut from, as their file names give x, y (for the "
+                         "public set: its 2.5x images, not the scan's level 0); --geojson-scale maps them to level 0")
+GEOJSON_FRAME_SCALED = "file-name x, y and patch size multiplied by {scale:g} (--geojson-scale): level-0 pixels of the scan"
 # uuid5 namespace for feature ids: the same patch gets the same id in every run
 FEATURE_NAMESPACE = uuid.UUID("5d0c1f3e-8a1b-4f1e-9a6b-2f1c8e7d4a10")
 
@@ -336,11 +340,12 @@ class MosaicSink:
     """Writes ``<stem>_mosaic.png``: the patient's tissue rebuilt from its patches, with the IDC heatmap."""
 
     def __init__(self, patient_id: str, out_dir: Path, stem: str, threshold: float,
-                 scale: float = DEFAULT_REVIEW_SCALE):
+                 scale: float = DEFAULT_REVIEW_SCALE, frame_scale: float = 1.0):
         self.patient_id = patient_id
         self.threshold = threshold
         self.path = Path(out_dir) / f"{stem}{MOSAIC_SUFFIX}"
-        self.canvas: MosaicCanvas | None = MosaicCanvas(scale)
+        # scale is per patch pixel: a slide's rows are in level-0 pixels, frame_scale of them per patch pixel
+        self.canvas: MosaicCanvas | None = MosaicCanvas(scale / frame_scale)
         self.n_without_xy = 0
         self.layout: MosaicLayout | None = None
 
@@ -372,10 +377,16 @@ class MosaicSink:
         write_png(self.path, image)
 
 
-def patch_feature(row: dict, patient_id: str) -> dict:
-    """One scored patch as a QuPath tile Feature: a closed square ring at its slide x/y."""
-    x, y = int(row["x"]), int(row["y"])
-    width, height = int(row.get("width_px") or NOMINAL_PATCH_PX), int(row.get("height_px") or NOMINAL_PATCH_PX)
+def _scaled(value: float, scale: float) -> int | float:
+    scaled = value * scale
+    return int(scaled) if float(scaled).is_integer() else round(scaled, 3)
+
+
+def patch_feature(row: dict, patient_id: str, scale: float = 1.0) -> dict:
+    """One scored patch as a QuPath tile Feature: a closed square ring at its slide x/y (times ``scale``)."""
+    x, y = _scaled(int(row["x"]), scale), _scaled(int(row["y"]), scale)
+    width = _scaled(int(row.get("width_px") or NOMINAL_PATCH_PX), scale)
+    height = _scaled(int(row.get("height_px") or NOMINAL_PATCH_PX), scale)
     pred = int(row["pred"])
     measurements: dict[str, float | int] = {"prob_idc": round(float(row["prob_idc"]), 6), "pred": pred}
     if row.get("label") is not None:
@@ -406,9 +417,16 @@ class GeoJsonSink:
     into place atomically on close, so a patient with many patches costs no memory.
     """
 
-    def __init__(self, patient_id: str, out_dir: Path, stem: str, threshold: float):
+    def __init__(self, patient_id: str, out_dir: Path, stem: str, threshold: float, frame_scale: float = 1.0,
+                 geojson_scale: float | None = None):
         self.patient_id = patient_id
         self.path = Path(out_dir) / f"{stem}{GEOJSON_SUFFIX}"
+        # a slide's rows are level-0 pixels already (frame_scale != 1); patch-folder coordinates are multiplied
+        # by --geojson-scale (level-0 pixels of the scan per patch pixel) when given
+        self.level0 = frame_scale != 1.0
+        self.scale = 1.0 if self.level0 or geojson_scale is None else float(geojson_scale)
+        self.frame = (GEOJSON_FRAME_SLIDE if self.level0 else
+                      GEOJSON_FRAME_PATCHES if geojson_scale is None else GEOJSON_FRAME_SCALED.format(scale=self.scale))
         self._spool = tempfile.TemporaryFile("w+", encoding="utf-8", dir=out_dir)
         self.n_features = 0
 
@@ -417,7 +435,8 @@ class GeoJsonSink:
             return
         if self.n_features:
             self._spool.write(",\n")
-        self._spool.write(json.dumps(patch_feature(row, self.patient_id), allow_nan=False, separators=(",", ":")))
+        self._spool.write(json.dumps(patch_feature(row, self.patient_id, self.scale), allow_nan=False,
+                                     separators=(",", ":")))
         self.n_features += 1
 
     def abort(self) -> None:
@@ -426,7 +445,9 @@ class GeoJsonSink:
     def close(self) -> None:
         try:
             with atomic_path(self.path) as out:
-                out.write('{"type":"FeatureCollection","features":[\n')
+                # RFC 7946 foreign member: what frame the coordinates are in, and the research-use notice
+                header = {"frame": self.frame, "scale": self.scale, "notice": RESEARCH_NOTICE}
+                out.write('{"type":"FeatureCollection","idc":' + json.dumps(header) + ',"features":[\n')
                 self._spool.seek(0)
                 shutil.copyfileobj(self._spool, out)
                 out.write("\n]}\n")
@@ -434,9 +455,9 @@ class GeoJsonSink:
             self._spool.close()
 
 
-def review_sink_factories(scale: float = DEFAULT_REVIEW_SCALE) -> list[SinkFactory]:
+def review_sink_factories(scale: float = DEFAULT_REVIEW_SCALE, geojson_scale: float | None = None) -> list[SinkFactory]:
     """The per-patient review sinks for engine.RunSettings.sink_factories."""
-    return [partial(MosaicSink, scale=scale), GeoJsonSink]
+    return [partial(MosaicSink, scale=scale), partial(GeoJsonSink, geojson_scale=geojson_scale)]
 
 
 # --- report.html -------------------------------------------------------------------------------

@@ -52,7 +52,12 @@ def test_summary_fractions_agree_with_rows(tmp_path, demo_onnx):
         n_idc = sum(r["pred"] == "1" for r in scored)
         assert int(summary[pid]["n_patches"]) == len(rows)
         assert int(summary[pid]["n_scored"]) == len(scored)
-        assert int(summary[pid]["n_failed"]) == len(rows) - len(scored)
+        background = [r for r in rows if r["status"] == "background"]
+        blurred = [r for r in rows if r["status"] == "blurred"]
+        assert int(summary[pid]["n_background"]) == len(background)
+        assert int(summary[pid]["n_blurred"]) == len(blurred)
+        # quality-control skips are counted apart: they are neither scored nor failures
+        assert int(summary[pid]["n_failed"]) == len(rows) - len(scored) - len(background) - len(blurred)
         assert int(summary[pid]["n_idc"]) == n_idc
         assert float(summary[pid]["idc_fraction"]) == pytest.approx(n_idc / len(scored), abs=1e-6)
         low, high = float(summary[pid]["idc_fraction_ci95_low"]), float(summary[pid]["idc_fraction_ci95_high"])
@@ -67,6 +72,7 @@ def test_summary_fractions_agree_with_rows(tmp_path, demo_onnx):
 
 def test_faulty_rows_and_strict(tmp_path, demo_onnx):
     expected = write_faulty_files(tmp_path / "faulty")
+    expected["gray.png"] = "background"  # decodable, but without stain colour: quality control skips it
     result = run([tmp_path / "faulty", "--model", demo_onnx, "--out", tmp_path / "out"])
     assert result.exit_code == 0
     rows = {r["path"]: r for r in read_csv(tmp_path / "out" / "faulty.csv")}
