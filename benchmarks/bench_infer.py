@@ -89,6 +89,28 @@ def seed_style_baseline(paths: list[Path], keras_model: Path, batch_size: int) -
     return len(paths) / (time.perf_counter() - start)
 
 
+def slide_reading(slide: Path, model_path: Path, min_seconds: float = 2.0) -> tuple[float, float, int]:
+    """(tissue detection s, tiles read/s at the model's scale, tiles): tiffslide read + area resize to 50 px,
+    no model; the slide's tissue tiles are read again until ``min_seconds`` have passed."""
+    from idc_infer.model import load_model
+    from idc_infer.slides import slide_patients
+
+    contract = load_model(model_path, threads=1).contract
+    [patient] = slide_patients([slide], contract, None, None, 0.05)
+    start = time.perf_counter()
+    tiles = list(patient.iter_paths())
+    detect = time.perf_counter() - start
+    n = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+        for tile in tiles:
+            patient.read_tile(tile)
+        n += len(tiles)
+    rate = n / (time.perf_counter() - start)
+    patient.finish()
+    return detect, rate, len(tiles)
+
+
 def help_startup_s(repeats: int = 5) -> float:
     times = []
     for _ in range(repeats):
@@ -107,6 +129,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="ONNX model [default: the shipped one]")
     parser.add_argument("--keras-model", type=Path, default=None, help=".keras model for the seed-style baseline")
     parser.add_argument("--baseline-patches", type=int, default=3000)
+    parser.add_argument("--slide", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "data" /
+                        "cmu_small_region.svs", help="slide for the reading-speed rows (needs idc[slides])")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "idc-bench")
     args = parser.parse_args()
 
@@ -141,6 +165,14 @@ def main() -> None:
         baseline = seed_style_baseline(big[: args.baseline_patches], args.keras_model, 32)
         rows.append(("seed-style baseline (imread + Keras predict)", f"{baseline:,.0f} patches/s",
                      f"idc-infer is {plain / baseline:.1f}x (--no-review), {end_to_end / baseline:.1f}x (review)"))
+    if args.slide and args.slide.exists():
+        detect, tile_rate, n_tiles = slide_reading(args.slide, model_path)
+        wall_slide, rss_slide = run_cli([str(args.slide), "--out", str(args.workdir / "out-slide"), *common])
+        rows.append(("slide: tissue detection + tile list", f"{detect * 1e3:,.0f} ms",
+                     f"{args.slide.name}, {n_tiles} tissue tiles at the model's scale"))
+        rows.append(("slide: tile reading (tiffslide + resize to 50 px)", f"{tile_rate:,.0f} tiles/s", "one thread"))
+        rows.append(("slide: idc-infer SLIDE end to end", f"{wall_slide:.2f} s, {rss_slide:,.0f} MB peak",
+                     f"{n_tiles} tiles, incl. start-up and model load"))
     rows.append(("peak RSS, with review outputs", f"{rss_small:,.0f} MB / {rss_big:,.0f} MB", f"{len(small):,} / {len(big):,} patches"))
     rows.append(("`idc-infer --help` start-up", f"{help_startup_s():.2f} s", "best of 5"))
 

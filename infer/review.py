@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from .files import RESEARCH_NOTICE, atomic_path, safe_file_stem
+from .quality import QC_STATUSES
 from .quantify import ESTIMATOR_COLUMNS, ESTIMATOR_TEXT, ESTIMATOR_TITLES
 
 if TYPE_CHECKING:
@@ -165,14 +166,15 @@ class MosaicCanvas:
 
     def add_patch(
         self, x: int, y: int, width_px: int, height_px: int, rgb: np.ndarray | None,
-        prob_idc: float | None, label: int | None,
+        prob_idc: float | None, label: int | None, skipped: bool = False,
     ) -> None:
-        """Draw one patch; ``prob_idc`` None marks it failed."""
+        """Draw one patch; ``prob_idc`` None marks it failed, unless ``skipped`` (quality control: glass or
+        blurred), which is drawn as tissue without a heat colour or a failure mark."""
         c0, r0 = slide_to_canvas_px(x, self.scale), slide_to_canvas_px(y, self.scale)
         c1, r1 = slide_to_canvas_px(x + width_px, self.scale), slide_to_canvas_px(y + height_px, self.scale)
-        failed = prob_idc is None
+        failed = prob_idc is None and not skipped
         self.n_failed += failed
-        self.n_scored += not failed
+        self.n_scored += prob_idc is not None
         if c1 <= c0 or r1 <= r0:
             return  # a sliver thinner than one output pixel at this scale
         b = self.bounds
@@ -195,7 +197,7 @@ class MosaicCanvas:
         else:
             if rgb is not None:
                 self.tissue[cells] = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-            self.prob[cells] = prob_idc
+            self.prob[cells] = np.nan if prob_idc is None else prob_idc
             self.marks[cells] = _MARK_NONE
         self.label[cells] = -1 if label is None else label
 
@@ -356,10 +358,11 @@ class MosaicSink:
             self.n_without_xy += 1  # no position on the slide: nothing to place
             return
         scored = row.get("status") == "ok" and row.get("prob_idc") is not None
-        width_px, height_px = _patch_size_px(row, scored)
+        skipped = row.get("status") in QC_STATUSES
+        width_px, height_px = _patch_size_px(row, scored or skipped)
         try:
             self.canvas.add_patch(int(row["x"]), int(row["y"]), width_px, height_px, rgb,
-                                  float(row["prob_idc"]) if scored else None, row.get("label"))
+                                  float(row["prob_idc"]) if scored else None, row.get("label"), skipped)
         except MosaicTooLarge as exc:
             # the CSV and GeoJSON still hold every patch; only the picture is skipped
             log.warning("patient %s: no mosaic: %s (lower --review-scale)", self.patient_id, exc)

@@ -126,3 +126,16 @@ def test_geojson_scale_maps_patch_coordinates_to_level0(tmp_path):
     for fa, fb in zip(a["features"], b["features"]):
         assert fb["geometry"]["coordinates"] == [[[16 * x, 16 * y] for x, y in fa["geometry"]["coordinates"][0]]]
         assert fa["properties"] == fb["properties"]
+
+
+def test_mosaic_draws_skipped_patches_as_tissue_not_as_failures():
+    from idc_infer.review import FAILED_RGB, MosaicCanvas
+
+    canvas = MosaicCanvas(1.0)
+    glass = np.full((50, 50, 3), 240, np.uint8)
+    canvas.add_patch(0, 0, 50, 50, glass, None, None, skipped=True)
+    canvas.add_patch(50, 0, 50, 50, None, None, None)  # a failed patch, for contrast
+    assert (canvas.n_scored, canvas.n_failed) == (0, 1)
+    assert (canvas.tissue[:, :50] == 240).all() and np.isnan(canvas.prob[:, :50]).all()
+    assert (canvas.marks[:, :50] == 0).all() and (canvas.marks[:, 50:] != 0).any()
+    assert tuple(canvas.tissue[25, 51]) == FAILED_RGB
