@@ -69,6 +69,18 @@ def _finite_threshold(_ctx, _param, value):
     return value
 
 
+def _dask_address(_ctx, _param, value):
+    if value is None:
+        return None
+    from .distributed import parse_address
+
+    try:
+        parse_address(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 def _announce(model, quiet: bool, precision: dict | None = None) -> None:
     contract = model.contract
     lines = [
@@ -152,11 +164,15 @@ def _versions() -> dict:
               help="Patch folders: multiply file-name x, y and patch size by this in the GeoJSON, so it lands on the "
                    "scan's level 0 (16 for the public set's 2.5x patches of 40x scans). Slides are in level-0 "
                    "pixels already.")
+@click.option("--dask", "dask_address", default=None, callback=_dask_address, metavar="ADDRESS",
+              help="Run on a Dask cluster, one task per patient: tcp://HOST:8786 (a running dask-scheduler) or local:N "
+                   "(N worker processes here). Inputs must be readable at the same paths on every worker. Needs idc[dask].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, warnings only.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.version_option(__version__, prog_name="idc-infer")
 def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_size, threads, allow_failed_gate, overwrite, resume,
-         strict, review, review_scale, mpp, patch_mpp, qc, min_tissue, min_sharpness, geojson_scale, quiet, verbose):
+         strict, review, review_scale, mpp, patch_mpp, qc, min_tissue, min_sharpness, geojson_scale, dask_address, quiet,
+         verbose):
     """Score histopathology patches for IDC and write per-patient reports.
 
     INPUTS are patient directories (PNG patches, flat or in 0/ and 1/ folders), cohort
@@ -179,6 +195,11 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
     if overwrite and resume:
         raise click.UsageError("--overwrite and --resume contradict each other; pick one")
 
+    if dask_address and dask_address.startswith("local:") and \
+            click.get_current_context().get_parameter_source("threads") == click.core.ParameterSource.DEFAULT:
+        from .distributed import default_threads_per_worker
+
+        threads = default_threads_per_worker(int(dask_address.split(":", 1)[1]))  # the cores shared out
     if model_path is not None and precision != "auto":
         raise click.UsageError(f"--precision {precision} picks one of the shipped files; --model {model_path} "
                                "names a file itself: give one or the other")
@@ -272,8 +293,23 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
                                             "geojson_scale": geojson_scale if review else None,
                                             "qc": quality.settings() if quality else None,
                                             "mpp": mpp, "patch_mpp": patch_mpp})
+    dask_record = None
     try:
-        result = run_patients(model, patients, settings, progress=bar.update, on_patient_done=patient_done)
+        if dask_address:
+            from .distributed import DaskError, connect, run_patients_on_dask
+
+            try:
+                client, cluster = connect(dask_address)
+            except DaskError as exc:
+                bar.close()
+                raise click.BadParameter(str(exc), param_hint="--dask") from None
+            if cluster is not None:
+                click.get_current_context().call_on_close(cluster.close)
+            click.get_current_context().call_on_close(client.close)  # runs first: closes are last in, first out
+            result, dask_record = run_patients_on_dask(client, model, patients, settings, progress=bar.update,
+                                                       on_patient_done=patient_done)
+        else:
+            result = run_patients(model, patients, settings, progress=bar.update, on_patient_done=patient_done)
     except KeyboardInterrupt:
         bar.close()
         click.echo(f"idc-infer: interrupted; completed patients are kept in {out_dir}, rerun with --resume", err=True)
@@ -308,8 +344,9 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
             "threads": threads, "resume": resume, "overwrite": overwrite, "strict": strict,
             "review": review, "review_scale": review_scale if review else None,
             "geojson_scale": geojson_scale, "mpp": mpp, "patch_mpp": patch_mpp,
-            "quality_control": quality.settings() if quality else None,
+            "quality_control": quality.settings() if quality else None, "dask": dask_address,
         },
+        "dask": dask_record,
         "slides": {p.patient_id: p.stats.record() | {"file": p.slide.name} for p in patients if hasattr(p, "stats")},
         "counts": {
             "patients": len(patients),

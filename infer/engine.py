@@ -483,9 +483,8 @@ def run_patients(
     start = time.perf_counter()
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     skipped = SkipCounter()
-    rows: list[dict] = []
+    tallies: list[PatientTally] = []
     resumed: list[str] = []
-    cohort = PatientTally()
     # onnxruntime takes `threads` cores while a batch runs; half as many decode workers keep the
     # next batch ready without starving it (measured on 2 cores: 1,840 vs 1,592 patches/s with 2)
     with ThreadPoolExecutor(max_workers=decode_workers(settings.threads), thread_name_prefix="decode") as pool:
@@ -503,10 +502,22 @@ def run_patients(
                 if tally.n_patches == 0:
                     log.warning("patient %s: no image files found under %s", patient.patient_id,
                                 patient.root or "the listed paths")
-            rows.append(tally.summary_row(patient.patient_id, settings.threshold, model.sha256, model.contract))
-            cohort.merge(tally)
+            tallies.append(tally)
             on_patient_done(patient.patient_id)
+    rows, cohort = write_summary(model, patients, tallies, settings)
+    return RunResult(rows, cohort, skipped, resumed, time.perf_counter() - start)
+
+
+def write_summary(model: LoadedModel, patients: list[Patient], tallies: list[PatientTally],
+                  settings: RunSettings) -> tuple[list[dict], PatientTally]:
+    """summary.csv: one row per patient in input order, then the cohort's (merged in that order, so its sums
+    are the same bytes however the patients were scored)."""
+    rows = [tally.summary_row(patient.patient_id, settings.threshold, model.sha256, model.contract)
+            for patient, tally in zip(patients, tallies)]
+    cohort = PatientTally()
+    for tally in tallies:
+        cohort.merge(tally)
     if len(patients) > 1:
         rows.append(cohort.summary_row(COHORT_ID, settings.threshold, model.sha256, model.contract))
     write_csv(settings.out_dir / "summary.csv", SUMMARY_COLUMNS, rows)
-    return RunResult(rows, cohort, skipped, resumed, time.perf_counter() - start)
+    return rows, cohort

@@ -232,13 +232,15 @@ def test_verbose_logs_what_it_does(tmp_path):
     assert quiet.returncode == 0 and "patient 10253: 11 patches" not in quiet.stderr
 
 
-def test_infer_never_imports_tensorflow(tmp_path):
+def test_infer_never_imports_tensorflow_nor_the_optional_extras(tmp_path):
+    """A patch-folder run on a lab PC: no TensorFlow, and neither Dask nor the slide readers (optional extras)."""
     code = (
         "import sys\n"
         "from idc_infer.cli import main\n"
         f"try:\n    main([{str(SAMPLE_PATIENT)!r}, '--out', {str(tmp_path / 'o')!r}, '-q'])\n"
         "except SystemExit as e:\n    assert not e.code, e.code\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx', 'onnx'))\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx', 'onnx', 'dask',\n"
+        "              'distributed', 'tiffslide', 'openslide'))\n"
         "print('FORBIDDEN', bad)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
