@@ -86,8 +86,12 @@ def connect(spec: str):
     logging.getLogger("distributed").setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
     try:
         if kind == "local":
-            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                   silence_logs=logging.ERROR)
+            import dask
+
+            # one patient at a time per worker: a worker that dies then costs only its own patient a try
+            with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+                cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=":0", silence_logs=logging.ERROR)
             return Client(cluster), cluster
         return Client(spec, timeout="15s"), None
     except (OSError, TimeoutError) as exc:

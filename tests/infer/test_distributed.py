@@ -72,7 +72,9 @@ class DieOn(WorkerPlugin):
 def cluster():
     import dask
 
-    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+    # one task at a time per worker (saturation 1.0): a dying worker then takes only its own patient's try with
+    # it, not that of a patient queued behind it (which Dask would count as a failure of that patient too)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1, "distributed.scheduler.worker-saturation": 1.0}):
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as local:
             yield local
 
