@@ -30,7 +30,7 @@ from typing import Callable
 
 from .discover import STATE_DIR, Patient, SkipCounter
 from .engine import (PATCH_COLUMNS, PATIENT_SUFFIXES, PatientTally, RunResult, RunSettings, _completed_tally,
-                     decode_workers, score_patient, write_summary)
+                     score_patient, worker_threads, write_summary)
 from .files import CsvOut, atomic_path, safe_file_stem
 from .model import LoadedModel, load_model, sha256_of
 
@@ -135,7 +135,7 @@ def _model_on_worker(path: str, sha256: str, threads: int, worker: str) -> Loade
         if sha256_of(Path(path)) != sha256:
             raise WorkerInputError(f"worker {worker}: {path} is not the model the client loaded (sha256 differs): "
                                    "install the same idc version on every worker")
-        model = load_model(Path(path), threads=threads, spin=False)
+        model = load_model(Path(path), threads=1, spin=False)  # one onnxruntime thread per scoring thread
         _MODELS[(sha256, threads)] = model
     return model
 
@@ -152,7 +152,7 @@ def score_on_worker(model_path: str, model_sha256: str, patient: Patient, settin
     with tempfile.TemporaryDirectory(prefix="idc-worker-") as tmp:
         local = replace(settings, out_dir=Path(tmp), resume=False)
         skipped = SkipCounter()
-        with ThreadPoolExecutor(max_workers=decode_workers(settings.threads), thread_name_prefix="decode") as pool:
+        with ThreadPoolExecutor(max_workers=worker_threads(settings.threads), thread_name_prefix="score") as pool:
             tally = score_patient(model, patient, local, pool, skipped)
         files = {}
         for path in Path(tmp).rglob("*"):

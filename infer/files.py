@@ -85,13 +85,14 @@ def _replace_with_retry(source: str, target: Path, attempts: int = 5, wait_s: fl
 class CsvOut:
     """A CSV writer whose text cells are neutralised; rows go straight to the (temp) file."""
 
-    def __init__(self, handle, header: Sequence[str]):
+    def __init__(self, handle, header: Sequence[str], write_header: bool = True):
         self.header = list(header)
         self._writer = csv.writer(handle, lineterminator="\n")
         # Python's csv quotes a cell holding "\n" but not one holding a lone "\r" when lines end in "\n":
         # readers then split the row there (and a "=..." after the CR became a cell of its own)
         self._quoted = csv.writer(handle, lineterminator="\n", quoting=csv.QUOTE_ALL)
-        self._writer.writerow(self.header)
+        if write_header:
+            self._writer.writerow(self.header)
 
     def row(self, values: dict[str, Any]) -> None:
         # neutralise text only: a formatted negative number is a number, not a formula

@@ -65,6 +65,7 @@ class LoadedModel:
     contract: Contract
     session: object  # onnxruntime.InferenceSession
     input_name: str
+    thread_safe = True  # onnxruntime sessions take concurrent run() calls: engine workers score in parallel
 
     def raw_prob_idc(self, batch: np.ndarray) -> np.ndarray:
         """The graph's own probability of the positive class for a float32 NHWC batch (uncalibrated)."""

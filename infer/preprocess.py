@@ -5,6 +5,7 @@ stop a run over a hundred thousand good ones.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -17,6 +18,7 @@ import numpy as np
 from . import MAX_DECODE_PIXELS
 from .contract import Contract
 from .quality import QualityControl
+from .quantify import patch_mean_colour
 
 cv2.setNumThreads(1)  # decode runs in our own worker threads; nested cv2 threads only contend
 try:  # a corrupt file is reported in its row; cv2's own warnings on stderr would only add noise
@@ -53,29 +55,51 @@ class Decoded:
     width_px: int | None = None
     height_px: int | None = None
     rgb: np.ndarray | None = None  # the 8-bit RGB patch as read (before resizing), for review images
+    colour: tuple[float, float, float] | None = None  # mean R, G, B on [0, 1] of a scored patch
+    file_stat: tuple[int, int] | None = None  # (size, mtime_ns) of the file as read, for the resume fingerprint
 
 
-def _read_bytes(path: Path) -> tuple[bytes | None, Decoded | None]:
+def file_stat_of(path) -> tuple[int, int]:
+    """(size, mtime_ns) of a path, (-1, -1) when it cannot be stat'ed."""
+    try:
+        info = os.stat(path)
+        return info.st_size, info.st_mtime_ns
+    except (OSError, ValueError):
+        return -1, -1
+
+
+def _read_bytes(path: Path) -> tuple[bytes | None, Decoded | None, tuple[int, int] | None]:
+    """(the file's bytes, or why not; its (size, mtime_ns) as opened)."""
     try:
         # non-blocking open: a FIFO named *.png would otherwise wait forever for a writer
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-        with os.fdopen(fd, "rb") as handle:
-            info = os.fstat(handle.fileno())
+        try:
+            info = os.fstat(fd)
+            file_stat = (info.st_size, info.st_mtime_ns)
+            if stat.S_ISDIR(info.st_mode):
+                return None, Decoded(STATUS_NOT_IMAGE, "is a directory"), file_stat
             if not stat.S_ISREG(info.st_mode):
-                return None, Decoded(STATUS_NOT_IMAGE, "not a regular file (a FIFO, socket or device): not read")
+                return None, Decoded(STATUS_NOT_IMAGE, "not a regular file (a FIFO, socket or device): not read"), \
+                    file_stat
             # the file's own size (+1 to see growth), capped one byte past the limit: a multi-GB file must not
             # land in memory, and reading the limit itself would allocate 16 MB for every 2 KB patch
-            return handle.read(min(info.st_size, MAX_FILE_BYTES) + 1), None
+            want = min(info.st_size, MAX_FILE_BYTES) + 1
+            parts = [os.read(fd, want)]  # one read for a local file; a network file system may return less
+            while parts[-1] and sum(map(len, parts)) < want:
+                parts.append(os.read(fd, want - sum(map(len, parts))))
+            return b"".join(parts), None, file_stat
+        finally:
+            os.close(fd)
     except ValueError as exc:  # a NUL byte or an unencodable character in a --from-list line
-        return None, Decoded(STATUS_UNREADABLE, f"path cannot be opened: {exc}")
+        return None, Decoded(STATUS_UNREADABLE, f"path cannot be opened: {exc}"), None
     except FileNotFoundError:
-        return None, Decoded(STATUS_MISSING, "file vanished before it could be read")
+        return None, Decoded(STATUS_MISSING, "file vanished before it could be read"), None
     except PermissionError:
-        return None, Decoded(STATUS_UNREADABLE, "permission denied")
+        return None, Decoded(STATUS_UNREADABLE, "permission denied"), file_stat_of(path)
     except IsADirectoryError:
-        return None, Decoded(STATUS_NOT_IMAGE, "is a directory")
+        return None, Decoded(STATUS_NOT_IMAGE, "is a directory"), file_stat_of(path)
     except OSError as exc:
-        return None, Decoded(STATUS_UNREADABLE, f"read error: {exc.strerror or exc}")
+        return None, Decoded(STATUS_UNREADABLE, f"read error: {exc.strerror or exc}"), file_stat_of(path)
 
 
 def _to_rgb8(image: np.ndarray, notes: list[str]) -> np.ndarray | None:
@@ -124,6 +148,7 @@ def _fit_size(rgb: np.ndarray, contract: Contract, notes: list[str]) -> tuple[np
     return rgb, None
 
 
+@functools.lru_cache(maxsize=256)
 def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
     """Source rows (or columns) of a nearest-neighbour resize with half-pixel centres, in integers.
 
@@ -133,14 +158,15 @@ def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
     integer formula, so training and inference see the same pixels on every size.
     """
     dst = np.arange(out_size, dtype=np.int64)
-    return ((2 * dst + 1) * in_size) // (2 * out_size)
+    indices = ((2 * dst + 1) * in_size) // (2 * out_size)
+    indices.flags.writeable = False  # cached: shared by every call
+    return indices
 
 
 def resize_nearest(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     """Nearest-neighbour resize of an HWC image to height x width (the contract's 'nearest')."""
-    rows = nearest_indices(rgb.shape[0], height)
-    cols = nearest_indices(rgb.shape[1], width)
-    return rgb[rows[:, None], cols[None, :]]
+    # two takes of cached indices: 6x faster than fancy indexing with fresh index arrays, the same pixels
+    return rgb.take(nearest_indices(rgb.shape[0], height), axis=0).take(nearest_indices(rgb.shape[1], width), axis=1)
 
 
 def preprocess_rgb(rgb: np.ndarray, contract: Contract) -> np.ndarray:
@@ -346,14 +372,15 @@ def decode_rgb(rgb: np.ndarray, contract: Contract, qc: QualityControl | None = 
     if refused is not None:
         refused.width_px, refused.height_px = width, height
         return refused
-    return Decoded(STATUS_OK, "; ".join(notes), preprocess_rgb(rgb, contract), width, height, original)
+    return Decoded(STATUS_OK, "; ".join(notes), preprocess_rgb(rgb, contract), width, height, original,
+                   colour=patch_mean_colour(original))
 
 
 def decode_file(path: Path, contract: Contract, qc: QualityControl | None = None,
                 resample: str | None = None) -> Decoded:
     """Read and decode one patch file; never raises for a bad file. ``qc``: the quality check (none by
     default); ``resample``: why the image is brought to the native patch size first (a tile export)."""
-    data, failure = _read_bytes(path)
-    if failure is not None:
-        return failure
-    return decode_bytes(data, contract, qc, resample)
+    data, failure, file_stat = _read_bytes(path)
+    decoded = failure if failure is not None else decode_bytes(data, contract, qc, resample)
+    decoded.file_stat = file_stat
+    return decoded
