@@ -66,7 +66,7 @@ class Patient:
 
         def decode(path: Path):
             region = parse_patch_name(path.name).is_region_export
-            return decode_file(path, contract, qc, "QuPath tile" if region else None)
+            return decode_file(path, contract, qc, "QuPath tile" if region else None, defer=True)
 
         return decode
 

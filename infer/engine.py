@@ -5,6 +5,7 @@ paths are discovered lazily and each row is written to the patient's CSV as soon
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -29,7 +30,7 @@ from .files import RESEARCH_NOTICE, CsvOut, atomic_path, safe_file_stem, write_c
 from .metrics import Confusion, safe_ratio, wilson_interval
 from .quantify import COLOUR_Z_LIMIT, FEW_PATCHES, colour_distance_sd, fraction_estimates
 from .model import LoadedModel, sha256_of
-from .preprocess import STATUS_OK, Decoded, decode_file, file_stat_of
+from .preprocess import STATUS_OK, Decoded, decode_file, file_stat_of, finish_batch
 from .quality import STATUS_BACKGROUND, STATUS_BLURRED, QualityControl
 
 STATUS_MODEL_ERROR = "model_error"
@@ -244,6 +245,7 @@ def score_paths(
 def score_batches(
     model: LoadedModel, paths: Iterable, pool: ThreadPoolExecutor, batch_size: int = 64, lookahead: int | None = None,
     decode: Callable[[object], Decoded] | None = None, finish: Callable[[list, list, list], object] | None = None,
+    qc: QualityControl | None = None,
 ) -> Iterator[tuple[list, list[Decoded], list[float | None], object]]:
     """Yield (items, decoded, prob_idc, finish(...)) for every batch of items, in input order.
 
@@ -267,6 +269,7 @@ def score_batches(
     def task(chunk: list) -> tuple[list[Decoded], list[float | None] | None, object, float]:
         started = time.perf_counter()
         decoded = [decode(item) for item in chunk]
+        finish_batch(decoded, contract, qc)  # patches the decoder left pending (full-size ones), all at once
         if not in_workers:
             return decoded, None, None, time.perf_counter() - started
         probs = _score_decoded(model, decoded)
@@ -416,76 +419,196 @@ def _completed_tally(settings: RunSettings, stem: str, patient: Patient, model: 
     return tally
 
 
-def score_patient(
-    model: LoadedModel, patient: Patient, settings: RunSettings, pool: ThreadPoolExecutor,
-    skipped: SkipCounter, on_patch: Callable[[int], None] = lambda n: None,
-) -> PatientTally:
-    """Score one patient and write its CSV atomically; returns its tally."""
-    stem = safe_file_stem(patient.patient_id)
-    csv_file = settings.out_dir / f"{stem}.csv"
-    if settings.resume:  # outputs of an earlier run for this patient are stale: a sink may not rewrite them
-        for suffix in PATIENT_SUFFIXES:
-            (settings.out_dir / f"{stem}{suffix}").unlink(missing_ok=True)
-    tally = PatientTally()
-    unreadable_before = skipped.counts[UNREADABLE_DIRECTORY]
-    fingerprint = InputFingerprint(patient.input_key())
-    decode = patient.decoder(model.contract, settings.qc)
-    items = patient.iter_paths(skipped)
-    sinks: list[PatchSink] = []
-    def rows_of(chunk: list, decoded: list[Decoded], probs: list) -> tuple[list, str, bytes]:
+class PatientOutputs:
+    """One patient's reports while its batches arrive: its CSV (a temp file until closed), review sinks, tally
+    and input fingerprint. ``rows_of`` runs in the workers; ``add``, ``close`` and ``abort`` in the writing thread."""
+
+    def __init__(self, model: LoadedModel, patient: Patient, settings: RunSettings):
+        self.model, self.patient, self.settings = model, patient, settings
+        self.stem = safe_file_stem(patient.patient_id)
+        self.csv_file = settings.out_dir / f"{self.stem}.csv"
+        if settings.resume:  # outputs of an earlier run for this patient are stale: a sink may not rewrite them
+            for suffix in PATIENT_SUFFIXES:
+                (settings.out_dir / f"{self.stem}{suffix}").unlink(missing_ok=True)
+        self.tally = PatientTally()
+        self.skipped = SkipCounter()  # this patient's own: the next patient's files are listed while it is scored
+        self.fingerprint = InputFingerprint(patient.input_key())
+        self.decode = patient.decoder(model.contract, settings.qc)
+        self.sinks: list[PatchSink] | None = None
+        self.started = time.perf_counter()
+        self._csv = contextlib.ExitStack()
+        self.handle = self._csv.enter_context(atomic_path(self.csv_file, newline=""))
+        CsvOut(self.handle, PATCH_COLUMNS)  # the header
+
+    def items(self) -> Iterator:
+        return self.patient.iter_paths(self.skipped)
+
+    def rows_of(self, chunk: list, decoded: list[Decoded], probs: list) -> tuple[list, str, bytes]:
         """In the worker: the batch's rows, their CSV text and fingerprint lines (kept off the writing thread)."""
         rows = []
         text = io.StringIO()
         out = CsvOut(text, PATCH_COLUMNS, write_header=False)
         for item, result, prob in zip(chunk, decoded, probs):
-            row, pred, label = patch_row(ScoredPatch(item, result, prob), patient, settings.threshold)
+            row, pred, label = patch_row(ScoredPatch(item, result, prob), self.patient, self.settings.threshold)
             out.row(row)
             rows.append((row, pred, label))
-        return rows, text.getvalue(), b"".join(fingerprint.line(item, d.file_stat) for item, d in zip(chunk, decoded))
+        lines = b"".join(InputFingerprint.line(item, d.file_stat) for item, d in zip(chunk, decoded))
+        return rows, text.getvalue(), lines
+
+    def _make_sinks(self) -> list[PatchSink]:
+        if self.sinks is None:  # at the first batch: a slide knows its scale by then
+            settings = self.settings
+            self.sinks = [make(self.patient.patient_id, settings.out_dir, self.stem, settings.threshold,
+                               frame_scale=self.patient.frame_scale) for make in settings.sink_factories]
+        return self.sinks
+
+    def add(self, decoded: list[Decoded], probs: list, extra: tuple[list, str, bytes]) -> None:
+        rows, text, lines = extra
+        sinks = self._make_sinks()
+        self.handle.write(text)
+        self.fingerprint.update(lines)
+        for (row, pred, label), result, prob in zip(rows, decoded, probs):
+            for sink in sinks:
+                sink.add(row, result.rgb)
+            self.tally.add(prob, pred, label, result.colour, result.status)
+            result.rgb = None
+
+    def close(self, skipped: SkipCounter) -> PatientTally:
+        """Commit the CSV, write the review outputs, then the resume state (last: it vouches for the rest)."""
+        patient, settings, tally = self.patient, self.settings, self.tally
+        patient.finish()
+        self._csv.close()  # the CSV replaces any earlier one, atomically
+        sinks = self._make_sinks()  # no item at all: the sinks still remove what an earlier run left
+        stats = getattr(patient, "stats", None)
+        tally.slide_note = stats.note() if stats is not None else ""
+        tally.n_unreadable_dirs = self.skipped.counts[UNREADABLE_DIRECTORY]
+        skipped.counts.update(self.skipped.counts)
+        for sink in sinks:
+            sink.close()
+        state = {
+            "patient_id": patient.patient_id,
+            "model_sha256": self.model.sha256,
+            "threshold": settings.threshold,
+            "csv_sha256": sha256_of(self.csv_file),
+            "output_settings": settings.output_settings,
+            "inputs_sha256": self.fingerprint.hexdigest(),
+            "idc_version": __version__,
+            "tally": tally.to_state(),
+        }
+        with atomic_path(_state_path(settings.out_dir, self.stem)) as handle:
+            json.dump(state, handle, sort_keys=True)
+        log.info("patient %s: %d patches, %d failed, in %.1f s", patient.patient_id, tally.n_patches, tally.n_failed,
+                 time.perf_counter() - self.started)
+        if tally.n_patches == 0:
+            log.warning("patient %s: no image files found under %s", patient.patient_id,
+                        patient.root or "the listed paths")
+        return tally
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Interrupted: no CSV and no review file for this patient (an earlier run's stay only without --resume)."""
+        for sink in self.sinks or ():
+            getattr(sink, "abort", lambda: None)()
+        self.patient.finish()
+        error = exc if exc is not None else KeyboardInterrupt()
+        self._csv.__exit__(type(error), error, error.__traceback__)  # the temp CSV is removed
+
+
+def _stream_patients(model: LoadedModel, entries: Iterator[tuple], pool: ThreadPoolExecutor, settings: RunSettings,
+                     skipped: SkipCounter, on_batch: Callable[[int], None],
+                     on_done: Callable[[int, PatientTally, bool], None]) -> None:
+    """Score the patients of ``entries`` — ("kept", index, tally) or ("score", index, PatientOutputs) — in one
+    pipeline: the workers go on with the next patient's batches while this thread closes the last one's files
+    (a patient of 40 patches no longer leaves the cores idle while its reports are written)."""
+    workers = max(1, getattr(pool, "_max_workers", 1))
+    lookahead = 2 * workers
+    contract = model.contract
+    pending: deque[tuple] = deque()  # ("kept", index, tally) | ("batch", outputs, chunk, future) | ("end", index, outputs)
+    in_flight = 0
+    open_outputs: list[PatientOutputs] = []
+
+    def task(outputs: PatientOutputs, chunk: list):
+        decoded = [outputs.decode(item) for item in chunk]
+        finish_batch(decoded, contract, settings.qc)
+        probs = _score_decoded(model, decoded)
+        return decoded, probs, outputs.rows_of(chunk, decoded, probs)
+
+    def batches() -> Iterator[tuple]:
+        for kind, index, payload in entries:
+            if kind == "kept":
+                yield ("kept", index, payload)
+                continue
+            open_outputs.append(payload)
+            for chunk in _chunks(payload.items(), settings.batch_size):
+                yield ("batch", payload, chunk)
+            yield ("end", index, payload)
+
+    feed = batches()
+    # a patient's files are closed (mosaic rendered and encoded, GeoJSON copied, state written) by a writer
+    # thread while this one takes the next patient's batches; results are reported in input order
+    closing: deque[tuple[int, Future, bool]] = deque()
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
+
+    def report(block: bool) -> None:
+        while closing and (block or closing[0][1].done()):
+            index, future, kept = closing.popleft()
+            on_done(index, future.result(), kept)
+
+    def finished(value) -> Future:
+        future: Future = Future()
+        future.set_result(value)
+        return future
 
     try:
-        with atomic_path(csv_file, newline="") as handle:
-            CsvOut(handle, PATCH_COLUMNS)  # the header
-            for chunk, decoded, probs, (rows, text, lines) in score_batches(
-                    model, items, pool, settings.batch_size, decode=decode, finish=rows_of):
-                if not sinks and settings.sink_factories:  # after the first item: a slide knows its scale by then
-                    sinks = [make(patient.patient_id, settings.out_dir, stem, settings.threshold,
-                                  frame_scale=patient.frame_scale) for make in settings.sink_factories]
-                handle.write(text)
-                fingerprint.update(lines)
-                for (row, pred, label), result, prob in zip(rows, decoded, probs):
-                    for sink in sinks:
-                        sink.add(row, result.rgb)
-                    tally.add(prob, pred, label, result.colour, result.status)
-                    result.rgb = None
-                on_patch(len(chunk))
-        if not sinks:  # no item at all: the sinks still remove what an earlier run left
-            sinks = [make(patient.patient_id, settings.out_dir, stem, settings.threshold,
-                          frame_scale=patient.frame_scale) for make in settings.sink_factories]
-    except BaseException:
-        for sink in sinks:  # interrupted: no review file for a patient whose CSV was not written
-            getattr(sink, "abort", lambda: None)()
+        while True:
+            while in_flight < lookahead and len(pending) < lookahead + 256:
+                entry = next(feed, None)
+                if entry is None:
+                    break
+                if entry[0] == "batch":
+                    _, outputs, chunk = entry
+                    pending.append(("batch", outputs, chunk, pool.submit(task, outputs, chunk)))
+                    in_flight += 1
+                else:
+                    pending.append(entry)
+            if not pending:
+                report(block=True)
+                return
+            report(block=False)
+            entry = pending.popleft()
+            if entry[0] == "batch":
+                _, outputs, chunk, future = entry
+                in_flight -= 1
+                decoded, probs, extra = future.result()
+                outputs.add(decoded, probs, extra)
+                on_batch(len(chunk))
+            elif entry[0] == "end":
+                _, index, outputs = entry
+                open_outputs.remove(outputs)
+                closing.append((index, writer.submit(outputs.close, skipped), False))
+            else:
+                _, index, tally = entry
+                on_batch(tally.n_patches)
+                closing.append((index, finished(tally), True))
+    except BaseException as exc:
+        for entry in pending:
+            if entry[0] == "batch":
+                entry[3].cancel()
+        for outputs in open_outputs:
+            outputs.abort(exc)
         raise
     finally:
-        patient.finish()
-    stats = getattr(patient, "stats", None)
-    tally.slide_note = stats.note() if stats is not None else ""
-    tally.n_unreadable_dirs = skipped.counts[UNREADABLE_DIRECTORY] - unreadable_before
-    for sink in sinks:
-        sink.close()
-    state = {
-        "patient_id": patient.patient_id,
-        "model_sha256": model.sha256,
-        "threshold": settings.threshold,
-        "csv_sha256": sha256_of(csv_file),
-        "output_settings": settings.output_settings,
-        "inputs_sha256": fingerprint.hexdigest(),
-        "idc_version": __version__,
-        "tally": tally.to_state(),
-    }
-    with atomic_path(_state_path(settings.out_dir, stem)) as handle:
-        json.dump(state, handle, sort_keys=True)
-    return tally
+        writer.shutdown(wait=True)  # patients being closed are finished: their reports are whole
+
+
+def score_patient(
+    model: LoadedModel, patient: Patient, settings: RunSettings, pool: ThreadPoolExecutor,
+    skipped: SkipCounter, on_patch: Callable[[int], None] = lambda n: None,
+) -> PatientTally:
+    """Score one patient and write its CSV atomically; returns its tally."""
+    done: list[PatientTally] = []
+    _stream_patients(model, iter([("score", 0, PatientOutputs(model, patient, settings))]), pool, settings, skipped,
+                     on_patch, lambda index, tally, kept: done.append(tally))
+    return done[0]
 
 
 @dataclass
@@ -533,23 +656,23 @@ def run_patients(
     skipped = SkipCounter()
     tallies: list[PatientTally] = []
     resumed: list[str] = []
-    with ThreadPoolExecutor(max_workers=worker_threads(settings.threads), thread_name_prefix="score") as pool:
-        for patient in patients:
+    by_index: dict[int, PatientTally] = {}
+
+    def entries() -> Iterator[tuple]:
+        for index, patient in enumerate(patients):
             stem = safe_file_stem(patient.patient_id)
             tally = _completed_tally(settings, stem, patient, model) if settings.resume else None
-            if tally is not None:
-                resumed.append(patient.patient_id)
-                progress(tally.n_patches)
-            else:
-                patient_start = time.perf_counter()
-                tally = score_patient(model, patient, settings, pool, skipped, on_patch=progress)
-                log.info("patient %s: %d patches, %d failed, in %.1f s", patient.patient_id, tally.n_patches,
-                         tally.n_failed, time.perf_counter() - patient_start)
-                if tally.n_patches == 0:
-                    log.warning("patient %s: no image files found under %s", patient.patient_id,
-                                patient.root or "the listed paths")
-            tallies.append(tally)
-            on_patient_done(patient.patient_id)
+            yield ("kept", index, tally) if tally is not None else ("score", index, PatientOutputs(model, patient, settings))
+
+    def done(index: int, tally: PatientTally, kept: bool) -> None:
+        by_index[index] = tally
+        if kept:
+            resumed.append(patients[index].patient_id)
+        on_patient_done(patients[index].patient_id)
+
+    with ThreadPoolExecutor(max_workers=worker_threads(settings.threads), thread_name_prefix="score") as pool:
+        _stream_patients(model, entries(), pool, settings, skipped, progress, done)
+    tallies = [by_index[i] for i in range(len(patients))]
     rows, cohort = write_summary(model, patients, tallies, settings)
     return RunResult(rows, cohort, skipped, resumed, time.perf_counter() - start)
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import MAX_DECODE_PIXELS
 from .contract import Contract
-from .quality import QualityControl
+from .quality import QualityControl, tissue_fractions
 from .quantify import patch_mean_colour
 
 cv2.setNumThreads(1)  # decode runs in our own worker threads; nested cv2 threads only contend
@@ -41,6 +41,7 @@ STATUS_MISSING = "missing"
 STATUS_UNDERSIZED = "undersized_refused"
 STATUS_OVERSIZED = "oversized_refused"
 STATUS_UNSUPPORTED = "unsupported_pixels"
+STATUS_PENDING = "pending"  # decoded, its quality check and tensor still to come (finish_batch); never in a row
 
 MAX_FILE_BYTES = 16 * 1024 * 1024  # a 50x50 patch is a few kB; anything this big is not a patch
 
@@ -170,12 +171,15 @@ def resize_nearest(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def preprocess_rgb(rgb: np.ndarray, contract: Contract) -> np.ndarray:
-    """Resize and scale an 8-bit RGB image to the model's input (float32, HWC)."""
-    size = (contract.input_width_px, contract.input_height_px)
-    if rgb.shape[:2] != size[::-1]:
-        rgb = resize_nearest(rgb, contract.input_height_px, contract.input_width_px)
+    """Resize and scale an 8-bit RGB image (HWC, or a stack of them, NHWC) to the model's input (float32)."""
+    size = (contract.input_height_px, contract.input_width_px)
+    if rgb.shape[-3:-1] != size:
+        stacked = rgb.ndim == 4
+        rows = nearest_indices(rgb.shape[-3], size[0])
+        cols = nearest_indices(rgb.shape[-2], size[1])
+        rgb = rgb.take(rows, axis=-3).take(cols, axis=-2) if stacked else resize_nearest(rgb, *size)
     if contract.channel_order == "BGR":
-        rgb = rgb[:, :, ::-1]
+        rgb = rgb[..., ::-1]
     return rgb.astype(np.float32) * np.float32(contract.scale) + np.float32(contract.offset)
 
 
@@ -301,7 +305,7 @@ def _too_large(width: int, height: int, contract: Contract) -> Decoded:
 
 
 def decode_bytes(data: bytes, contract: Contract, qc: QualityControl | None = None,
-                 resample: str | None = None) -> Decoded:
+                 resample: str | None = None, defer: bool = False) -> Decoded:
     """Decode the bytes of one image file into the model's input tensor."""
     if not data:
         return Decoded(STATUS_EMPTY, "zero-byte file")
@@ -340,7 +344,38 @@ def decode_bytes(data: bytes, contract: Contract, qc: QualityControl | None = No
                        width_px=width, height_px=height)
     if resample is not None:  # a tile of another scale (a QuPath export): brought to the contract's first
         rgb = resample_to_native(rgb, contract, notes, resample)
+    elif defer and rgb.shape[0] == rgb.shape[1] == contract.native_patch_px:
+        # a full-size patch: quality control, resize and scaling are done for the whole batch (finish_batch)
+        return Decoded(STATUS_PENDING, "; ".join(notes), width_px=width, height_px=height, rgb=rgb)
     return decode_rgb(rgb, contract, qc, notes, width, height)
+
+
+def finish_batch(decoded: list[Decoded], contract: Contract, qc: QualityControl | None = None) -> None:
+    """Finish the full-size patches ``decode_file(..., defer=True)`` left pending, all at once: the same
+    statuses, messages and tensors as decode_rgb gives one by one, in a few array operations per batch
+    instead of several per patch (they hold Python's lock, which the worker threads share)."""
+    pending = [i for i, d in enumerate(decoded) if d.status == STATUS_PENDING]
+    if not pending:
+        return
+    pixels = np.stack([decoded[i].rgb for i in pending])
+    keep = np.ones(len(pending), dtype=bool)
+    if qc is not None:
+        fractions = tissue_fractions(pixels)
+        for j, i in enumerate(pending):
+            flagged = qc.check(decoded[i].rgb, fractions[j])
+            if flagged is not None:
+                d = decoded[i]
+                d.status, d.message = flagged[0], "; ".join(filter(None, [d.message, flagged[1]]))
+                keep[j] = False
+    kept = [i for j, i in enumerate(pending) if keep[j]]
+    if not kept:
+        return
+    pixels = pixels[keep]
+    tensors = preprocess_rgb(pixels, contract)  # the same arithmetic as per patch, on the whole stack
+    colours = pixels.reshape(len(kept), -1, 3).mean(axis=1) / 255.0
+    for j, i in enumerate(kept):
+        d = decoded[i]
+        d.status, d.tensor, d.colour = STATUS_OK, tensors[j], tuple(colours[j].tolist())
 
 
 def resample_to_native(rgb: np.ndarray, contract: Contract, notes: list[str], why: str) -> np.ndarray:
@@ -377,10 +412,11 @@ def decode_rgb(rgb: np.ndarray, contract: Contract, qc: QualityControl | None = 
 
 
 def decode_file(path: Path, contract: Contract, qc: QualityControl | None = None,
-                resample: str | None = None) -> Decoded:
+                resample: str | None = None, defer: bool = False) -> Decoded:
     """Read and decode one patch file; never raises for a bad file. ``qc``: the quality check (none by
-    default); ``resample``: why the image is brought to the native patch size first (a tile export)."""
+    default); ``resample``: why the image is brought to the native patch size first (a tile export);
+    ``defer``: leave a full-size patch pending for finish_batch."""
     data, failure, file_stat = _read_bytes(path)
-    decoded = failure if failure is not None else decode_bytes(data, contract, qc, resample)
+    decoded = failure if failure is not None else decode_bytes(data, contract, qc, resample, defer)
     decoded.file_stat = file_stat
     return decoded

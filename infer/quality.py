@@ -40,6 +40,11 @@ def tissue_fraction(rgb: np.ndarray) -> float:
     return np.count_nonzero(tissue_mask(rgb)) / (rgb.shape[0] * rgb.shape[1]) if rgb.size else 0.0
 
 
+def tissue_fractions(stack: np.ndarray) -> np.ndarray:
+    """tissue_fraction of each patch of an NHWC stack, in one pass (the same values)."""
+    return np.count_nonzero(tissue_mask(stack), axis=(1, 2)) / (stack.shape[1] * stack.shape[2])
+
+
 def sharpness(rgb: np.ndarray) -> float:
     """Variance of the Laplacian of the grey image: near 0 for a flat or blurred patch."""
     grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
@@ -54,9 +59,10 @@ class QualityControl:
     min_tissue: float = DEFAULT_MIN_TISSUE
     min_sharpness: float = DEFAULT_MIN_SHARPNESS
 
-    def check(self, rgb: np.ndarray) -> tuple[str, str] | None:
-        """(status, message) for a patch that should not be scored, else None."""
-        tissue = tissue_fraction(rgb)
+    def check(self, rgb: np.ndarray, tissue: float | None = None) -> tuple[str, str] | None:
+        """(status, message) for a patch that should not be scored, else None (``tissue``: its tissue_fraction,
+        when already known)."""
+        tissue = tissue_fraction(rgb) if tissue is None else float(tissue)
         if tissue < self.min_tissue:
             return STATUS_BACKGROUND, (f"{tissue:.0%} tissue (under {self.min_tissue:.0%}): glass or blank, "
                                        "not scored")

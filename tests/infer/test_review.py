@@ -391,3 +391,23 @@ def test_no_review_writes_none(tmp_path, demo_onnx):
     assert (out / "90001.csv").exists()
     assert not list(out.glob("*_mosaic.png")) and not list(out.glob("*.geojson"))
     assert not (out / "report.html").exists()
+
+
+def test_the_geojson_template_writes_exactly_what_json_dumps_writes():
+    """GeoJsonSink writes features from a string template (faster); it must be byte-identical to the dict."""
+    import json
+
+    from idc_infer.review import patch_feature, patch_feature_json
+
+    rows = [
+        {"path": "0/8863_idx5_x51_y1251_class0.png", "x": 51, "y": 1251, "width_px": 50, "height_px": 50,
+         "prob_idc": 0.123456789, "pred": 0, "label": 0},
+        {"path": 'odd "name"\\\u00e9.png', "x": 0, "y": 7, "width_px": None, "height_px": 32, "prob_idc": 1.0,
+         "pred": 1, "label": None},
+        {"path": "slide.svs [x=802,y=401,w=401,h=401]", "x": 802, "y": 401, "width_px": 401, "height_px": 401,
+         "prob_idc": 5e-07, "pred": 0, "label": 1},
+    ]
+    for row in rows:
+        for scale in (1.0, 16.0, 0.333):
+            expected = json.dumps(patch_feature(row, "p1", scale), allow_nan=False, separators=(",", ":"))
+            assert patch_feature_json(row, "p1", scale) == expected
