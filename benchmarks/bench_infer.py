@@ -1,11 +1,12 @@
 """Benchmark idc-infer on a synthetic cohort; prints a markdown table (run by hand, not in CI).
 
-    python benchmarks/bench_infer.py --patches 100000 --threads 2 --batch-size 64
+    python benchmarks/bench_infer.py --data ../shared/data/idc-real --threads 2
+    python benchmarks/bench_infer.py --patches 100000 --batch-size 4096     # synthetic; the memory bound
 
-Measures: end-to-end idc-infer patches/s, the model-only ceiling (onnxruntime on pre-decoded
-arrays), the decode-only ceiling (worker threads), a seed-style baseline (cv2.imread per file,
-then Keras model.predict, as the tutorial does; needs TensorFlow and a .keras model), peak RSS
-at two cohort sizes, and the start-up time of `idc-infer --help`.
+One table, one run: the plain onnxruntime + cv2 loop a user would write (benchmarks/plain_loop.py, the peer),
+idc-infer default and --no-review, Keras seed-style where TensorFlow and a .keras model are given, the
+model-only and decode-only ceilings; patches/s, the ratio to the plain loop, peak RSS. Then the start-up
+of `idc-infer --help` and the slide-reading figures.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def decode_ceiling(paths: list[Path], threads: int) -> float:
     from idc_infer.contract import Contract
     from idc_infer.preprocess import decode_file
 
-    contract = Contract()
+    contract = Contract()  # no quality control: the decode alone
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         for _ in pool.map(lambda p: decode_file(p, contract), paths, chunksize=64):
@@ -122,8 +123,10 @@ def help_startup_s(repeats: int = 5) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=None,
+                        help="a cohort root of patient folders (e.g. ../shared/data/idc-real) [default: a synthetic "
+                             "cohort of --patches patches]")
     parser.add_argument("--patches", type=int, default=100_000)
-    parser.add_argument("--small-patches", type=int, default=10_000, help="second cohort size for the flat-RSS check")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--model", type=Path, default=None, help="ONNX model [default: the shipped one]")
@@ -137,56 +140,72 @@ def main() -> None:
     from idc_infer.model import default_model_path
 
     model_path = args.model or default_model_path()
-    rows = []
-    big = make_cohort(args.workdir / f"cohort-{args.patches}", args.patches)
-    small = make_cohort(args.workdir / f"cohort-{args.small_patches}", args.small_patches)
+    if args.data is not None:
+        cohort = args.data
+        paths = sorted(p for p in cohort.rglob("*") if p.suffix.lower() == ".png")
+    else:
+        cohort = args.workdir / f"cohort-{args.patches}"
+        paths = make_cohort(cohort, args.patches)
+    n = len(paths)
     common = ["--model", str(model_path), "--threads", str(args.threads), "--batch-size", str(args.batch_size), "-q",
               "--overwrite"]
-    wall_big, rss_big = run_cli([str(args.workdir / f"cohort-{args.patches}"), "--out", str(args.workdir / "out-big"), *common])
-    wall_plain, _ = run_cli([str(args.workdir / f"cohort-{args.patches}"), "--out", str(args.workdir / "out-plain"),
-                             "--no-review", *common])
-    wall_small, rss_small = run_cli([str(args.workdir / f"cohort-{args.small_patches}"), "--out",
-                                     str(args.workdir / "out-small"), *common])
-    end_to_end = len(big) / wall_big
-    model_only = model_ceiling(model_path, args.threads, args.batch_size)
-    decode_only = decode_ceiling(big[:20000], args.threads)
-    # decode and model share the same cores: pipelined, the best possible is the harmonic combination
-    pipelined = 1.0 / (1.0 / model_only + 1.0 / decode_only)
-    plain = len(big) / wall_plain
-    rows.append(("idc-infer end to end, with review outputs (default)", f"{end_to_end:,.0f} patches/s",
-                 f"{len(big):,} patches, incl. start-up"))
-    rows.append(("idc-infer end to end, --no-review (CSV, summary, run.json)", f"{plain:,.0f} patches/s",
-                 f"{len(big):,} patches, incl. start-up"))
-    rows.append(("model-only ceiling (onnxruntime, pre-decoded)", f"{model_only:,.0f} patches/s", f"batch {args.batch_size}"))
-    rows.append(("decode-only ceiling (cv2 in threads)", f"{decode_only:,.0f} patches/s", f"{args.threads} threads"))
-    rows.append(("min(model, decode) ceiling / shared-core pipelined", f"{min(model_only, decode_only):,.0f} / {pipelined:,.0f} patches/s",
-                 f"--no-review = {plain / min(model_only, decode_only):.0%} / {plain / pipelined:.0%}"))
+    plain_cmd = [sys.executable, str(Path(__file__).with_name("plain_loop.py")), str(cohort), str(model_path),
+                 str(args.workdir / "plain.csv"), "--batch-size", "64", "--threads", str(args.threads)]
+    subprocess.run(plain_cmd, check=True, capture_output=True)  # warm the page cache for every contender
+    wall_plain, rss_plain = run_timed(plain_cmd)
+    wall_default, rss_default = run_cli([str(cohort), "--out", str(args.workdir / "out-default"), *common])
+    wall_noreview, rss_noreview = run_cli([str(cohort), "--out", str(args.workdir / "out-plain"), "--no-review",
+                                           *common])
+    model_only = model_ceiling(model_path, args.threads, 32)
+    decode_only = decode_ceiling(paths[:20000], args.threads)
+
+    def rate_row(name: str, wall: float | None, rss: float | None, note: str = "", rate: float | None = None):
+        rate = rate if rate is not None else n / wall
+        ratio = rate / (n / wall_plain)
+        return (name, f"{rate:,.0f}", f"{ratio:.2f}x", "" if rss is None else f"{rss:,.0f} MB", note)
+
+    rows = [rate_row("plain onnxruntime + cv2 loop (benchmarks/plain_loop.py, batch 64, CSV only)", wall_plain,
+                     rss_plain, "the peer"),
+            rate_row("idc-infer, default (review outputs on)", wall_default, rss_default, "start-up included"),
+            rate_row("idc-infer --no-review (CSV, summary, run.json)", wall_noreview, rss_noreview, "start-up included")]
     if args.keras_model:
-        baseline = seed_style_baseline(big[: args.baseline_patches], args.keras_model, 32)
-        rows.append(("seed-style baseline (imread + Keras predict)", f"{baseline:,.0f} patches/s",
-                     f"idc-infer is {plain / baseline:.1f}x (--no-review), {end_to_end / baseline:.1f}x (review)"))
-    if args.slide and args.slide.exists():
-        detect, tile_rate, n_tiles = slide_reading(args.slide, model_path)
-        wall_slide, rss_slide = run_cli([str(args.slide), "--out", str(args.workdir / "out-slide"), *common])
-        rows.append(("slide: tissue detection + tile list", f"{detect * 1e3:,.0f} ms",
-                     f"{args.slide.name}, {n_tiles} tissue tiles at the model's scale"))
-        rows.append(("slide: tile reading (tiffslide + resize to 50 px)", f"{tile_rate:,.0f} tiles/s", "one thread"))
-        rows.append(("slide: idc-infer SLIDE end to end", f"{wall_slide:.2f} s, {rss_slide:,.0f} MB peak",
-                     f"{n_tiles} tiles, incl. start-up and model load"))
-    rows.append(("peak RSS, with review outputs", f"{rss_small:,.0f} MB / {rss_big:,.0f} MB", f"{len(small):,} / {len(big):,} patches"))
-    rows.append(("`idc-infer --help` start-up", f"{help_startup_s():.2f} s", "best of 5"))
+        baseline = seed_style_baseline(paths[: args.baseline_patches], args.keras_model, 32)
+        rows.append(rate_row("Keras model.predict, seed-style (imread per file)", None, None,
+                             f"{args.baseline_patches:,} patches", rate=baseline))
+    rows.append(rate_row("model-only ceiling (onnxruntime, pre-decoded, batch 32)", None, None,
+                         f"{args.threads} intra-op threads", rate=model_only))
+    rows.append(rate_row("decode-only ceiling (decode_file in threads)", None, None, f"{args.threads} threads",
+                         rate=decode_only))
 
     from idc_infer.model import read_cpuinfo
 
     model_name, flags = read_cpuinfo()
     cpu = model_name or platform.processor() or platform.machine()
     if flags is not None:
-        cpu += " (" + ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in flags) + ")"
-    print(f"Machine: {cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}; "
-          f"model {Path(model_path).name}; threads {args.threads}\n")
-    print("| measure | result | note |\n|---|---|---|")
+        cpu += " (" + ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags) + ")"
+    print(f"Machine: {cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}; model "
+          f"{Path(model_path).name}; --threads {args.threads}, --batch-size {args.batch_size}; {n:,} patches "
+          f"({'real: ' + str(args.data) if args.data else 'synthetic'})\n")
+    print("| run | patches/s | vs plain loop | peak RSS | note |\n|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    print(f"\n`idc-infer --help` start-up: {help_startup_s():.2f} s (best of 5)")
+    if args.slide and args.slide.exists():
+        detect, tile_rate, n_tiles = slide_reading(args.slide, model_path)
+        wall_slide, rss_slide = run_cli([str(args.slide), "--out", str(args.workdir / "out-slide"), *common])
+        print(f"slide {args.slide.name}: tissue detection and tile list {detect * 1e3:,.0f} ms ({n_tiles} tissue tiles "
+              f"at the model's scale); tile reading {tile_rate:,.0f} tiles/s on one thread; idc-infer SLIDE end to "
+              f"end {wall_slide:.2f} s, {rss_slide:,.0f} MB peak")
+
+
+def run_timed(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of a command (the peak of its children, as the kernel counts it)."""
+    import resource
+
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    wall = time.perf_counter() - start
+    return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 if __name__ == "__main__":

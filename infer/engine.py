@@ -209,7 +209,11 @@ def _chunks(items: Iterable[Path], size: int) -> Iterator[list[Path]]:
 
 # onnxruntime's memory grows with the batch (1.85 GB peak at 1024) while its CPU speed peaks at 16-32: larger
 # --batch-size values are scored in runs of this many
-MODEL_BATCH_MAX = 64
+MODEL_BATCH_MAX = 16
+# patches one worker task decodes at once, whatever --batch-size: with 2 tasks in flight per worker, memory
+# stays bounded (a 4096 batch held ~35 kB x 4096 per task)
+TASK_BATCH_MAX = 256
+MAX_CLOSING = 2  # patients whose reports the writer thread may hold at once
 
 
 def _score_decoded(model, decoded: list[Decoded]) -> list[float | None]:
@@ -264,7 +268,7 @@ def score_batches(
     workers = max(1, getattr(pool, "_max_workers", 1))
     lookahead = lookahead or 2 * workers
     pending: deque[tuple[list, Future]] = deque()
-    chunks = _chunks(paths, batch_size)
+    chunks = _chunks(paths, min(batch_size, TASK_BATCH_MAX))
 
     def task(chunk: list) -> tuple[list[Decoded], list[float | None] | None, object, float]:
         started = time.perf_counter()
@@ -538,7 +542,7 @@ def _stream_patients(model: LoadedModel, entries: Iterator[tuple], pool: ThreadP
                 yield ("kept", index, payload)
                 continue
             open_outputs.append(payload)
-            for chunk in _chunks(payload.items(), settings.batch_size):
+            for chunk in _chunks(payload.items(), min(settings.batch_size, TASK_BATCH_MAX)):
                 yield ("batch", payload, chunk)
             yield ("end", index, payload)
 
@@ -585,6 +589,9 @@ def _stream_patients(model: LoadedModel, entries: Iterator[tuple], pool: ThreadP
                 _, index, outputs = entry
                 open_outputs.remove(outputs)
                 closing.append((index, writer.submit(outputs.close, skipped), False))
+                while sum(not kept for _, _, kept in closing) > MAX_CLOSING:  # a slow disk must not pile up canvases
+                    closing[0][1].result()
+                    report(block=False)
             else:
                 _, index, tally = entry
                 on_batch(tally.n_patches)

@@ -33,6 +33,10 @@ DEFAULT_REVIEW_SCALE = 0.25  # a 50 px Kaggle patch becomes ~12 px: a whole slid
 NOMINAL_PATCH_PX = 50  # size drawn for a failed patch, whose own size may be unknown or absurd
 # Real Kaggle slides span a few thousand px; a file name claiming x=10**9 must not allocate gigabytes.
 MAX_MOSAIC_SIDE_PX = 6000
+# beyond this many canvas pixels (9 bytes each) the mosaic is drawn at half the scale, and so on, while a patch
+# stays at least MIN_PATCH_CANVAS_PX wide: memory stays bounded (two patches 24k px apart took ~1 GB before)
+MAX_MOSAIC_AREA_PX = 4_000_000
+MIN_PATCH_CANVAS_PX = 2
 _GROWTH_SLACK_MAX_PX = 1024  # canvas growth is amortised, but never by more than this per side
 HEAT_ALPHA = 0.45  # heat colour weight; the tissue under it must stay readable
 HEAT_COLORMAP = cv2.COLORMAP_JET  # blue (0) -> red (1), the heat scale readers already know
@@ -164,25 +168,50 @@ class MosaicCanvas:
         self.marks = _regrow(self.marks, _MARK_NONE, shape, offset)
         self._origin = (new_c0, new_r0)
 
+    def _halve(self) -> None:
+        """Draw at half the scale from now on: every layer downsampled 2:1 on the absolute grid."""
+        oc, orow = self._origin
+        pad_c, pad_r = oc % 2, orow % 2  # start on an even absolute pixel, so (a // 2) maps every pixel
+        rows, cols = self.prob.shape
+        shape = (rows + pad_r + (rows + pad_r) % 2, cols + pad_c + (cols + pad_c) % 2)
+        offset = (pad_r, pad_c)
+        tissue = _regrow(self.tissue, BACKGROUND_RGB, shape, offset)
+        self.tissue = cv2.resize(tissue, (shape[1] // 2, shape[0] // 2), interpolation=cv2.INTER_AREA)
+        self.prob = _regrow(self.prob, np.nan, shape, offset)[::2, ::2].copy()
+        self.label = _regrow(self.label, -1, shape, offset)[::2, ::2].copy()
+        self.marks = _regrow(self.marks, _MARK_NONE, shape, offset)[::2, ::2].copy()
+        self._origin = ((oc - pad_c) // 2, (orow - pad_r) // 2)
+        if self.bounds is not None:
+            c0, r0, c1, r1 = self.bounds
+            self.bounds = (c0 // 2, r0 // 2, -(-c1 // 2), -(-r1 // 2))
+        self.scale /= 2
+
     def add_patch(
         self, x: int, y: int, width_px: int, height_px: int, rgb: np.ndarray | None,
         prob_idc: float | None, label: int | None, skipped: bool = False,
     ) -> None:
         """Draw one patch; ``prob_idc`` None marks it failed, unless ``skipped`` (quality control: glass or
         blurred), which is drawn as tissue without a heat colour or a failure mark."""
-        c0, r0 = slide_to_canvas_px(x, self.scale), slide_to_canvas_px(y, self.scale)
-        c1, r1 = slide_to_canvas_px(x + width_px, self.scale), slide_to_canvas_px(y + height_px, self.scale)
         failed = prob_idc is None and not skipped
         self.n_failed += failed
         self.n_scored += prob_idc is not None
-        if c1 <= c0 or r1 <= r0:
-            return  # a sliver thinner than one output pixel at this scale
-        b = self.bounds
-        bounds = (c0, r0, c1, r1) if b is None else (min(b[0], c0), min(b[1], r0), max(b[2], c1), max(b[3], r1))
-        if max(bounds[2] - bounds[0], bounds[3] - bounds[1]) > MAX_MOSAIC_SIDE_PX:
+        while True:
+            c0, r0 = slide_to_canvas_px(x, self.scale), slide_to_canvas_px(y, self.scale)
+            c1, r1 = slide_to_canvas_px(x + width_px, self.scale), slide_to_canvas_px(y + height_px, self.scale)
+            if c1 <= c0 or r1 <= r0:
+                return  # a sliver thinner than one output pixel at this scale
+            b = self.bounds
+            bounds = (c0, r0, c1, r1) if b is None else (min(b[0], c0), min(b[1], r0), max(b[2], c1), max(b[3], r1))
+            if ((bounds[2] - bounds[0]) * (bounds[3] - bounds[1]) <= MAX_MOSAIC_AREA_PX
+                    or self.scale * min(width_px, height_px) / 2 < MIN_PATCH_CANVAS_PX):
+                break
+            self._halve()  # patches spread far apart: a coarser mosaic, not unbounded memory
+            log.info("mosaic drawn at scale %g to stay within %d pixels", self.scale, MAX_MOSAIC_AREA_PX)
+        if (max(bounds[2] - bounds[0], bounds[3] - bounds[1]) > MAX_MOSAIC_SIDE_PX
+                or (bounds[2] - bounds[0]) * (bounds[3] - bounds[1]) > MAX_MOSAIC_AREA_PX):
             raise MosaicTooLarge(
                 f"patch coordinates span {bounds[2] - bounds[0]}x{bounds[3] - bounds[1]} px at scale {self.scale:g}, "
-                f"more than {MAX_MOSAIC_SIDE_PX} px a side")
+                f"more than {MAX_MOSAIC_SIDE_PX} px a side or {MAX_MOSAIC_AREA_PX} px in all")
         self._ensure(c0, r0, c1, r1)
         self.bounds = bounds
         cells = (slice(r0 - self._origin[1], r1 - self._origin[1]), slice(c0 - self._origin[0], c1 - self._origin[0]))

@@ -411,3 +411,25 @@ def test_the_geojson_template_writes_exactly_what_json_dumps_writes():
         for scale in (1.0, 16.0, 0.333):
             expected = json.dumps(patch_feature(row, "p1", scale), allow_nan=False, separators=(",", ":"))
             assert patch_feature_json(row, "p1", scale) == expected
+
+
+def test_patches_far_apart_give_a_coarser_mosaic_within_bounded_memory(tmp_path):
+    """Two patches 24,000 px apart (a canvas of ~1 GB at scale 0.25 before): drawn at a smaller scale instead."""
+    from idc_infer.review import MAX_MOSAIC_AREA_PX, MosaicCanvas
+
+    canvas = MosaicCanvas(0.25)
+    canvas.add_patch(1, 1, 50, 50, grey_patch(50, 50), 0.9, None)
+    canvas.add_patch(24_001, 24_001, 50, 50, grey_patch(50, 50), 0.1, None)
+    canvas.add_patch(1, 51, 50, 50, grey_patch(50, 50), 0.5, None)
+    assert canvas.scale < 0.25 and canvas.n_scored == 3
+    assert canvas.prob.size <= 2 * MAX_MOSAIC_AREA_PX and canvas.nbytes < 60 * 2**20
+    # every patch is still where its coordinates say, at the new scale
+    for x, y, prob in ((1, 1, 0.9), (24_001, 24_001, 0.1), (1, 51, 0.5)):
+        c = int((x + 25) * canvas.scale) - canvas._origin[0]
+        r = int((y + 25) * canvas.scale) - canvas._origin[1]
+        assert canvas.prob[r, c] == pytest.approx(prob)
+    sink = MosaicSink("p", tmp_path, "p", THRESHOLD, scale=0.25)
+    sink.add(row_for(1, 1, 0.2), grey_patch(50, 50))
+    sink.add(row_for(24_001, 24_001, 0.2), grey_patch(50, 50))
+    sink.close()
+    assert (tmp_path / "p_mosaic.png").exists()
