@@ -7,6 +7,7 @@ local:2 (wall time of the whole command, and patches/s with the cluster's start-
 of a LocalCluster, and the per-task overhead (many 1-patch patients through local:1, against the same
 run on one machine). From these it prints the arithmetic for 10^8 patches on N machines.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,32 +64,49 @@ def main() -> None:
     startups = {}
     for workers in (1, 2):
         startups[workers] = cluster_startup_s(workers)
-        wall, _ = run_cli([str(cohort_dir), "--out", str(args.workdir / f"out-{workers}"), "--dask", f"local:{workers}",
-                           *common])
+        wall, _ = run_cli(
+            [str(cohort_dir), "--out", str(args.workdir / f"out-{workers}"), "--dask", f"local:{workers}", *common]
+        )
         scoring = wall - startups[workers]
-        rows.append((f"--dask local:{workers}", f"{wall:.1f} s", f"{n / scoring:,.0f} patches/s",
-                     f"start-up {startups[workers]:.1f} s taken out; {n / scoring / (n / single):.2f}x one machine"))
+        rows.append(
+            (
+                f"--dask local:{workers}",
+                f"{wall:.1f} s",
+                f"{n / scoring:,.0f} patches/s",
+                f"start-up {startups[workers]:.1f} s taken out; {n / scoring / (n / single):.2f}x one machine",
+            )
+        )
     tiny = tiny_patients(args.workdir / "tiny", args.tiny_patients)
     tiny_single, _ = run_cli([str(tiny), "--out", str(args.workdir / "out-tiny-single"), *common])
     tiny_dask, _ = run_cli([str(tiny), "--out", str(args.workdir / "out-tiny-dask"), "--dask", "local:1", *common])
     overhead = (tiny_dask - startups[1] - tiny_single) / args.tiny_patients
-    rows.append(("per-task overhead", f"{overhead * 1e3:.0f} ms", "",
-                 f"{args.tiny_patients} one-patch patients, local:1 against one machine"))
+    rows.append(
+        (
+            "per-task overhead",
+            f"{overhead * 1e3:.0f} ms",
+            "",
+            f"{args.tiny_patients} one-patch patients, local:1 against one machine",
+        )
+    )
 
     from idc_infer.model import read_cpuinfo
 
     model_name, _ = read_cpuinfo()
-    print(f"Machine: {model_name or platform.processor()}, {os.cpu_count()} logical CPUs, Python "
-          f"{platform.python_version()}; {n:,} patches in {n // 400} patients; --threads {args.threads}; --no-review\n")
+    print(
+        f"Machine: {model_name or platform.processor()}, {os.cpu_count()} logical CPUs, Python "
+        f"{platform.python_version()}; {n:,} patches in {n // 400} patients; --threads {args.threads}; --no-review\n"
+    )
     print("| run | wall | scoring rate | note |\n|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     rate_one = float(rows[1][2].split()[0].replace(",", ""))
     patients = 1e8 / 20_000
-    print(f"\n10^8 patches (5,000 slides of ~20k tiles): one worker at {rate_one:,.0f} patches/s needs "
-          f"{1e8 / rate_one / 3600:,.1f} h; each of N such machines adds one worker, so N machines need "
-          f"{1e8 / rate_one / 3600:,.1f} / N h, plus {patients:,.0f} tasks x {overhead * 1e3:.0f} ms overhead "
-          f"spread over the N workers ({patients * overhead / 3600:.2f} h / N)")
+    print(
+        f"\n10^8 patches (5,000 slides of ~20k tiles): one worker at {rate_one:,.0f} patches/s needs "
+        f"{1e8 / rate_one / 3600:,.1f} h; each of N such machines adds one worker, so N machines need "
+        f"{1e8 / rate_one / 3600:,.1f} / N h, plus {patients:,.0f} tasks x {overhead * 1e3:.0f} ms overhead "
+        f"spread over the N workers ({patients * overhead / 3600:.2f} h / N)"
+    )
 
 
 if __name__ == "__main__":

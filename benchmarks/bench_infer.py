@@ -8,6 +8,7 @@ idc-infer default and --no-review, Keras seed-style where TensorFlow and a .kera
 model-only and decode-only ceilings; patches/s, the ratio to the plain loop, peak RSS. Then the start-up
 of `idc-infer --help` and the slide-reading figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,12 @@ def make_cohort(root: Path, n_patches: int) -> list[Path]:
 
 def run_cli(args: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of one idc-infer process."""
-    code = ("import resource, runpy, sys; sys.argv = ['idc-infer'] + sys.argv[1:]\n"
-            "from idc_infer.cli import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    code = (
+        "import resource, runpy, sys; sys.argv = ['idc-infer'] + sys.argv[1:]\n"
+        "from idc_infer.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
     wall = time.perf_counter() - start
@@ -123,17 +126,25 @@ def help_startup_s(repeats: int = 5) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=None,
-                        help="a cohort root of patient folders (e.g. ../shared/data/idc-real) [default: a synthetic "
-                             "cohort of --patches patches]")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a cohort root of patient folders (e.g. ../shared/data/idc-real) [default: a synthetic "
+        "cohort of --patches patches]",
+    )
     parser.add_argument("--patches", type=int, default=100_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--model", type=Path, default=None, help="ONNX model [default: the shipped one]")
     parser.add_argument("--keras-model", type=Path, default=None, help=".keras model for the seed-style baseline")
     parser.add_argument("--baseline-patches", type=int, default=3000)
-    parser.add_argument("--slide", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "data" /
-                        "cmu_small_region.svs", help="slide for the reading-speed rows (needs idc[slides])")
+    parser.add_argument(
+        "--slide",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "tests" / "data" / "cmu_small_region.svs",
+        help="slide for the reading-speed rows (needs idc[slides])",
+    )
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "idc-bench")
     args = parser.parse_args()
 
@@ -147,15 +158,33 @@ def main() -> None:
         cohort = args.workdir / f"cohort-{args.patches}"
         paths = make_cohort(cohort, args.patches)
     n = len(paths)
-    common = ["--model", str(model_path), "--threads", str(args.threads), "--batch-size", str(args.batch_size), "-q",
-              "--overwrite"]
-    plain_cmd = [sys.executable, str(Path(__file__).with_name("plain_loop.py")), str(cohort), str(model_path),
-                 str(args.workdir / "plain.csv"), "--batch-size", "64", "--threads", str(args.threads)]
+    common = [
+        "--model",
+        str(model_path),
+        "--threads",
+        str(args.threads),
+        "--batch-size",
+        str(args.batch_size),
+        "-q",
+        "--overwrite",
+    ]
+    plain_cmd = [
+        sys.executable,
+        str(Path(__file__).with_name("plain_loop.py")),
+        str(cohort),
+        str(model_path),
+        str(args.workdir / "plain.csv"),
+        "--batch-size",
+        "64",
+        "--threads",
+        str(args.threads),
+    ]
     subprocess.run(plain_cmd, check=True, capture_output=True)  # warm the page cache for every contender
     wall_plain, rss_plain = run_timed(plain_cmd)
     wall_default, rss_default = run_cli([str(cohort), "--out", str(args.workdir / "out-default"), *common])
-    wall_noreview, rss_noreview = run_cli([str(cohort), "--out", str(args.workdir / "out-plain"), "--no-review",
-                                           *common])
+    wall_noreview, rss_noreview = run_cli(
+        [str(cohort), "--out", str(args.workdir / "out-plain"), "--no-review", *common]
+    )
     model_only = model_ceiling(model_path, args.threads, 32)
     decode_only = decode_ceiling(paths[:20000], args.threads)
 
@@ -164,28 +193,55 @@ def main() -> None:
         ratio = rate / (n / wall_plain)
         return (name, f"{rate:,.0f}", f"{ratio:.2f}x", "" if rss is None else f"{rss:,.0f} MB", note)
 
-    rows = [rate_row("plain onnxruntime + cv2 loop (benchmarks/plain_loop.py, batch 64, CSV only)", wall_plain,
-                     rss_plain, "the peer"),
-            rate_row("idc-infer, default (review outputs on)", wall_default, rss_default, "start-up included"),
-            rate_row("idc-infer --no-review (CSV, summary, run.json)", wall_noreview, rss_noreview, "start-up included")]
+    rows = [
+        rate_row(
+            "plain onnxruntime + cv2 loop (benchmarks/plain_loop.py, batch 64, CSV only)",
+            wall_plain,
+            rss_plain,
+            "the peer",
+        ),
+        rate_row("idc-infer, default (review outputs on)", wall_default, rss_default, "start-up included"),
+        rate_row("idc-infer --no-review (CSV, summary, run.json)", wall_noreview, rss_noreview, "start-up included"),
+    ]
     if args.keras_model:
         baseline = seed_style_baseline(paths[: args.baseline_patches], args.keras_model, 32)
-        rows.append(rate_row("Keras model.predict, seed-style (imread per file)", None, None,
-                             f"{args.baseline_patches:,} patches", rate=baseline))
-    rows.append(rate_row("model-only ceiling (onnxruntime, pre-decoded, batch 32)", None, None,
-                         f"{args.threads} intra-op threads", rate=model_only))
-    rows.append(rate_row("decode-only ceiling (decode_file in threads)", None, None, f"{args.threads} threads",
-                         rate=decode_only))
+        rows.append(
+            rate_row(
+                "Keras model.predict, seed-style (imread per file)",
+                None,
+                None,
+                f"{args.baseline_patches:,} patches",
+                rate=baseline,
+            )
+        )
+    rows.append(
+        rate_row(
+            "model-only ceiling (onnxruntime, pre-decoded, batch 32)",
+            None,
+            None,
+            f"{args.threads} intra-op threads",
+            rate=model_only,
+        )
+    )
+    rows.append(
+        rate_row(
+            "decode-only ceiling (decode_file in threads)", None, None, f"{args.threads} threads", rate=decode_only
+        )
+    )
 
     from idc_infer.model import read_cpuinfo
 
     model_name, flags = read_cpuinfo()
     cpu = model_name or platform.processor() or platform.machine()
     if flags is not None:
-        cpu += " (" + ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags) + ")"
-    print(f"Machine: {cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}; model "
-          f"{Path(model_path).name}; --threads {args.threads}, --batch-size {args.batch_size}; {n:,} patches "
-          f"({'real: ' + str(args.data) if args.data else 'synthetic'})\n")
+        cpu += (
+            " (" + ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags) + ")"
+        )
+    print(
+        f"Machine: {cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}; model "
+        f"{Path(model_path).name}; --threads {args.threads}, --batch-size {args.batch_size}; {n:,} patches "
+        f"({'real: ' + str(args.data) if args.data else 'synthetic'})\n"
+    )
     print("| run | patches/s | vs plain loop | peak RSS | note |\n|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
@@ -193,9 +249,11 @@ def main() -> None:
     if args.slide and args.slide.exists():
         detect, tile_rate, n_tiles = slide_reading(args.slide, model_path)
         wall_slide, rss_slide = run_cli([str(args.slide), "--out", str(args.workdir / "out-slide"), *common])
-        print(f"slide {args.slide.name}: tissue detection and tile list {detect * 1e3:,.0f} ms ({n_tiles} tissue tiles "
-              f"at the model's scale); tile reading {tile_rate:,.0f} tiles/s on one thread; idc-infer SLIDE end to "
-              f"end {wall_slide:.2f} s, {rss_slide:,.0f} MB peak")
+        print(
+            f"slide {args.slide.name}: tissue detection and tile list {detect * 1e3:,.0f} ms ({n_tiles} tissue tiles "
+            f"at the model's scale); tile reading {tile_rate:,.0f} tiles/s on one thread; idc-infer SLIDE end to "
+            f"end {wall_slide:.2f} s, {rss_slide:,.0f} MB peak"
+        )
 
 
 def run_timed(command: list[str]) -> tuple[float, float]:

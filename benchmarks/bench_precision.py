@@ -8,6 +8,7 @@ export directory. Held-out patients default to the validation and test patients 
 the model's contract. Prints markdown; run it by hand on an idle machine (other load lowers
 the throughput figures, and the table says how loaded the machine was).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,9 @@ def pick_files(export_dir: Path) -> dict[str, Path]:
             break
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing or "int8" not in files:
-        raise SystemExit(f"bench_precision: need cancernet-fp32.onnx and an int8 file in {export_dir}; missing {missing or 'int8'}")
+        raise SystemExit(
+            f"bench_precision: need cancernet-fp32.onnx and an int8 file in {export_dir}; missing {missing or 'int8'}"
+        )
     return files
 
 
@@ -49,9 +52,15 @@ def held_out_patches(data_dir: Path, contract, patients: list[str] | None):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("export_dir", type=Path)
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "idc-real",
-                        help="labelled data holding the held-out patients")
-    parser.add_argument("--patients", nargs="*", help="held-out patient ids [default: val+test of the contract's split]")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=REPO.parent / "shared" / "data" / "idc-real",
+        help="labelled data holding the held-out patients",
+    )
+    parser.add_argument(
+        "--patients", nargs="*", help="held-out patient ids [default: val+test of the contract's split]"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per file and batch size")
     args = parser.parse_args()
@@ -69,16 +78,22 @@ def main() -> int:
     flags = cpu["flags"] or {}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
-    print(f"CPU: {cpu['model']}, {cpu['logical_cores']} logical cores; "
-          + ", ".join(f"{flag} {'yes' if flags.get(flag) else 'no'}" for flag in INT8_CPU_FLAGS)
-          + ("" if cpu["flags"] is not None else " (flags unknown: no /proc/cpuinfo)"))
+    print(
+        f"CPU: {cpu['model']}, {cpu['logical_cores']} logical cores; "
+        + ", ".join(f"{flag} {'yes' if flags.get(flag) else 'no'}" for flag in INT8_CPU_FLAGS)
+        + ("" if cpu["flags"] is not None else " (flags unknown: no /proc/cpuinfo)")
+    )
     print(f"onnxruntime {onnxruntime.__version__}, {args.threads} thread(s), 1-minute load average {load:.2f}\n")
 
     print("| file | precision | size (MB) | " + " | ".join(f"b{b} patches/s" for b in BATCH_SIZES) + " |")
     print("|---|---|---|" + "---|" * len(BATCH_SIZES))
     for name, path in files.items():
         rates = [measure_throughput(path, b, args.threads, args.seconds) for b in BATCH_SIZES]
-        print(f"| {path.name} | {name} | {path.stat().st_size / 1e6:.2f} | " + " | ".join(f"{r:.0f}" for r in rates) + " |")
+        print(
+            f"| {path.name} | {name} | {path.stat().st_size / 1e6:.2f} | "
+            + " | ".join(f"{r:.0f}" for r in rates)
+            + " |"
+        )
 
     if not args.data.is_dir():
         print(f"\n(no accuracy deltas: {args.data} not found)")
@@ -90,19 +105,30 @@ def main() -> int:
     held = decode_patch_set(patches, contract, f"patients {', '.join(patients)} of {args.data}")
     probs = {name: predict_prob_idc(path, held.tensors, contract.positive_class_index) for name, path in files.items()}
     gate = accuracy_gate(held.labels, probs["fp32"], probs["int8"], contract.threshold).numbers
-    print(f"\nAccuracy on {len(held)} patches ({gate['n_idc']} IDC) of held-out {held.description}, "
-          f"threshold {contract.threshold:.4f}:\n")
+    print(
+        f"\nAccuracy on {len(held)} patches ({gate['n_idc']} IDC) of held-out {held.description}, "
+        f"threshold {contract.threshold:.4f}:\n"
+    )
     print("| metric | fp32 | int8 | drop (fp32 - int8) | limit |")
     print("|---|---|---|---|---|")
-    print(f"| ROC-AUC | {gate['fp32_roc_auc']:.4f} | {gate['int8_roc_auc']:.4f} | {gate['roc_auc_drop']:+.4f} | "
-          f"{gate['max_roc_auc_drop']} |")
-    print(f"| balanced accuracy | {gate['fp32_balanced_accuracy']:.4f} | {gate['int8_balanced_accuracy']:.4f} | "
-          f"{gate['balanced_accuracy_drop']:+.4f} | {gate['max_balanced_accuracy_drop']} |")
-    print(f"\nlabel flips {gate['label_flips']} of {len(held)}; |prob diff| max {gate['max_abs_prob_diff']:.4f}, "
-          f"mean {gate['mean_abs_prob_diff']:.4f}")
+    print(
+        f"| ROC-AUC | {gate['fp32_roc_auc']:.4f} | {gate['int8_roc_auc']:.4f} | {gate['roc_auc_drop']:+.4f} | "
+        f"{gate['max_roc_auc_drop']} |"
+    )
+    print(
+        f"| balanced accuracy | {gate['fp32_balanced_accuracy']:.4f} | {gate['int8_balanced_accuracy']:.4f} | "
+        f"{gate['balanced_accuracy_drop']:+.4f} | {gate['max_balanced_accuracy_drop']} |"
+    )
+    print(
+        f"\nlabel flips {gate['label_flips']} of {len(held)}; |prob diff| max {gate['max_abs_prob_diff']:.4f}, "
+        f"mean {gate['mean_abs_prob_diff']:.4f}"
+    )
     export = models["int8"].contract.provenance.get("export", {})
-    print(f"int8 recipe: {export.get('activation_type')} activations, {export.get('calibration_method')} calibration, "
-          f"{'7' if export.get('reduce_range') else '8'}-bit weights; gate {models['int8'].contract.provenance.get('quantization_gate')}")
+    print(
+        f"int8 recipe: {export.get('activation_type')} activations, {export.get('calibration_method')} calibration, "
+        f"{'7' if export.get('reduce_range') else '8'}-bit weights; "
+        f"gate {models['int8'].contract.provenance.get('quantization_gate')}"
+    )
     if np.isnan(gate["roc_auc_drop"]):
         print("(ROC-AUC undefined: the held-out patches hold one class only)")
     return 0

@@ -7,6 +7,7 @@ decodes, resizes and augments each file in Python. idc decodes once into a cache
 shuffles, augments and prefetches in parallel inside tf.data. Both loops only consume the
 batches (no model), so the table shows patches/s the input side can feed. Prints markdown.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,9 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def seed_style_batches(paths: list[str], labels: list[int], batch_size: int, rng: np.random.Generator,
-                       flips: bool = True):
+def seed_style_batches(
+    paths: list[str], labels: list[int], batch_size: int, rng: np.random.Generator, flips: bool = True
+):
     """As flow_from_directory: load_img(target_size) per file, random flips, every epoch."""
     from keras.utils import img_to_array, load_img
 
@@ -72,7 +74,7 @@ def main() -> None:
     rows = []
     for mode in ("idc", "seed", "none"):
         dataset = make_dataset(paths, labels, Contract(), args.batch_size, shuffle=True, augment_images=mode)
-        rates = measure(args.epochs, lambda: dataset.as_numpy_iterator())
+        rates = measure(args.epochs, lambda dataset=dataset: dataset.as_numpy_iterator())
         rows.append((f"idc tf.data, --augment {mode} (decode once, cache, parallel map, prefetch)", rates))
     rng = np.random.default_rng(0)
     seed = measure(args.epochs, lambda: seed_style_batches(paths, labels, args.batch_size, rng))
@@ -80,8 +82,10 @@ def main() -> None:
     bare = measure(args.epochs, lambda: seed_style_batches(paths, labels, args.batch_size, rng, flips=False))
     rows.append(("seed-style on-the-fly, no augmentation", bare))
 
-    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs; "
-          f"{len(paths):,} synthetic patches, batch {args.batch_size}\n")
+    print(
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs; "
+        f"{len(paths):,} synthetic patches, batch {args.batch_size}\n"
+    )
     print("| loader | epoch 1 | later epochs (mean) |\n|---|---|---|")
     for name, rates in rows:
         print(f"| {name} | {rates[0]:,.0f}/s | {np.mean(rates[1:]):,.0f}/s |")

@@ -5,6 +5,7 @@
 imread, BGR->RGB, resize to the model's 48x48, scale to [0, 1], batch, sess.run, one CSV row per patch.
 No error handling, no reports, no calibration: it is a speed reference, not a tool.
 """
+
 import argparse
 import csv
 from pathlib import Path
@@ -32,8 +33,12 @@ def main() -> None:
         writer.writerow(["path", "prob_idc"])
         for i in range(0, len(paths), args.batch_size):
             chunk = paths[i : i + args.batch_size]
-            images = [cv2.resize(cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB), (48, 48),
-                                 interpolation=cv2.INTER_NEAREST) for p in chunk]
+            images = [
+                cv2.resize(
+                    cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB), (48, 48), interpolation=cv2.INTER_NEAREST
+                )
+                for p in chunk
+            ]
             probs = session.run(None, {name: np.stack(images).astype(np.float32) / 255.0})[0][:, 1]
             writer.writerows(zip(map(str, chunk), probs.tolist()))
 

@@ -1,4 +1,5 @@
 """One export directory: fp32 (parity-gated), optional int8 (accuracy-gated), export-report.json and MODEL_CARD.md."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -39,9 +40,6 @@ class ExportOptions:
     bench_seconds: float = 1.5
 
 
-
-
-
 def _file_entry(path: Path, status: str) -> dict:
     from .convert import sha256_bytes
 
@@ -63,8 +61,13 @@ def _machine() -> dict:
 
     # throughput on a busy machine is not the machine's: the load says how busy it was
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu_info(), "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "load_average_1min": load}
+    return {
+        "cpu": cpu_info(),
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_1min": load,
+    }
 
 
 def read_file_contract(path: Path):
@@ -123,18 +126,30 @@ def export_directory(keras_path: Path, out_dir: Path, options: ExportOptions) ->
     removed = [name for name in (INT8_NAME, INT8_REJECTED_NAME) if _remove_if_present(out_dir / name)]
     quantization, int8_usable, int8_error = None, None, None
     if options.int8:
-        from .quantize import (QuantizationError, calibration_sets, candidate_settings, gate_set, quantize_int8,
-                               read_contract)
+        from .quantize import (
+            QuantizationError,
+            calibration_sets,
+            candidate_settings,
+            gate_set,
+            quantize_int8,
+            read_contract,
+        )
 
         try:
             contract = read_contract(fp32_path)
             gate = gate_set(meta, contract, options.gate_dir)
-            calibration, selection = calibration_sets(meta, contract, options.calibration_dir,
-                                                      options.calibration_per_class, options.seed,
-                                                      gate=gate)
-            data, quantization = quantize_int8(fp32_path, calibration, selection, gate,
-                                               candidate_settings(options.activation_type, options.calibration_method,
-                                                                  options.weight_range, options.head_precision))
+            calibration, selection = calibration_sets(
+                meta, contract, options.calibration_dir, options.calibration_per_class, options.seed, gate=gate
+            )
+            data, quantization = quantize_int8(
+                fp32_path,
+                calibration,
+                selection,
+                gate,
+                candidate_settings(
+                    options.activation_type, options.calibration_method, options.weight_range, options.head_precision
+                ),
+            )
         except QuantizationError as exc:
             int8_usable, int8_error = False, str(exc)
         else:
@@ -150,17 +165,20 @@ def export_directory(keras_path: Path, out_dir: Path, options: ExportOptions) ->
         calibration_error = str(exc)
         notes.append(f"not calibrated: {exc}")
     written = {entry["path"] for entry in files.values()}
-    notes += [f"removed {name} left by an earlier export"
-              for name in removed if name not in written]
+    notes += [f"removed {name} left by an earlier export" for name in removed if name not in written]
     for entry in files.values():
         entry["throughput_patches_per_s"] = measure_throughput(
-            out_dir / entry["path"], options.bench_batch, options.bench_threads, options.bench_seconds)
+            out_dir / entry["path"], options.bench_batch, options.bench_threads, options.bench_seconds
+        )
     report = {
         "notice": RESEARCH_NOTICE,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "code_version": code_version(),
         # file names, not machine paths: the report ships with the model (models/export-report.json)
-        "source_model": {"path": Path(keras_path).name, "sha256": fp32["contract"]["provenance"]["source_model_sha256"]},
+        "source_model": {
+            "path": Path(keras_path).name,
+            "sha256": fp32["contract"]["provenance"]["source_model_sha256"],
+        },
         "contract": json.loads(read_file_contract(fp32_path).to_json()),
         "calibration": calibration_reports,
         "calibration_error": calibration_error,
@@ -174,8 +192,10 @@ def export_directory(keras_path: Path, out_dir: Path, options: ExportOptions) ->
         "throughput_batch": options.bench_batch,
         "throughput_threads": options.bench_threads,
         "notes": notes,
-        "options": {k: (Path(v).name if isinstance(v, Path) else [Path(p).name for p in v] if isinstance(v, list) else v)
-                    for k, v in options.__dict__.items()},
+        "options": {
+            k: (Path(v).name if isinstance(v, Path) else [Path(p).name for p in v] if isinstance(v, list) else v)
+            for k, v in options.__dict__.items()
+        },
     }
     write_json(out_dir / REPORT_NAME, report)
     with atomic_path(out_dir / CARD_NAME) as handle:

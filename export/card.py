@@ -1,4 +1,5 @@
 """Throughput on this machine, CPU features, and the human-readable MODEL_CARD.md of an export."""
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,11 @@ def cpu_info(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> dict:
 
     model, present = read_cpuinfo(Path(cpuinfo_path))
     flags = None if present is None else {flag: flag in present for flag in INT8_CPU_FLAGS}
-    return {"model": model or platform.processor() or platform.machine(), "logical_cores": os.cpu_count(), "flags": flags}
+    return {
+        "model": model or platform.processor() or platform.machine(),
+        "logical_cores": os.cpu_count(),
+        "flags": flags,
+    }
 
 
 def describe_flags(info: dict) -> str:
@@ -31,8 +36,14 @@ def describe_flags(info: dict) -> str:
     return ", ".join(present) if present else "none of " + ", ".join(INT8_CPU_FLAGS)
 
 
-def measure_throughput(model_path: Path, batch_size: int = 32, threads: int = 2, duration_s: float = 1.0,
-                       input_hw: tuple[int, int] = (48, 48), seed: int = 0) -> float:
+def measure_throughput(
+    model_path: Path,
+    batch_size: int = 32,
+    threads: int = 2,
+    duration_s: float = 1.0,
+    input_hw: tuple[int, int] = (48, 48),
+    seed: int = 0,
+) -> float:
     """Patches per second of one onnxruntime session at a fixed batch size (median of three timed rounds)."""
     import onnxruntime as ort
 
@@ -66,8 +77,17 @@ def _fmt(value, spec: str = ".4f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
-METRIC_KEYS = ("n", "roc_auc", "balanced_accuracy", "sensitivity", "specificity", "f1", "precision", "accuracy",
-               "threshold")
+METRIC_KEYS = (
+    "n",
+    "roc_auc",
+    "balanced_accuracy",
+    "sensitivity",
+    "specificity",
+    "f1",
+    "precision",
+    "accuracy",
+    "threshold",
+)
 
 
 def _metrics_lines(prov: dict) -> list[str]:
@@ -93,31 +113,53 @@ def _interval(m: dict, key: str) -> str:
 def _validation_lines(prov: dict) -> list[str]:
     """The validation patients as idc-eval judges them: pooled metrics with patient-bootstrap intervals."""
     from idc_train.evaluate import PUBLISHED  # one table of the published results
+
     evaluation = prov.get("val_evaluation")
     if not evaluation:
         return []
-    sets = [("uniform sample of each patient (unbiased)", evaluation.get("uniform_sample")),
-            ("all scored patches", evaluation.get("all_scored_patches"))]
+    sets = [
+        ("uniform sample of each patient (unbiased)", evaluation.get("uniform_sample")),
+        ("all scored patches", evaluation.get("all_scored_patches")),
+    ]
     sets = [(title, m) for title, m in sets if m]
-    lines = ["", "Validation patients, pooled, with 95% intervals from a bootstrap over patients (the uniform "
-             "sample estimates the pooled metrics over all patches of these patients without the per-class "
-             "pickers' bias):", "",
-             "| metric | " + " | ".join(f"{t} ({m['n']} patches, {m['n_patients']} patients)" for t, m in sets) + " |",
-             "|---" * (len(sets) + 1) + "|"]
-    for key, label in (("roc_auc", "ROC-AUC"), ("balanced_accuracy", "balanced accuracy"), ("f1", "F1"),
-                       ("sensitivity", "sensitivity"), ("specificity", "specificity"),
-                       ("baseline_darkness_roc_auc", "darkness baseline ROC-AUC")):
+    lines = [
+        "",
+        "Validation patients, pooled, with 95% intervals from a bootstrap over patients (the uniform "
+        "sample estimates the pooled metrics over all patches of these patients without the per-class "
+        "pickers' bias):",
+        "",
+        "| metric | " + " | ".join(f"{t} ({m['n']} patches, {m['n_patients']} patients)" for t, m in sets) + " |",
+        "|---" * (len(sets) + 1) + "|",
+    ]
+    for key, label in (
+        ("roc_auc", "ROC-AUC"),
+        ("balanced_accuracy", "balanced accuracy"),
+        ("f1", "F1"),
+        ("sensitivity", "sensitivity"),
+        ("specificity", "specificity"),
+        ("baseline_darkness_roc_auc", "darkness baseline ROC-AUC"),
+    ):
         lines.append(f"| {label} | " + " | ".join(_interval(m, key) for _, m in sets) + " |")
     whole = evaluation.get("whole_patients")
     if whole:
-        lines += ["", f"Whole validation patients ({whole['n_patients']}, every patch of the slide): counted IDC "
-                  f"fraction mean absolute error {_fmt(whole['fraction_mae'])}, max {_fmt(whole['fraction_max_error'])}."]
+        lines += [
+            "",
+            f"Whole validation patients ({whole['n_patients']}, every patch of the slide): counted IDC "
+            f"fraction mean absolute error {_fmt(whole['fraction_mae'])}, max {_fmt(whole['fraction_max_error'])}.",
+        ]
     head = sets[0][1]
-    lines += ["", "Published patch-level results, on the Janowczyk 2016 **test** fold (49 patients held back from our "
-              "data): other patients than the validation fold above, so for scale only, not a comparison:", "",
-              "| | F1 | balanced accuracy |", "|---|---|---|"]
+    lines += [
+        "",
+        "Published patch-level results, on the Janowczyk 2016 **test** fold (49 patients held back from our "
+        "data): other patients than the validation fold above, so for scale only, not a comparison:",
+        "",
+        "| | F1 | balanced accuracy |",
+        "|---|---|---|",
+    ]
     lines += [f"| {name} | {ref['f1']:.4f} | {ref['balanced_accuracy']:.4f} |" for name, ref in PUBLISHED.items()]
-    lines.append(f"| this model, validation fold ({sets[0][0]}) | {_fmt(head['f1'])} | {_fmt(head['balanced_accuracy'])} |")
+    lines.append(
+        f"| this model, validation fold ({sets[0][0]}) | {_fmt(head['f1'])} | {_fmt(head['balanced_accuracy'])} |"
+    )
     return lines
 
 
@@ -126,10 +168,14 @@ def _calibration_lines(report: dict) -> list[str]:
     if not calibrations:
         error = report.get("calibration_error")
         return ["", f"Not calibrated: {error}" if error else "Not calibrated."]
-    lines = ["", "Each file has its own Platt calibration prob_idc = sigmoid(a logit(raw) + b), fitted on "
-             "validation patients; the threshold is carried into calibrated space (the same calls as before).", "",
-             "| file | a | b | fitted on | ECE before -> after | Brier before -> after | threshold | sensitivity | specificity |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "Each file has its own Platt calibration prob_idc = sigmoid(a logit(raw) + b), fitted on "
+        "validation patients; the threshold is carried into calibrated space (the same calls as before).",
+        "",
+        "| file | a | b | fitted on | ECE before -> after | Brier before -> after | threshold | sensitivity | specificity |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     contracts = {"fp32": report["contract"], "int8": (report.get("quantization") or {}).get("contract")}
     for precision, fit in calibrations.items():
         rates = ((contracts.get(precision) or {}).get("quantification") or {}).get("error_rates", {})
@@ -139,30 +185,47 @@ def _calibration_lines(report: dict) -> list[str]:
             f"{_fmt(fit['ece_before'])} -> {_fmt(fit['ece_after'])} | {_fmt(fit['brier_before'])} -> "
             f"{_fmt(fit['brier_after'])} | {_fmt(fit['threshold'])} | {_fmt(rates.get('sensitivity'))} "
             f"({rates.get('tp')}/{(rates.get('tp') or 0) + (rates.get('fn') or 0)}) | {_fmt(rates.get('specificity'))} "
-            f"({rates.get('tn')}/{(rates.get('tn') or 0) + (rates.get('fp') or 0)}) |")
+            f"({rates.get('tn')}/{(rates.get('tn') or 0) + (rates.get('fp') or 0)}) |"
+        )
     fit = calibrations.get("fp32") or next(iter(calibrations.values()))
     measured = fit["estimators"]
-    lines += ["", f"ECE and Brier are in-sample (the patches the fit used). IDC-fraction estimators of the fp32 file, "
-              f"{measured['method']}; the true fraction of a whole patient is its slide's, of the others the share "
-              "of the patches they hold:", "",
-              "| patients | estimator | mean abs error | max error | 95% interval coverage | mean interval width |",
-              "|---|---|---|---|---|---|"]
-    for key, title in (("whole_patients", "whole validation patients"), ("all_validation_patients", "all validation patients")):
+    lines += [
+        "",
+        f"ECE and Brier are in-sample (the patches the fit used). IDC-fraction estimators of the fp32 file, "
+        f"{measured['method']}; the true fraction of a whole patient is its slide's, of the others the share "
+        "of the patches they hold:",
+        "",
+        "| patients | estimator | mean abs error | max error | 95% interval coverage | mean interval width |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, title in (
+        ("whole_patients", "whole validation patients"),
+        ("all_validation_patients", "all validation patients"),
+    ):
         block = measured.get(key)
         if not block:
             continue
         for name in ("counted", "adjusted", "expected"):
             m = block[name]
-            lines.append(f"| {title} ({block['n_patients']}) | {name} | {_fmt(m['mae'])} | {_fmt(m['max_error'])} | "
-                         f"{_fmt(m['coverage_95'], '.2f')} | {_fmt(m['mean_interval_width'], '.3f')} |")
-    lines += ["", f"Headline estimator (first in idc-infer's output and report.html): **{measured['headline']}** "
-              f"({measured['headline_chosen_on']})."]
+            lines.append(
+                f"| {title} ({block['n_patients']}) | {name} | {_fmt(m['mae'])} | {_fmt(m['max_error'])} | "
+                f"{_fmt(m['coverage_95'], '.2f')} | {_fmt(m['mean_interval_width'], '.3f')} |"
+            )
+    lines += [
+        "",
+        f"Headline estimator (first in idc-infer's output and report.html): **{measured['headline']}** "
+        f"({measured['headline_chosen_on']}).",
+    ]
     colour = fit.get("colour_of_validation_patients")
     if colour:
-        lines += ["", f"Colour note: idc-infer flags a patient whose mean patch colour lies more than "
-                  f"{colour['z_limit']:g} SD (training patients' spread, any of R, G, B) from the training patients'. "
-                  f"On the validation patients it flags {len(colour['flagged'])} of {len(colour['max_abs_z'])}"
-                  + (f" ({', '.join(colour['flagged'])})" if colour["flagged"] else "") + "."]
+        lines += [
+            "",
+            f"Colour note: idc-infer flags a patient whose mean patch colour lies more than "
+            f"{colour['z_limit']:g} SD (training patients' spread, any of R, G, B) from the training patients'. "
+            f"On the validation patients it flags {len(colour['flagged'])} of {len(colour['max_abs_z'])}"
+            + (f" ({', '.join(colour['flagged'])})" if colour["flagged"] else "")
+            + ".",
+        ]
     return lines
 
 
@@ -179,7 +242,10 @@ def render_model_card(report: dict) -> str:
         "",
     ]
     if prov.get("demo", True):
-        lines += ["> **DEMO MODEL**: trained on synthetic or unknown data. Its outputs say nothing about real tissue.", ""]
+        lines += [
+            "> **DEMO MODEL**: trained on synthetic or unknown data. Its outputs say nothing about real tissue.",
+            "",
+        ]
     lines += [
         "## Files",
         "",
@@ -193,8 +259,10 @@ def render_model_card(report: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for precision, entry in files.items():
-        lines.append(f"| {Path(entry['path']).name} | {precision} | {entry['status']} | {entry['size_bytes'] / 1e6:.2f} | "
-                     f"{_fmt(entry.get('throughput_patches_per_s'), '.0f')} | `{entry['sha256'][:16]}` |")
+        lines.append(
+            f"| {Path(entry['path']).name} | {precision} | {entry['status']} | {entry['size_bytes'] / 1e6:.2f} | "
+            f"{_fmt(entry.get('throughput_patches_per_s'), '.0f')} | `{entry['sha256'][:16]}` |"
+        )
     lines += [
         "",
         "## Input contract (stored in each file, metadata key `idc.contract`)",
@@ -203,9 +271,12 @@ def render_model_card(report: dict) -> str:
         f"{contract['channel_order']}, pixel = raw * {contract['scale']:.6g} + {contract['offset']:g}",
         f"- resize {contract['resize_method']} from native {contract['native_patch_px']} px; undersized patches: "
         f"{contract['undersized_policy']}; oversized: {contract['oversized_policy']}",
-        (f"- scale: {contract['patch_mpp']:g} um per pixel, a {contract['native_patch_px']} px patch spans "
-         f"{contract['native_patch_px'] * contract['patch_mpp']:g} um; slides are tiled at this scale"
-         if contract.get("patch_mpp") else "- scale: not recorded (slides need idc-infer --patch-mpp)"),
+        (
+            f"- scale: {contract['patch_mpp']:g} um per pixel, a {contract['native_patch_px']} px patch spans "
+            f"{contract['native_patch_px'] * contract['patch_mpp']:g} um; slides are tiled at this scale"
+            if contract.get("patch_mpp")
+            else "- scale: not recorded (slides need idc-infer --patch-mpp)"
+        ),
         f"- classes {', '.join(contract['class_names'])}; positive class {contract['class_names'][contract['positive_class_index']]}",
         f"- threshold on prob_idc: {contract['threshold']:.4f} ({prov.get('threshold_chosen_on', 'unknown')})",
         "",
@@ -230,8 +301,10 @@ def render_model_card(report: dict) -> str:
         "",
     ]
     parity = report["parity"]
-    lines.append(f"- **fp32 parity** (Keras vs onnxruntime): max |prob diff| {parity['max_abs_diff']:.2e} on "
-                 f"{parity['n_inputs']} inputs (limit {parity['tolerance']:g}), {parity['label_flips']} label flip(s): passed")
+    lines.append(
+        f"- **fp32 parity** (Keras vs onnxruntime): max |prob diff| {parity['max_abs_diff']:.2e} on "
+        f"{parity['n_inputs']} inputs (limit {parity['tolerance']:g}), {parity['label_flips']} label flip(s): passed"
+    )
     quant = report.get("quantization")
     if quant is None:
         error = report.get("int8_error")
@@ -263,10 +336,13 @@ def render_model_card(report: dict) -> str:
             "| activations | calibration | weight bits | final Dense | label flips | mean abs prob diff | max abs prob diff |",
             "|---|---|---|---|---|---|---|",
         ]
-        lines += [f"| {c['activation_type']} | {c['calibration_method']} | {7 if c['reduce_range'] else 8} | "
-                  f"{'float' if c['float_head'] else 'int8'} | "
-                  f"{c['label_flips']} | "
-                  f"{_fmt(c['mean_abs_prob_diff'])} | {_fmt(c['max_abs_prob_diff'])} |" for c in quant["candidates"]]
+        lines += [
+            f"| {c['activation_type']} | {c['calibration_method']} | {7 if c['reduce_range'] else 8} | "
+            f"{'float' if c['float_head'] else 'int8'} | "
+            f"{c['label_flips']} | "
+            f"{_fmt(c['mean_abs_prob_diff'])} | {_fmt(c['max_abs_prob_diff'])} |"
+            for c in quant["candidates"]
+        ]
     lines += [
         "",
         "## Intended use",

@@ -1,4 +1,5 @@
 """Keras -> ONNX with tf2onnx, the contract written into the file, and the fp32 parity gate."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -37,8 +38,12 @@ class ParityReport:
     label_flips: int
 
     def as_dict(self) -> dict:
-        return {"n_inputs": self.n_inputs, "max_abs_diff": self.max_abs_diff, "label_flips": self.label_flips,
-                "tolerance": PARITY_TOLERANCE}
+        return {
+            "n_inputs": self.n_inputs,
+            "max_abs_diff": self.max_abs_diff,
+            "label_flips": self.label_flips,
+            "tolerance": PARITY_TOLERANCE,
+        }
 
 
 def keras_to_onnx(model, contract: Contract, opset: int = DEFAULT_OPSET):
@@ -68,8 +73,15 @@ def export_settings(opset: int, precision: str = "fp32") -> dict:
     import tensorflow as tf
     import tf2onnx
 
-    return {"tool": "tf2onnx", "tf2onnx": tf2onnx.__version__, "opset": opset, "precision": precision,
-            "tensorflow": tf.__version__, "keras": keras.__version__, "onnx": onnx.__version__}
+    return {
+        "tool": "tf2onnx",
+        "tf2onnx": tf2onnx.__version__,
+        "opset": opset,
+        "precision": precision,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "onnx": onnx.__version__,
+    }
 
 
 def set_contract(onnx_model, contract: Contract) -> None:
@@ -99,11 +111,15 @@ def load_parity_inputs(contract: Contract, sample_dirs: list[Path], n_random: in
                 break
     rng = np.random.default_rng(seed)
     lo, hi = contract.offset, contract.offset + 255 * contract.scale
-    noise = rng.uniform(lo, hi, size=(n_random, contract.input_height_px, contract.input_width_px, 3)).astype(np.float32)
+    noise = rng.uniform(lo, hi, size=(n_random, contract.input_height_px, contract.input_width_px, 3)).astype(
+        np.float32
+    )
     return np.concatenate([np.stack(tensors), noise]) if tensors else noise
 
 
-def check_parity(keras_model, onnx_bytes: bytes, inputs: np.ndarray, tolerance: float = PARITY_TOLERANCE) -> ParityReport:
+def check_parity(
+    keras_model, onnx_bytes: bytes, inputs: np.ndarray, tolerance: float = PARITY_TOLERANCE
+) -> ParityReport:
     """Compare Keras and onnxruntime outputs on the same inputs; ParityError beyond tolerance."""
     import onnxruntime as ort
 
@@ -115,8 +131,10 @@ def check_parity(keras_model, onnx_bytes: bytes, inputs: np.ndarray, tolerance: 
     flips = int(np.sum(np.argmax(ort_probs, 1) != np.argmax(keras_probs, 1)))
     report = ParityReport(len(inputs), diff, flips)
     if not diff <= tolerance:
-        raise ParityError(f"onnxruntime and Keras differ by up to {diff:.3g} (> {tolerance:g}) on {len(inputs)} "
-                          f"inputs, {flips} label flip(s): the export is not faithful")
+        raise ParityError(
+            f"onnxruntime and Keras differ by up to {diff:.3g} (> {tolerance:g}) on {len(inputs)} "
+            f"inputs, {flips} label flip(s): the export is not faithful"
+        )
     return report
 
 
@@ -131,7 +149,9 @@ def held_out_dirs(meta: dict | None) -> list[Path]:
     if not meta or not meta.get("data_dir"):
         return []
     root = Path(meta["data_dir"])
-    return [root / pid for name in ("val", "test") for pid in meta.get("split", {}).get(name, []) if (root / pid).is_dir()]
+    return [
+        root / pid for name in ("val", "test") for pid in meta.get("split", {}).get(name, []) if (root / pid).is_dir()
+    ]
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -172,7 +192,9 @@ def export_fp32(keras_path: Path, out_path: Path, sample_dirs: list[Path], opset
     keras_path = Path(keras_path)
     meta = read_meta(keras_path)
     if meta is None:
-        log.warning("no train_meta.json beside %s: the contract will say the training data is unknown (demo)", keras_path)
+        log.warning(
+            "no train_meta.json beside %s: the contract will say the training data is unknown (demo)", keras_path
+        )
     model = keras.models.load_model(keras_path, compile=False)
     contract = contract_for(keras_path, meta, opset)
     onnx_model = keras_to_onnx(model, contract, opset)
@@ -185,5 +207,10 @@ def export_fp32(keras_path: Path, out_path: Path, sample_dirs: list[Path], opset
     data = onnx_model.SerializeToString()
     with atomic_path(Path(out_path), mode="wb") as handle:
         handle.write(data)
-    return {"path": str(out_path), "sha256": sha256_bytes(data), "size_bytes": len(data), "parity": parity.as_dict(),
-            "contract": json.loads(contract.to_json())}
+    return {
+        "path": str(out_path),
+        "sha256": sha256_bytes(data),
+        "size_bytes": len(data),
+        "parity": parity.as_dict(),
+        "contract": json.loads(contract.to_json()),
+    }

@@ -2,10 +2,11 @@
 
 Each file (fp32, int8) gets its own fit on its own outputs: a Platt calibration of prob_idc, the
 threshold carried into calibrated space, sensitivity/specificity with each validation patient's
-counts, each validation patient's mean calibrated probability per class, and a leave-one-patient-out measurement of the three
-fraction estimators (counted, adjusted, expected) on the validation patients, which picks the
+counts, each validation patient's mean calibrated probability per class, and a leave-one-patient-out
+measurement of the three fraction estimators (counted, adjusted, expected) on the validation patients, which picks the
 headline estimator. The training patients' ids and mean colours go into the contract too.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,9 +17,20 @@ from pathlib import Path
 import numpy as np
 
 from idc_infer.contract import Contract
-from idc_infer.quantify import (COLOUR_Z_LIMIT, apply_calibration, brier_score, class_mean_probs, colour_distance_sd,
-                                error_rates_record, expected_calibration_error, fit_platt, fraction_estimates, logit,
-                                patch_mean_colour, sigmoid)
+from idc_infer.quantify import (
+    COLOUR_Z_LIMIT,
+    apply_calibration,
+    brier_score,
+    class_mean_probs,
+    colour_distance_sd,
+    error_rates_record,
+    expected_calibration_error,
+    fit_platt,
+    fraction_estimates,
+    logit,
+    patch_mean_colour,
+    sigmoid,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +52,7 @@ class ValidationScores:
     raw: np.ndarray | None = None
 
 
-def validation_patches(meta: dict | None) -> tuple[list, "object"]:
+def validation_patches(meta: dict | None) -> tuple[list, object]:
     """The split's validation patches (LabelledPatch) and the data's sample design."""
     from idc_train.data import discover_labelled, read_sample_design
 
@@ -71,18 +83,24 @@ def colour_flags(colours: np.ndarray, patient_ids: np.ndarray, reference: dict |
     R, G, B), and how many idc-infer would flag: the measured false-alarm rate of the colour note."""
     if not reference:
         return None
-    per_patient = {str(pid): round(colour_distance_sd(colours[patient_ids == pid].mean(axis=0), reference), 2)
-                   for pid in sorted(set(patient_ids.tolist()))}
+    per_patient = {
+        str(pid): round(colour_distance_sd(colours[patient_ids == pid].mean(axis=0), reference), 2)
+        for pid in sorted(set(patient_ids.tolist()))
+    }
     flagged = sorted(pid for pid, z in per_patient.items() if z > COLOUR_Z_LIMIT)
-    return {"z_limit": COLOUR_Z_LIMIT, "max_abs_z": per_patient, "flagged": flagged,
-            "flagged_share": len(flagged) / max(1, len(per_patient))}
+    return {
+        "z_limit": COLOUR_Z_LIMIT,
+        "max_abs_z": per_patient,
+        "flagged": flagged,
+        "flagged_share": len(flagged) / max(1, len(per_patient)),
+    }
 
 
 def raw_probs(model_path: Path, tensors: np.ndarray) -> np.ndarray:
     from idc_infer.model import load_model
 
     model = load_model(model_path, threads=2)
-    return np.concatenate([model.raw_prob_idc(tensors[i:i + 256]) for i in range(0, len(tensors), 256)])
+    return np.concatenate([model.raw_prob_idc(tensors[i : i + 256]) for i in range(0, len(tensors), 256)])
 
 
 def colour_reference(meta: dict | None, contract: Contract, seed: int = 0) -> dict | None:
@@ -116,8 +134,12 @@ def colour_reference(meta: dict | None, contract: Contract, seed: int = 0) -> di
     if len(means) < 2:
         return None
     means = np.asarray(means)
-    return {"mean_rgb": means.mean(axis=0).round(5).tolist(), "std_rgb": means.std(axis=0, ddof=1).round(5).tolist(),
-            "n_patients": len(means), "what": "per-patient mean patch colour (RGB, 0-1) of the training patients"}
+    return {
+        "mean_rgb": means.mean(axis=0).round(5).tolist(),
+        "std_rgb": means.std(axis=0, ddof=1).round(5).tolist(),
+        "n_patients": len(means),
+        "what": "per-patient mean patch colour (RGB, 0-1) of the training patients",
+    }
 
 
 def _fit(scores: ValidationScores, raw_threshold: float, keep: np.ndarray) -> dict:
@@ -133,8 +155,15 @@ def _fit(scores: ValidationScores, raw_threshold: float, keep: np.ndarray) -> di
     preds = scores.raw >= raw_threshold  # the same calls as at the raw threshold (a > 0: monotone)
     rates = error_rates_record(scores.labels[keep], preds[keep], scores.patient_ids[keep])
     class_means = class_mean_probs(probs[keep], scores.labels[keep], scores.patient_ids[keep])
-    return {"calibration": calibration, "threshold": threshold, "error_rates": rates, "class_means": class_means,
-            "probs": probs, "preds": preds, "fit_on": fit_on}
+    return {
+        "calibration": calibration,
+        "threshold": threshold,
+        "error_rates": rates,
+        "class_means": class_means,
+        "probs": probs,
+        "preds": preds,
+        "fit_on": fit_on,
+    }
 
 
 def _patient_estimates(scores: ValidationScores, fit: dict, pid) -> dict:
@@ -143,11 +172,19 @@ def _patient_estimates(scores: ValidationScores, fit: dict, pid) -> dict:
     mine = scores.patient_ids == pid
     probs = fit["probs"][mine]
     n, n_idc = int(mine.sum()), int(fit["preds"][mine].sum())
-    est = fraction_estimates(n_idc, n, float(probs.sum()), float((probs ** 2).sum()), fit["error_rates"],
-                             fit["class_means"])
+    est = fraction_estimates(
+        n_idc, n, float(probs.sum()), float((probs**2).sum()), fit["error_rates"], fit["class_means"]
+    )
     low, high = wilson_interval(n_idc, n)
-    return {"patient_id": str(pid), "n": n, "true": float(scores.labels[mine].mean()),
-            "counted": n_idc / n, "counted_low": low, "counted_high": high, **est}
+    return {
+        "patient_id": str(pid),
+        "n": n,
+        "true": float(scores.labels[mine].mean()),
+        "counted": n_idc / n,
+        "counted_low": low,
+        "counted_high": high,
+        **est,
+    }
 
 
 def measure_estimators(scores: ValidationScores, raw_threshold: float) -> dict:
@@ -176,16 +213,22 @@ def measure_estimators(scores: ValidationScores, raw_threshold: float) -> dict:
             with_interval = [r for r in subset if not math.isnan(r[f"{name}_low"])]
             covered = [r[f"{name}_low"] <= r["true"] <= r[f"{name}_high"] for r in with_interval]
             widths = [r[f"{name}_high"] - r[f"{name}_low"] for r in with_interval]
-            out[name] = {"mae": float(np.mean(errors)) if errors else math.nan,
-                         "max_error": float(np.max(errors)) if errors else math.nan,
-                         "coverage_95": float(np.mean(covered)) if covered else math.nan,
-                         "mean_interval_width": float(np.mean(widths)) if widths else math.nan,
-                         "n": len(subset)}
+            out[name] = {
+                "mae": float(np.mean(errors)) if errors else math.nan,
+                "max_error": float(np.max(errors)) if errors else math.nan,
+                "coverage_95": float(np.mean(covered)) if covered else math.nan,
+                "mean_interval_width": float(np.mean(widths)) if widths else math.nan,
+                "n": len(subset),
+            }
         return out
 
     whole = [r for r in rows if r["whole_patient"]]
-    measured = {"method": "leave one validation patient out: calibration, error rates and per-class mean "
-                          "probabilities fitted on the other validation patients", "patients": rows, "all_validation_patients": summarise(rows)}
+    measured = {
+        "method": "leave one validation patient out: calibration, error rates and per-class mean "
+        "probabilities fitted on the other validation patients",
+        "patients": rows,
+        "all_validation_patients": summarise(rows),
+    }
     if whole:
         measured["whole_patients"] = summarise(whole)
     basis = measured.get("whole_patients", measured["all_validation_patients"])
@@ -193,12 +236,15 @@ def measure_estimators(scores: ValidationScores, raw_threshold: float) -> dict:
     if candidates:
         measured["headline"] = min(candidates, key=lambda name: basis[name]["mae"])
         measured["headline_chosen_on"] = "whole validation patients" if whole else "all validation patients"
-        measured["headline_why"] = (f"the estimator with the lowest mean absolute error on "
-                                    f"{measured['headline_chosen_on']}, each left out of the fit in turn")
+        measured["headline_why"] = (
+            f"the estimator with the lowest mean absolute error on "
+            f"{measured['headline_chosen_on']}, each left out of the fit in turn"
+        )
     else:  # one validation patient: nothing left to fit on when it is left out
         measured["headline"] = "counted"
-        measured["headline_chosen_on"] = measured["headline_why"] = \
+        measured["headline_chosen_on"] = measured["headline_why"] = (
             "not measured (too few validation patients): the plain count"
+        )
     return measured
 
 
@@ -208,13 +254,19 @@ def validation_set(meta: dict | None, contract: Contract) -> ValidationScores:
     if not patches or len({p.label for p in patches}) < 2:
         raise ValueError("no validation patients of both classes in train_meta.json's split: no calibration")
     tensors, kept, colours = decode_tensors(patches, contract)
-    return ValidationScores(tensors, np.array([p.label for p in kept]), np.array([p.patient_id for p in kept]),
-                            np.array([Path(p.path) in design.uniform for p in kept], dtype=bool), colours,
-                            design.whole_patients)
+    return ValidationScores(
+        tensors,
+        np.array([p.label for p in kept]),
+        np.array([p.patient_id for p in kept]),
+        np.array([Path(p.path) in design.uniform for p in kept], dtype=bool),
+        colours,
+        design.whole_patients,
+    )
 
 
-def quantify_model(model_path: Path, contract: Contract, meta: dict | None, colour: dict | None,
-                   validation: ValidationScores) -> tuple[Contract, dict]:
+def quantify_model(
+    model_path: Path, contract: Contract, meta: dict | None, colour: dict | None, validation: ValidationScores
+) -> tuple[Contract, dict]:
     """The contract with calibration, calibrated threshold, error rates, training patients and colour
     reference, fitted on this file's own outputs; and the report of the fit (ECE, Brier, estimator errors)."""
     raw = raw_probs(model_path, validation.tensors)
@@ -223,10 +275,17 @@ def quantify_model(model_path: Path, contract: Contract, meta: dict | None, colo
     fit = _fit(scores, contract.threshold, everything)
     fit_on = fit["fit_on"]
     measured = measure_estimators(scores, contract.threshold)
-    where = "uniform-sample patches of the validation patients" if fit_on.sum() < len(fit_on) else \
-        "all patches of the validation patients"
-    calibration = {**fit["calibration"], "fitted_on": where, "n_patches": int(fit_on.sum()),
-                   "n_patients": len(set(scores.patient_ids[fit_on].tolist()))}
+    where = (
+        "uniform-sample patches of the validation patients"
+        if fit_on.sum() < len(fit_on)
+        else "all patches of the validation patients"
+    )
+    calibration = {
+        **fit["calibration"],
+        "fitted_on": where,
+        "n_patches": int(fit_on.sum()),
+        "n_patients": len(set(scores.patient_ids[fit_on].tolist())),
+    }
     report = {
         "calibration": calibration,
         "raw_threshold": contract.threshold,
@@ -243,8 +302,13 @@ def quantify_model(model_path: Path, contract: Contract, meta: dict | None, colo
     quantification = {
         "error_rates": rates,
         "class_mean_probs": fit["class_means"],
-        "class_mean_probs_columns": ["patient_id", "n_idc", "mean_prob_of_idc_patches", "n_non_idc",
-                                     "mean_prob_of_non_idc_patches"],
+        "class_mean_probs_columns": [
+            "patient_id",
+            "n_idc",
+            "mean_prob_of_idc_patches",
+            "n_non_idc",
+            "mean_prob_of_non_idc_patches",
+        ],
         "measured_on": f"all patches of {len(set(scores.patient_ids.tolist()))} validation patients",
         "validation_patients": sorted(set(scores.patient_ids.tolist())),
         "headline": measured["headline"],
@@ -252,11 +316,22 @@ def quantify_model(model_path: Path, contract: Contract, meta: dict | None, colo
         "estimator_errors": {k: v for k, v in measured.items() if k in ("whole_patients", "all_validation_patients")},
     }
     updated = contract.replace(
-        threshold=fit["threshold"], calibration=calibration, quantification=quantification,
-        training_patients=tuple(sorted((meta or {}).get("split", {}).get("train", []))), colour_reference=colour)
-    log.info("calibration: a %.3f b %.3f, ECE %.4f -> %.4f; sensitivity %.3f specificity %.3f; headline %s",
-             calibration["a"], calibration["b"], report["ece_before"], report["ece_after"], rates["sensitivity"],
-             rates["specificity"], measured["headline"])
+        threshold=fit["threshold"],
+        calibration=calibration,
+        quantification=quantification,
+        training_patients=tuple(sorted((meta or {}).get("split", {}).get("train", []))),
+        colour_reference=colour,
+    )
+    log.info(
+        "calibration: a %.3f b %.3f, ECE %.4f -> %.4f; sensitivity %.3f specificity %.3f; headline %s",
+        calibration["a"],
+        calibration["b"],
+        report["ece_before"],
+        report["ece_after"],
+        rates["sensitivity"],
+        rates["specificity"],
+        measured["headline"],
+    )
     return updated, report
 
 

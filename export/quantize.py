@@ -1,4 +1,5 @@
 """Static int8 QDQ quantization with onnxruntime: seeded calibration on training patients, and the accuracy gate."""
+
 from __future__ import annotations
 
 import json
@@ -6,9 +7,9 @@ import logging
 import math
 import random
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -59,12 +60,20 @@ class QuantSettings:
         return f"{self.activation_type} activations / {self.calibration_method} / {weights} weights / {head} head"
 
     def as_dict(self) -> dict:
-        return {"activation_type": self.activation_type, "calibration_method": self.calibration_method,
-                "reduce_range": self.reduce_range, "float_head": self.float_head}
+        return {
+            "activation_type": self.activation_type,
+            "calibration_method": self.calibration_method,
+            "reduce_range": self.reduce_range,
+            "float_head": self.float_head,
+        }
 
 
-def candidate_settings(activation_type: str = "auto", calibration_method: str = "auto", weight_range: str = "auto",
-                       head_precision: str = "float") -> list[QuantSettings]:
+def candidate_settings(
+    activation_type: str = "auto",
+    calibration_method: str = "auto",
+    weight_range: str = "auto",
+    head_precision: str = "float",
+) -> list[QuantSettings]:
     """Every recipe to try; 'auto' on an axis tries all of that axis."""
     acts = ACTIVATION_TYPES if activation_type == "auto" else (activation_type,)
     methods = CALIBRATION_METHODS if calibration_method == "auto" else (calibration_method,)
@@ -88,15 +97,22 @@ class PatchSet:
         return len(self.tensors)
 
     def summary(self) -> dict:
-        return {"n_patches": len(self), "n_idc": int(np.sum(self.labels == 1)), "n_non_idc": int(np.sum(self.labels == 0)),
-                "patients": self.patients, "description": self.description, "n_failed_decode": self.n_failed_decode}
+        return {
+            "n_patches": len(self),
+            "n_idc": int(np.sum(self.labels == 1)),
+            "n_non_idc": int(np.sum(self.labels == 0)),
+            "patients": self.patients,
+            "description": self.description,
+            "n_failed_decode": self.n_failed_decode,
+        }
 
 
 # --------------------------------------------------------------------------- data selection
 
 
-def balanced_sample(patches: Sequence, n_per_class: int, seed: int, exclude: frozenset = frozenset(),
-                    max_fraction: float = 1.0) -> list:
+def balanced_sample(
+    patches: Sequence, n_per_class: int, seed: int, exclude: frozenset = frozenset(), max_fraction: float = 1.0
+) -> list:
     """Up to n_per_class patches of each label (and at most max_fraction of that label's pool), seeded.
 
     Independent of discovery order: the pool is sorted by path before sampling.
@@ -125,9 +141,14 @@ def decode_patch_set(patches: Sequence, contract: Contract, description: str) ->
     if failed:
         log.warning("%d patch(es) of %s could not be decoded and were left out", failed, description)
     shape = (0, contract.input_height_px, contract.input_width_px, 3)
-    return PatchSet(np.stack(tensors) if tensors else np.zeros(shape, np.float32), np.asarray(labels, dtype=int),
-                    description, sorted({p.patient_id for p in patches}), failed,
-                    frozenset(str(Path(p.path).resolve()) for p in patches))
+    return PatchSet(
+        np.stack(tensors) if tensors else np.zeros(shape, np.float32),
+        np.asarray(labels, dtype=int),
+        description,
+        sorted({p.patient_id for p in patches}),
+        failed,
+        frozenset(str(Path(p.path).resolve()) for p in patches),
+    )
 
 
 def _split_ids(meta: dict | None, name: str) -> set[str]:
@@ -145,8 +166,9 @@ def calibration_pool(meta: dict | None, calibration_dir: Path | None) -> tuple[l
             raise QuantizationError("no train_meta.json with data_dir beside the model: pass --calibration DATA_DIR")
         calibration_dir = Path(meta["data_dir"])
         if not calibration_dir.is_dir():
-            raise QuantizationError(f"the training data {calibration_dir} (from train_meta.json) is not here: "
-                                    "pass --calibration DATA_DIR")
+            raise QuantizationError(
+                f"the training data {calibration_dir} (from train_meta.json) is not here: pass --calibration DATA_DIR"
+            )
     patches = discover_labelled(Path(calibration_dir))
     in_train = [p for p in patches if p.patient_id in train_ids]
     if in_train:
@@ -155,12 +177,18 @@ def calibration_pool(meta: dict | None, calibration_dir: Path | None) -> tuple[l
     # there, but never patients the model was validated or tested on.
     others = [p for p in patches if p.patient_id not in held_out]
     if not others:
-        raise QuantizationError(f"no labelled patches usable for calibration under {calibration_dir} "
-                                "(none, or only validation/test patients)")
+        raise QuantizationError(
+            f"no labelled patches usable for calibration under {calibration_dir} "
+            "(none, or only validation/test patients)"
+        )
     if train_ids:
-        log.warning("none of the split's training patients are in %s; calibrating on its other patients", calibration_dir)
-    return others, (f"patches in {Path(calibration_dir).name} (not the split's training patients; validation/test "
-                    "patients excluded)")
+        log.warning(
+            "none of the split's training patients are in %s; calibrating on its other patients", calibration_dir
+        )
+    return others, (
+        f"patches in {Path(calibration_dir).name} (not the split's training patients; validation/test "
+        "patients excluded)"
+    )
 
 
 def _without_gate(pool: list, gate: PatchSet, where: str) -> tuple[list, str]:
@@ -170,25 +198,38 @@ def _without_gate(pool: list, gate: PatchSet, where: str) -> tuple[list, str]:
 
     pool = [p for p in pool if str(Path(p.path).resolve()) not in gate.paths]  # never a gate patch
     if not pool:
-        raise QuantizationError("no calibration patches left once the accuracy gate's patches are set aside: "
-                                "give --calibration other patients than --gate-data")
+        raise QuantizationError(
+            "no calibration patches left once the accuracy gate's patches are set aside: "
+            "give --calibration other patients than --gate-data"
+        )
     pool_patients = {p.patient_id for p in pool}
     # class folders ("0", "benign") stand in for unknown patients: they say nothing about overlap
     overlap = sorted(pool_patients & {pid for pid in gate.patients if not is_class_folder_id(pid)})
     if overlap and len(overlap) < len(pool_patients):
-        log.warning("%d patient(s) of the accuracy gate left out of calibration: %s", len(overlap), ", ".join(overlap[:10]))
-        return ([p for p in pool if p.patient_id not in overlap],
-                where + f" ({len(overlap)} patient(s) of the accuracy gate left out)")
+        log.warning(
+            "%d patient(s) of the accuracy gate left out of calibration: %s", len(overlap), ", ".join(overlap[:10])
+        )
+        return (
+            [p for p in pool if p.patient_id not in overlap],
+            where + f" ({len(overlap)} patient(s) of the accuracy gate left out)",
+        )
     if overlap:  # every calibration patient is also gated (a per-patch split): other patches of them
-        log.warning("the accuracy gate's patients are all in the calibration data too (a per-patch split?): "
-                    "calibrating on their other patches; the gate is optimistic")
+        log.warning(
+            "the accuracy gate's patients are all in the calibration data too (a per-patch split?): "
+            "calibrating on their other patches; the gate is optimistic"
+        )
         return pool, where + " (the gate's patients too, other patches of them: the gate is optimistic)"
     return pool, where
 
 
-def calibration_sets(meta: dict | None, contract: Contract, calibration_dir: Path | None,
-                     n_per_class: int = DEFAULT_CALIBRATION_PER_CLASS, seed: int = 0,
-                     gate: PatchSet | None = None) -> tuple[PatchSet, PatchSet]:
+def calibration_sets(
+    meta: dict | None,
+    contract: Contract,
+    calibration_dir: Path | None,
+    n_per_class: int = DEFAULT_CALIBRATION_PER_CLASS,
+    seed: int = 0,
+    gate: PatchSet | None = None,
+) -> tuple[PatchSet, PatchSet]:
     """The calibration sample and a disjoint selection sample (to choose a recipe) from the same pool.
 
     The accuracy gate's patches (and where possible its patients) never calibrate or choose the
@@ -206,8 +247,10 @@ def calibration_sets(meta: dict | None, contract: Contract, calibration_dir: Pat
     selection_where = "other " + where
     if not selection:
         selection, selection_where = calibration, where + " (the calibration patches themselves: no others left)"
-    return (decode_patch_set(calibration, contract, f"seeded class-balanced sample (seed {seed}) of {where}"),
-            decode_patch_set(selection, contract, f"seeded class-balanced sample (seed {seed + 1}) of {selection_where}"))
+    return (
+        decode_patch_set(calibration, contract, f"seeded class-balanced sample (seed {seed}) of {where}"),
+        decode_patch_set(selection, contract, f"seeded class-balanced sample (seed {seed + 1}) of {selection_where}"),
+    )
 
 
 def gate_set(meta: dict | None, contract: Contract, gate_dir: Path | None) -> PatchSet:
@@ -231,8 +274,9 @@ def gate_set(meta: dict | None, contract: Contract, gate_dir: Path | None) -> Pa
         val_ids = _split_ids(meta, "val")
         data_dir = Path((meta or {}).get("data_dir", ""))
         if not val_ids or not data_dir.is_dir():
-            raise QuantizationError("no validation patients to gate on (train_meta.json split or data_dir missing): "
-                                    "pass --gate-data DIR")
+            raise QuantizationError(
+                "no validation patients to gate on (train_meta.json split or data_dir missing): pass --gate-data DIR"
+            )
         patches = [p for p in discover_labelled(data_dir) if p.patient_id in val_ids]
         description = f"validation-split patients in {data_dir.name}"
     if not patches:
@@ -303,15 +347,21 @@ def float_nodes(onnx_path: Path, float_head: bool) -> list[str]:
 
 # onnxruntime's Entropy defaults (128 histogram bins, 128 quantized bins) leave one candidate
 # threshold, the full range, so "entropy" would silently equal MinMax; TensorRT's recipe uses 2048.
-CALIBRATOR_OPTIONS = {"minmax": {}, "percentile": {"num_bins": 2048, "percentile": 99.999},
-                      "entropy": {"num_bins": 2048, "num_quantized_bins": 128}}
+CALIBRATOR_OPTIONS = {
+    "minmax": {},
+    "percentile": {"num_bins": 2048, "percentile": 99.999},
+    "entropy": {"num_bins": 2048, "num_quantized_bins": 128},
+}
 
 
 def _ort_method(name: str):
     from onnxruntime.quantization import CalibrationMethod
 
-    return {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-            "entropy": CalibrationMethod.Entropy}[name]
+    return {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }[name]
 
 
 def calibrate_ranges(pre_path: Path, tensors: np.ndarray, method: str, cache_path: Path) -> None:
@@ -328,8 +378,13 @@ def calibrate_ranges(pre_path: Path, tensors: np.ndarray, method: str, cache_pat
     # Every calibrator holds all batches' activations (~4 MB a patch) until the end. Its
     # max_intermediate_outputs option is not used: in onnxruntime 1.32 MinMax drops the held
     # batches at that count instead of folding them into the ranges.
-    calibrator = create_calibrator(pre_path, None, augmented_model_path=str(cache_path.with_suffix(".augmented.onnx")),
-                                   calibrate_method=_ort_method(method), extra_options=CALIBRATOR_OPTIONS[method])
+    calibrator = create_calibrator(
+        pre_path,
+        None,
+        augmented_model_path=str(cache_path.with_suffix(".augmented.onnx")),
+        calibrate_method=_ort_method(method),
+        extra_options=CALIBRATOR_OPTIONS[method],
+    )
     calibrator.collect_data(_as_calibration_reader(input_name, tensors))
     save_tensors_data(calibrator.compute_data(), cache_path)
 
@@ -340,19 +395,31 @@ def _input_name(onnx_path: Path) -> str:
     return onnx.load(str(onnx_path)).graph.input[0].name
 
 
-def quantize_qdq(pre_path: Path, out_path: Path, settings: QuantSettings, nodes_to_exclude: list[str],
-                 cache_path: Path) -> None:
+def quantize_qdq(
+    pre_path: Path, out_path: Path, settings: QuantSettings, nodes_to_exclude: list[str], cache_path: Path
+) -> None:
     """One static QDQ quantization with int8 per-channel weights, from cached activation ranges."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     act = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[settings.activation_type]
-    quantize_static(str(pre_path), str(out_path), None, quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=settings.reduce_range, activation_type=act, weight_type=QuantType.QInt8,
-                    calibrate_method=_ort_method(settings.calibration_method), nodes_to_exclude=nodes_to_exclude,
-                    calibration_cache_path=str(cache_path))
+    quantize_static(
+        str(pre_path),
+        str(out_path),
+        None,
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=settings.reduce_range,
+        activation_type=act,
+        weight_type=QuantType.QInt8,
+        calibrate_method=_ort_method(settings.calibration_method),
+        nodes_to_exclude=nodes_to_exclude,
+        calibration_cache_path=str(cache_path),
+    )
 
 
-def predict_prob_idc(model: Path | bytes, tensors: np.ndarray, positive_index: int = 1, batch_size: int = 256) -> np.ndarray:
+def predict_prob_idc(
+    model: Path | bytes, tensors: np.ndarray, positive_index: int = 1, batch_size: int = 256
+) -> np.ndarray:
     """Positive-class probabilities from onnxruntime (the same runtime the lab PC uses)."""
     import onnxruntime as ort
 
@@ -363,7 +430,10 @@ def predict_prob_idc(model: Path | bytes, tensors: np.ndarray, positive_index: i
     name = session.get_inputs()[0].name
     if len(tensors) == 0:
         return np.zeros(0)
-    out = [session.run(None, {name: tensors[i : i + batch_size]})[0][:, positive_index] for i in range(0, len(tensors), batch_size)]
+    out = [
+        session.run(None, {name: tensors[i : i + batch_size]})[0][:, positive_index]
+        for i in range(0, len(tensors), batch_size)
+    ]
     return np.concatenate(out).astype(np.float64)
 
 
@@ -374,9 +444,12 @@ def fidelity(fp32_probs: np.ndarray, int8_probs: np.ndarray, threshold: float) -
     """How closely int8 follows fp32, with no labels needed."""
     diff = np.abs(np.asarray(int8_probs, float) - np.asarray(fp32_probs, float))
     flips = int(np.sum((np.asarray(int8_probs) >= threshold) != (np.asarray(fp32_probs) >= threshold)))
-    return {"n": int(diff.size), "label_flips": flips,
-            "max_abs_prob_diff": float(diff.max()) if diff.size else math.nan,
-            "mean_abs_prob_diff": float(diff.mean()) if diff.size else math.nan}
+    return {
+        "n": int(diff.size),
+        "label_flips": flips,
+        "max_abs_prob_diff": float(diff.max()) if diff.size else math.nan,
+        "mean_abs_prob_diff": float(diff.mean()) if diff.size else math.nan,
+    }
 
 
 @dataclass(frozen=True)
@@ -391,8 +464,14 @@ class GateResult:
         return {"passed": self.passed, "reasons": list(self.reasons), **numbers}
 
 
-def accuracy_gate(labels: np.ndarray, fp32_probs: np.ndarray, int8_probs: np.ndarray, threshold: float,
-                  max_auc_drop: float = MAX_ROC_AUC_DROP, max_bacc_drop: float = MAX_BALANCED_ACCURACY_DROP) -> GateResult:
+def accuracy_gate(
+    labels: np.ndarray,
+    fp32_probs: np.ndarray,
+    int8_probs: np.ndarray,
+    threshold: float,
+    max_auc_drop: float = MAX_ROC_AUC_DROP,
+    max_bacc_drop: float = MAX_BALANCED_ACCURACY_DROP,
+) -> GateResult:
     """int8 against fp32 on held-out labelled patches: ROC-AUC and balanced-accuracy drops within limits."""
     fp32 = classification_metrics(labels, fp32_probs, threshold)
     int8 = classification_metrics(labels, int8_probs, threshold)
@@ -402,23 +481,33 @@ def accuracy_gate(labels: np.ndarray, fp32_probs: np.ndarray, int8_probs: np.nda
         "threshold": float(threshold),
         "n_patches": int(len(labels)),
         "n_idc": int(np.sum(np.asarray(labels) == 1)),
-        "fp32_roc_auc": fp32["roc_auc"], "int8_roc_auc": int8["roc_auc"], "roc_auc_drop": auc_drop,
-        "fp32_balanced_accuracy": fp32["balanced_accuracy"], "int8_balanced_accuracy": int8["balanced_accuracy"],
+        "fp32_roc_auc": fp32["roc_auc"],
+        "int8_roc_auc": int8["roc_auc"],
+        "roc_auc_drop": auc_drop,
+        "fp32_balanced_accuracy": fp32["balanced_accuracy"],
+        "int8_balanced_accuracy": int8["balanced_accuracy"],
         "balanced_accuracy_drop": bacc_drop,
-        "max_roc_auc_drop": max_auc_drop, "max_balanced_accuracy_drop": max_bacc_drop,
+        "max_roc_auc_drop": max_auc_drop,
+        "max_balanced_accuracy_drop": max_bacc_drop,
         **{k: v for k, v in fidelity(fp32_probs, int8_probs, threshold).items() if k != "n"},
     }
     reasons = []
     if math.isnan(auc_drop) or math.isnan(bacc_drop):
-        reasons.append(f"the gate data needs patches of both classes (has {numbers['n_idc']} IDC of {len(labels)}): "
-                       "the int8 model cannot be checked")
+        reasons.append(
+            f"the gate data needs patches of both classes (has {numbers['n_idc']} IDC of {len(labels)}): "
+            "the int8 model cannot be checked"
+        )
     else:
         if not auc_drop <= max_auc_drop:
-            reasons.append(f"ROC-AUC dropped by {auc_drop:.4f} ({fp32['roc_auc']:.4f} -> {int8['roc_auc']:.4f}), "
-                           f"limit {max_auc_drop}")
+            reasons.append(
+                f"ROC-AUC dropped by {auc_drop:.4f} ({fp32['roc_auc']:.4f} -> {int8['roc_auc']:.4f}), "
+                f"limit {max_auc_drop}"
+            )
         if not bacc_drop <= max_bacc_drop:
-            reasons.append(f"balanced accuracy at threshold {threshold:.3f} dropped by {bacc_drop:.4f} "
-                           f"({fp32['balanced_accuracy']:.4f} -> {int8['balanced_accuracy']:.4f}), limit {max_bacc_drop}")
+            reasons.append(
+                f"balanced accuracy at threshold {threshold:.3f} dropped by {bacc_drop:.4f} "
+                f"({fp32['balanced_accuracy']:.4f} -> {int8['balanced_accuracy']:.4f}), limit {max_bacc_drop}"
+            )
     return GateResult(not reasons, tuple(reasons), numbers)
 
 
@@ -443,8 +532,15 @@ def read_contract(onnx_path: Path) -> Contract:
     return Contract.from_json(props[CONTRACT_KEY])
 
 
-def int8_contract(fp32_contract: Contract, settings: QuantSettings, calibration: PatchSet, gate: GateResult,
-                  excluded: list[str], fp32_sha256: str, chosen_by: str) -> Contract:
+def int8_contract(
+    fp32_contract: Contract,
+    settings: QuantSettings,
+    calibration: PatchSet,
+    gate: GateResult,
+    excluded: list[str],
+    fp32_sha256: str,
+    chosen_by: str,
+) -> Contract:
     """The fp32 contract with the int8 export settings and gate results added to its provenance."""
     import onnxruntime
 
@@ -452,31 +548,39 @@ def int8_contract(fp32_contract: Contract, settings: QuantSettings, calibration:
     export = dict(provenance.get("export", {}))
     if "parity" in export:  # that gate was run on the fp32 graph, not on this one
         export["fp32_parity"] = export.pop("parity")
-    export.update({
-        "precision": "int8",
-        "quantizer": "onnxruntime.quantization static QDQ",
-        "onnxruntime": onnxruntime.__version__,
-        "activation_type": settings.activation_type,
-        "weight_type": "int8 per-channel" + (" (7-bit range)" if settings.reduce_range else ""),
-        "reduce_range": settings.reduce_range,
-        "calibration_method": settings.calibration_method,
-        "float_head": settings.float_head,
-        "calibration_patches": len(calibration),
-        "calibration_idc_patches": int(np.sum(calibration.labels == 1)),
-        "calibration_patients": len(calibration.patients),
-        "calibration_data": calibration.description,
-        "nodes_left_in_float": excluded,
-        "recipe_chosen_by": chosen_by,
-        "fp32_sha256": fp32_sha256,
-    })
+    export.update(
+        {
+            "precision": "int8",
+            "quantizer": "onnxruntime.quantization static QDQ",
+            "onnxruntime": onnxruntime.__version__,
+            "activation_type": settings.activation_type,
+            "weight_type": "int8 per-channel" + (" (7-bit range)" if settings.reduce_range else ""),
+            "reduce_range": settings.reduce_range,
+            "calibration_method": settings.calibration_method,
+            "float_head": settings.float_head,
+            "calibration_patches": len(calibration),
+            "calibration_idc_patches": int(np.sum(calibration.labels == 1)),
+            "calibration_patients": len(calibration.patients),
+            "calibration_data": calibration.description,
+            "nodes_left_in_float": excluded,
+            "recipe_chosen_by": chosen_by,
+            "fp32_sha256": fp32_sha256,
+        }
+    )
     provenance["export"] = export
     provenance["quantization_gate"] = "passed" if gate.passed else "failed"
     provenance["quantization_gate_results"] = gate.as_dict()
     return fp32_contract.replace(provenance=provenance)
 
 
-def quantize_int8(fp32_path: Path, calibration: PatchSet, selection: PatchSet, gate: PatchSet,
-                  candidates: Sequence[QuantSettings], work_dir: Path | None = None) -> tuple[bytes, dict]:
+def quantize_int8(
+    fp32_path: Path,
+    calibration: PatchSet,
+    selection: PatchSet,
+    gate: PatchSet,
+    candidates: Sequence[QuantSettings],
+    work_dir: Path | None = None,
+) -> tuple[bytes, dict]:
     """Quantize with each candidate recipe, keep the most faithful on the selection set, gate it.
 
     Returns the int8 model bytes (contract inside, gate verdict in its provenance) and a report.
@@ -509,11 +613,21 @@ def quantize_int8(fp32_path: Path, calibration: PatchSet, selection: PatchSet, g
             excluded = float_nodes(pre, settings.float_head)
             quantize_qdq(pre, out, settings, excluded, caches[method])
             data = out.read_bytes()
-            result = {**settings.as_dict(), "nodes_left_in_float": excluded, "size_bytes": len(data),
-                      **fidelity(fp32_selection, predict_prob_idc(data, selection.tensors, pos), contract.threshold)}
+            result = {
+                **settings.as_dict(),
+                "nodes_left_in_float": excluded,
+                "size_bytes": len(data),
+                **fidelity(fp32_selection, predict_prob_idc(data, selection.tensors, pos), contract.threshold),
+            }
             tried.append(result)
-            log.info("int8 %s: %d flips, mean |diff| %.4f, max |diff| %.4f on %d selection patches", settings.label,
-                     result["label_flips"], result["mean_abs_prob_diff"], result["max_abs_prob_diff"], len(selection))
+            log.info(
+                "int8 %s: %d flips, mean |diff| %.4f, max |diff| %.4f on %d selection patches",
+                settings.label,
+                result["label_flips"],
+                result["mean_abs_prob_diff"],
+                result["max_abs_prob_diff"],
+                len(selection),
+            )
             if best is None or selection_key(result) < selection_key(best[1]):
                 best_bytes, best = data, (settings, result)
     settings, best_result = best
@@ -521,8 +635,10 @@ def quantize_int8(fp32_path: Path, calibration: PatchSet, selection: PatchSet, g
     int8_probs = predict_prob_idc(best_bytes, gate.tensors, pos)
     fp32_probs = predict_prob_idc(fp32_path, gate.tensors, pos)
     verdict = accuracy_gate(gate.labels, fp32_probs, int8_probs, contract.threshold)
-    chosen_by = (f"smallest mean |prob diff| vs fp32, then fewest label flips, on {len(selection)} patches "
-                 f"({selection.description}), among {len(tried)} recipe(s)")
+    chosen_by = (
+        f"smallest mean |prob diff| vs fp32, then fewest label flips, on {len(selection)} patches "
+        f"({selection.description}), among {len(tried)} recipe(s)"
+    )
     int8_model = onnx.load_from_string(best_bytes)
     new_contract = int8_contract(contract, settings, calibration, verdict, excluded, fp32_sha, chosen_by)
     set_contract(int8_model, new_contract)

@@ -1,4 +1,5 @@
 """The ``idc-infer`` command: score patient directories with an ONNX model and write reports."""
+
 from __future__ import annotations
 
 import logging
@@ -10,11 +11,10 @@ from pathlib import Path
 
 import click
 
+from . import __version__
 from .precision import PRECISIONS
 from .quality import DEFAULT_MIN_SHARPNESS, DEFAULT_MIN_TISSUE, QualityControl
 from .quantify import ESTIMATOR_COLUMNS, headline_of
-
-from . import __version__
 
 log = logging.getLogger("idc_infer")
 
@@ -46,13 +46,17 @@ def _shipped_model(precision: str, threads: int, load):
         return choose(fp32, shipped_model_path("int8"), threads, load)
     path = fp32 if precision == "fp32" else shipped_model_path("int8")
     if path is None:
-        raise ModelError("no int8 model is shipped (it failed its accuracy gate at export, see MODEL_CARD.md); "
-                         "use --precision fp32 or auto")
+        raise ModelError(
+            "no int8 model is shipped (it failed its accuracy gate at export, see MODEL_CARD.md); "
+            "use --precision fp32 or auto"
+        )
     return load(path), {"requested": precision, "chosen": precision}
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    level = (
+        logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    )
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
@@ -89,17 +93,24 @@ def _announce(model, quiet: bool, precision: dict | None = None) -> None:
     ]
     rates = (precision or {}).get("patches_per_s")
     if rates:
-        lines.append(f"idc-infer: precision {precision['chosen']}: timed here, fp32 {rates['fp32']:.0f} vs int8 "
-                     f"{rates['int8']:.0f} patches/s{' (cached)' if precision.get('cached') else ''}")
+        lines.append(
+            f"idc-infer: precision {precision['chosen']}: timed here, fp32 {rates['fp32']:.0f} vs int8 "
+            f"{rates['int8']:.0f} patches/s{' (cached)' if precision.get('cached') else ''}"
+        )
     if contract.is_demo:
         lines.insert(0, "!" * 72)
-        lines.insert(1, "!! DEMO MODEL: trained on synthetic data. Its outputs say nothing about real tissue."
-                     if contract.provenance else
-                     "!! UNVERIFIED MODEL: its contract says nothing of its training data or how it was evaluated.")
+        lines.insert(
+            1,
+            "!! DEMO MODEL: trained on synthetic data. Its outputs say nothing about real tissue."
+            if contract.provenance
+            else "!! UNVERIFIED MODEL: its contract says nothing of its training data or how it was evaluated.",
+        )
         lines.append("!" * 72)
     if contract.failed_gate:
-        lines.append("idc-infer: WARNING this model FAILED its int8 accuracy gate (used because of "
-                     "--allow-failed-gate); its results may differ from the model that was evaluated")
+        lines.append(
+            "idc-infer: WARNING this model FAILED its int8 accuracy gate (used because of "
+            "--allow-failed-gate); its results may differ from the model that was evaluated"
+        )
     lines.append("idc-infer: RESEARCH USE ONLY - not for diagnosis.")
     for line in lines:
         if not quiet or contract.is_demo or contract.failed_gate:
@@ -123,58 +134,158 @@ def _versions() -> dict:
 
 @click.command(epilog=HELP_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, type=click.Path(exists=True, path_type=Path))
-@click.option("--from-list", "from_list", type=click.File("r", encoding="utf-8-sig"),
-              help="Text file listing patch paths, one per line ('-' for stdin); relative paths are taken from "
-                   "the current folder.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-              help="Which shipped model to run: auto times fp32 and int8 briefly on this machine (once; cached) "
-                   "and runs the faster; fp32 or int8 force one. Not with --model.")
-@click.option("--model", "model_path", type=click.Path(path_type=Path),
-              help="ONNX model exported by idc-export [default: the model shipped with idc].")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="idc-reports", callback=_report_folder,
-              show_default=True, help="Directory for the reports.")
-@click.option("--threshold", type=click.FloatRange(0.0, 1.0), callback=_finite_threshold,
-              help="prob_idc at or above which a patch counts as IDC [default: the model's].")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True,
-              help="Patches a worker decodes at once (at most 256 are taken); the model runs 16 at a time, where "
-                   "onnxruntime is fastest on a CPU and its memory stays small.")
-@click.option("--threads", type=click.IntRange(1, 256), default=_default_threads, show_default="min(4, cores)",
-              help="Worker threads, each decoding a batch and scoring it with one onnxruntime thread.")
-@click.option("--allow-failed-gate", is_flag=True,
-              help="Use an int8 model that failed its accuracy gate at export (refused otherwise).")
+@click.option(
+    "--from-list",
+    "from_list",
+    type=click.File("r", encoding="utf-8-sig"),
+    help="Text file listing patch paths, one per line ('-' for stdin); relative paths are taken from "
+    "the current folder.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="auto",
+    show_default=True,
+    help="Which shipped model to run: auto times fp32 and int8 briefly on this machine (once; cached) "
+    "and runs the faster; fp32 or int8 force one. Not with --model.",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(path_type=Path),
+    help="ONNX model exported by idc-export [default: the model shipped with idc].",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="idc-reports",
+    callback=_report_folder,
+    show_default=True,
+    help="Directory for the reports.",
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0.0, 1.0),
+    callback=_finite_threshold,
+    help="prob_idc at or above which a patch counts as IDC [default: the model's].",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 4096),
+    default=64,
+    show_default=True,
+    help="Patches a worker decodes at once (at most 256 are taken); the model runs 16 at a time, where "
+    "onnxruntime is fastest on a CPU and its memory stays small.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    default=_default_threads,
+    show_default="min(4, cores)",
+    help="Worker threads, each decoding a batch and scoring it with one onnxruntime thread.",
+)
+@click.option(
+    "--allow-failed-gate",
+    is_flag=True,
+    help="Use an int8 model that failed its accuracy gate at export (refused otherwise).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace reports already in --out.")
 @click.option("--resume", is_flag=True, help="Keep patients already completed with the same model and threshold.")
 @click.option("--strict", is_flag=True, help="Exit 1 if any patch could not be scored.")
-@click.option("--review/--no-review", default=True, show_default=True,
-              help="Also write review outputs: <patient_id>_mosaic.png, <patient_id>.geojson, report.html.")
-@click.option("--review-scale", type=click.FloatRange(0.02, 1.0), default=0.25, show_default=True,
-              help="Mosaic pixels per slide pixel (0.25: a 50 px patch becomes 12-13 px).")
-@click.option("--mpp", type=click.FloatRange(0.01, 100.0), default=None,
-              help="Slides: microns per pixel of the full-resolution scan (overrides what the files record; "
-                   "e.g. 0.25 for most 40x scans).")
-@click.option("--patch-mpp", type=click.FloatRange(0.01, 100.0), default=None,
-              help="Slides: microns per pixel of the model's training patches [default: the model's contract; "
-                   "4.0 for the public set].")
-@click.option("--qc/--no-qc", default=True, show_default=True,
-              help="Quality control: glass/blank patches get status background, out-of-focus ones blurred; "
-                   "neither is scored nor counted in the fractions.")
-@click.option("--min-tissue", type=click.FloatRange(0.0, 1.0), default=DEFAULT_MIN_TISSUE, show_default=True,
-              help="Share of tissue pixels below which a patch (or a slide tile) is background.")
-@click.option("--min-sharpness", type=click.FloatRange(0.0), default=DEFAULT_MIN_SHARPNESS, show_default=True,
-              help="Variance of the Laplacian below which a tissue patch is blurred.")
-@click.option("--geojson-scale", type=click.FloatRange(0.0, min_open=True), default=None,
-              help="Patch folders: multiply file-name x, y and patch size by this in the GeoJSON, so it lands on the "
-                   "scan's level 0 (16 for the public set's 2.5x patches of 40x scans). Slides are in level-0 "
-                   "pixels already.")
-@click.option("--dask", "dask_address", default=None, callback=_dask_address, metavar="ADDRESS",
-              help="Run on a Dask cluster, one task per patient: tcp://HOST:8786 (a running dask-scheduler) or local:N "
-                   "(N worker processes here). Inputs must be readable at the same paths on every worker. Needs idc[dask].")
+@click.option(
+    "--review/--no-review",
+    default=True,
+    show_default=True,
+    help="Also write review outputs: <patient_id>_mosaic.png, <patient_id>.geojson, report.html.",
+)
+@click.option(
+    "--review-scale",
+    type=click.FloatRange(0.02, 1.0),
+    default=0.25,
+    show_default=True,
+    help="Mosaic pixels per slide pixel (0.25: a 50 px patch becomes 12-13 px).",
+)
+@click.option(
+    "--mpp",
+    type=click.FloatRange(0.01, 100.0),
+    default=None,
+    help="Slides: microns per pixel of the full-resolution scan (overrides what the files record; "
+    "e.g. 0.25 for most 40x scans).",
+)
+@click.option(
+    "--patch-mpp",
+    type=click.FloatRange(0.01, 100.0),
+    default=None,
+    help="Slides: microns per pixel of the model's training patches [default: the model's contract; "
+    "4.0 for the public set].",
+)
+@click.option(
+    "--qc/--no-qc",
+    default=True,
+    show_default=True,
+    help="Quality control: glass/blank patches get status background, out-of-focus ones blurred; "
+    "neither is scored nor counted in the fractions.",
+)
+@click.option(
+    "--min-tissue",
+    type=click.FloatRange(0.0, 1.0),
+    default=DEFAULT_MIN_TISSUE,
+    show_default=True,
+    help="Share of tissue pixels below which a patch (or a slide tile) is background.",
+)
+@click.option(
+    "--min-sharpness",
+    type=click.FloatRange(0.0),
+    default=DEFAULT_MIN_SHARPNESS,
+    show_default=True,
+    help="Variance of the Laplacian below which a tissue patch is blurred.",
+)
+@click.option(
+    "--geojson-scale",
+    type=click.FloatRange(0.0, min_open=True),
+    default=None,
+    help="Patch folders: multiply file-name x, y and patch size by this in the GeoJSON, so it lands on the "
+    "scan's level 0 (16 for the public set's 2.5x patches of 40x scans). Slides are in level-0 "
+    "pixels already.",
+)
+@click.option(
+    "--dask",
+    "dask_address",
+    default=None,
+    callback=_dask_address,
+    metavar="ADDRESS",
+    help="Run on a Dask cluster, one task per patient: tcp://HOST:8786 (a running dask-scheduler) or local:N "
+    "(N worker processes here). Inputs must be readable at the same paths on every worker. Needs idc[dask].",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, warnings only.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.version_option(__version__, prog_name="idc-infer")
-def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_size, threads, allow_failed_gate, overwrite, resume,
-         strict, review, review_scale, mpp, patch_mpp, qc, min_tissue, min_sharpness, geojson_scale, dask_address, quiet,
-         verbose):
+def main(
+    inputs,
+    from_list,
+    precision,
+    model_path,
+    out_dir,
+    threshold,
+    batch_size,
+    threads,
+    allow_failed_gate,
+    overwrite,
+    resume,
+    strict,
+    review,
+    review_scale,
+    mpp,
+    patch_mpp,
+    qc,
+    min_tissue,
+    min_sharpness,
+    geojson_scale,
+    dask_address,
+    quiet,
+    verbose,
+):
     """Score histopathology patches for IDC and write per-patient reports.
 
     INPUTS are patient directories (PNG patches, flat or in 0/ and 1/ folders), cohort
@@ -185,10 +296,10 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
     and report.html for the run.
     """
     from .discover import SkipCounter, duplicate_ids, patients_from_dirs, patients_from_list
-    from .slides import SLIDE_SUFFIXES, SlideError, is_slide_path, slide_patients
-    from .engine import clear_previous_run, existing_reports, run_patients, RunSettings
+    from .engine import RunSettings, clear_previous_run, existing_reports, run_patients
     from .files import RESEARCH_NOTICE, FolderBusyError, folder_lock, write_json
     from .model import ModelError, load_model
+    from .slides import SLIDE_SUFFIXES, SlideError, is_slide_path, slide_patients
 
     _setup_logging(verbose, quiet)
     started = time.time()
@@ -197,14 +308,19 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
     if overwrite and resume:
         raise click.UsageError("--overwrite and --resume contradict each other; pick one")
 
-    if dask_address and dask_address.startswith("local:") and \
-            click.get_current_context().get_parameter_source("threads") == click.core.ParameterSource.DEFAULT:
+    if (
+        dask_address
+        and dask_address.startswith("local:")
+        and click.get_current_context().get_parameter_source("threads") == click.core.ParameterSource.DEFAULT
+    ):
         from .distributed import default_threads_per_worker
 
         threads = default_threads_per_worker(int(dask_address.split(":", 1)[1]))  # the cores shared out
     if model_path is not None and precision != "auto":
-        raise click.UsageError(f"--precision {precision} picks one of the shipped files; --model {model_path} "
-                               "names a file itself: give one or the other")
+        raise click.UsageError(
+            f"--precision {precision} picks one of the shipped files; --model {model_path} "
+            "names a file itself: give one or the other"
+        )
     # one onnxruntime thread per session run: the engine's --threads workers each decode and score a batch
     # in parallel (1.3x decoding in one thread and running onnxruntime on two); no spin-waiting
     load = lambda path: load_model(path, threads=1, spin=False)  # noqa: E731
@@ -216,16 +332,22 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
     except ModelError as exc:
         raise click.BadParameter(str(exc), param_hint="--model" if model_path is not None else "--precision") from None
     if model.contract.failed_gate and not allow_failed_gate:
-        raise click.BadParameter(f"{model.path} failed its int8 accuracy gate at export (see its contract); use the "
-                                 "fp32 model, or pass --allow-failed-gate to use it anyway", param_hint="--model")
+        raise click.BadParameter(
+            f"{model.path} failed its int8 accuracy gate at export (see its contract); use the "
+            "fp32 model, or pass --allow-failed-gate to use it anyway",
+            param_hint="--model",
+        )
     effective_threshold = model.contract.threshold if threshold is None else threshold
 
     list_skips = SkipCounter()
     slide_paths = [p for p in inputs if not p.is_dir()]
     for path in slide_paths:
         if not is_slide_path(path):
-            raise click.BadParameter(f"{path} is a file, not a slide ({', '.join(SLIDE_SUFFIXES)}): give patient "
-                                     "folders, slides, or patch files with --from-list", param_hint="INPUTS")
+            raise click.BadParameter(
+                f"{path} is a file, not a slide ({', '.join(SLIDE_SUFFIXES)}): give patient "
+                "folders, slides, or patch files with --from-list",
+                param_hint="INPUTS",
+            )
     folders = [p for p in inputs if p.is_dir()]
     patients = patients_from_dirs(folders, exclude=[out_dir], skipped=list_skips)
     if slide_paths:
@@ -243,18 +365,26 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
     for given in inputs:
         if out_resolved == Path(given).resolve():
             # its .idc-state would make the next run take the input for a folder of reports and skip it
-            raise click.BadParameter(f"{out_dir} is an input folder itself; write the reports to a folder of "
-                                     "their own (e.g. its subfolder idc-reports)", param_hint="--out")
+            raise click.BadParameter(
+                f"{out_dir} is an input folder itself; write the reports to a folder of "
+                "their own (e.g. its subfolder idc-reports)",
+                param_hint="--out",
+            )
     for patient in patients:
         if patient.root is not None and out_resolved.is_relative_to(patient.root.resolve()):
-            raise click.BadParameter(f"{out_dir} lies inside the folder of patient {patient.patient_id} "
-                                     f"({patient.root}): its reports would sit among the patient's patches; "
-                                     "choose a folder outside it", param_hint="--out")
+            raise click.BadParameter(
+                f"{out_dir} lies inside the folder of patient {patient.patient_id} "
+                f"({patient.root}): its reports would sit among the patient's patches; "
+                "choose a folder outside it",
+                param_hint="--out",
+            )
     from .engine import COHORT_ID
 
     if any(patient.patient_id == COHORT_ID for patient in patients):
-        raise click.UsageError(f"a patient folder is named {COHORT_ID!r}, the name of summary.csv's row for the whole "
-                               "cohort: rename the folder")
+        raise click.UsageError(
+            f"a patient folder is named {COHORT_ID!r}, the name of summary.csv's row for the whole "
+            "cohort: rename the folder"
+        )
     dupes = duplicate_ids(patients)
     if dupes:
         raise click.UsageError(f"patient id(s) given more than once: {', '.join(dupes[:10])}")
@@ -290,12 +420,23 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
 
         sink_factories = review_sink_factories(review_scale, geojson_scale)
     quality = QualityControl(min_tissue, min_sharpness) if qc else None
-    settings = RunSettings(out_dir, effective_threshold, batch_size, threads, resume, sink_factories=sink_factories,
-                           qc=quality,
-                           output_settings={"review": review, "review_scale": review_scale if review else None,
-                                            "geojson_scale": geojson_scale if review else None,
-                                            "qc": quality.settings() if quality else None,
-                                            "mpp": mpp, "patch_mpp": patch_mpp})
+    settings = RunSettings(
+        out_dir,
+        effective_threshold,
+        batch_size,
+        threads,
+        resume,
+        sink_factories=sink_factories,
+        qc=quality,
+        output_settings={
+            "review": review,
+            "review_scale": review_scale if review else None,
+            "geojson_scale": geojson_scale if review else None,
+            "qc": quality.settings() if quality else None,
+            "mpp": mpp,
+            "patch_mpp": patch_mpp,
+        },
+    )
     dask_record = None
     try:
         if dask_address:
@@ -309,8 +450,9 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
             if cluster is not None:
                 click.get_current_context().call_on_close(cluster.close)
             click.get_current_context().call_on_close(client.close)  # runs first: closes are last in, first out
-            result, dask_record = run_patients_on_dask(client, model, patients, settings, progress=bar.update,
-                                                       on_patient_done=patient_done)
+            result, dask_record = run_patients_on_dask(
+                client, model, patients, settings, progress=bar.update, on_patient_done=patient_done
+            )
         else:
             result = run_patients(model, patients, settings, progress=bar.update, on_patient_done=patient_done)
     except KeyboardInterrupt:
@@ -319,8 +461,11 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
         sys.exit(EXIT_INTERRUPTED)
     except OSError as exc:  # a report open in Excel on Windows, a full disk, a read-only --out
         bar.close()
-        click.echo(f"idc-infer: cannot write reports in {out_dir}: {exc}; completed patients are kept, "
-                   "fix the cause and rerun with --resume", err=True)
+        click.echo(
+            f"idc-infer: cannot write reports in {out_dir}: {exc}; completed patients are kept, "
+            "fix the cause and rerun with --resume",
+            err=True,
+        )
         sys.exit(EXIT_FAILED_PATCHES)
     finally:
         bar.close()
@@ -343,11 +488,20 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
         "arguments": {
             "inputs": [str(p) for p in inputs],
             "from_list": None if from_list is None else from_list.name,
-            "out": str(out_dir), "threshold": effective_threshold, "batch_size": batch_size,
-            "threads": threads, "resume": resume, "overwrite": overwrite, "strict": strict,
-            "review": review, "review_scale": review_scale if review else None,
-            "geojson_scale": geojson_scale, "mpp": mpp, "patch_mpp": patch_mpp,
-            "quality_control": quality.settings() if quality else None, "dask": dask_address,
+            "out": str(out_dir),
+            "threshold": effective_threshold,
+            "batch_size": batch_size,
+            "threads": threads,
+            "resume": resume,
+            "overwrite": overwrite,
+            "strict": strict,
+            "review": review,
+            "review_scale": review_scale if review else None,
+            "geojson_scale": geojson_scale,
+            "mpp": mpp,
+            "patch_mpp": patch_mpp,
+            "quality_control": quality.settings() if quality else None,
+            "dask": dask_address,
         },
         "dask": dask_record,
         "slides": {p.patient_id: p.stats.record() | {"file": p.slide.name} for p in patients if hasattr(p, "stats")},
@@ -377,18 +531,26 @@ def main(inputs, from_list, precision, model_path, out_dir, threshold, batch_siz
         else:  # a report.html of an earlier run would link mosaics --resume has just removed
             (out_dir / "report.html").unlink(missing_ok=True)
     except OSError as exc:  # a full disk, a read-only folder: the patients' reports are written already
-        click.echo(f"idc-infer: cannot write run.json or report.html in {out_dir}: {exc}; the patients' CSVs and "
-                   "summary.csv are complete; fix the cause and rerun with --resume", err=True)
+        click.echo(
+            f"idc-infer: cannot write run.json or report.html in {out_dir}: {exc}; the patients' CSVs and "
+            "summary.csv are complete; fix the cause and rerun with --resume",
+            err=True,
+        )
         sys.exit(EXIT_FAILED_PATCHES)
 
     headline = headline_of(model.contract, effective_threshold)
     column = ESTIMATOR_COLUMNS[headline]
     for row in result.summary_rows:
         fraction, low, high = (row.get(column + suffix) for suffix in ("", "_ci95_low", "_ci95_high"))
-        shown = "n/a" if fraction is None or fraction != fraction else f"{fraction:.3f}" + (
-            "" if low is None or low != low else f" [{low:.3f}-{high:.3f}]")
-        click.echo(f"{row['patient_id']}\tpatches {row['n_patches']}\tfailed {row['n_failed']}\t{column} {shown}"
-                   + (f"\t({row['notes']})" if row.get("notes") else ""))
+        shown = (
+            "n/a"
+            if fraction is None or fraction != fraction
+            else f"{fraction:.3f}" + ("" if low is None or low != low else f" [{low:.3f}-{high:.3f}]")
+        )
+        click.echo(
+            f"{row['patient_id']}\tpatches {row['n_patches']}\tfailed {row['n_failed']}\t{column} {shown}"
+            + (f"\t({row['notes']})" if row.get("notes") else "")
+        )
     click.echo(f"reports in {out_dir} ({RESEARCH_NOTICE})")
 
     n_failed = cohort.n_failed

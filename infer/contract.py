@@ -3,6 +3,7 @@
 The contract travels inside the ONNX file (``metadata_props`` key ``idc.contract``) so the
 lab PC needs nothing but the file. This module reads it with onnxruntime alone.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,11 +72,17 @@ class Contract:
     def __post_init__(self) -> None:
         problems = []
         if self.schema_version not in READABLE_SCHEMA_VERSIONS:
-            problems.append(f"schema_version {self.schema_version} (this idc reads "
-                            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))})")
-        if self.calibration is not None and (self.calibration.get("method") != "platt" or not all(
+            problems.append(
+                f"schema_version {self.schema_version} (this idc reads {', '.join(map(str, READABLE_SCHEMA_VERSIONS))})"
+            )
+        if self.calibration is not None and (
+            self.calibration.get("method") != "platt"
+            or not all(
                 isinstance(self.calibration.get(k), (int, float)) and math.isfinite(self.calibration[k])
-                for k in ("a", "b")) or self.calibration["a"] <= 0):
+                for k in ("a", "b")
+            )
+            or self.calibration["a"] <= 0
+        ):
             problems.append(f"calibration {self.calibration!r} (only platt with finite a > 0, b)")
         if self.layout != "NHWC":
             problems.append(f"layout {self.layout!r} (only NHWC)")
@@ -91,8 +98,9 @@ class Contract:
             problems.append(f"threshold {self.threshold} outside [0, 1]")
         if not 0 <= self.positive_class_index < len(self.class_names):
             problems.append(f"positive_class_index {self.positive_class_index}")
-        if self.patch_mpp is not None and not (isinstance(self.patch_mpp, (int, float))
-                                               and math.isfinite(self.patch_mpp) and self.patch_mpp > 0):
+        if self.patch_mpp is not None and not (
+            isinstance(self.patch_mpp, (int, float)) and math.isfinite(self.patch_mpp) and self.patch_mpp > 0
+        ):
             problems.append(f"patch_mpp {self.patch_mpp!r} (microns per pixel: a positive number)")
         if min(self.input_height_px, self.input_width_px, self.native_patch_px) < 1:
             problems.append("non-positive size")
@@ -126,7 +134,7 @@ class Contract:
         return json.dumps(finite_json(dataclasses.asdict(self)), sort_keys=True, allow_nan=False)
 
     @classmethod
-    def from_json(cls, text: str) -> "Contract":
+    def from_json(cls, text: str) -> Contract:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -145,7 +153,7 @@ class Contract:
         except TypeError as exc:
             raise ContractError(f"contract does not fit schema: {exc}") from exc
 
-    def replace(self, **changes: Any) -> "Contract":
+    def replace(self, **changes: Any) -> Contract:
         return dataclasses.replace(self, **changes)
 
 

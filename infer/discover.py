@@ -1,13 +1,15 @@
 """Find patients and their patch files: patient dirs, cohort roots and path lists, lazily."""
+
 from __future__ import annotations
 
 import logging
 import os
 import stat
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Iterable, Iterator
+from typing import ClassVar
 
 from .naming import is_candidate_image, is_label_dir, label_from_parent, parse_patch_name, patient_dir_of
 
@@ -24,6 +26,8 @@ STATE_DIR = ".idc-state"  # what marks a folder of idc's own reports (engine wri
 def is_report_dir(path: str | Path) -> bool:
     """A folder idc-infer wrote its reports into: its mosaics are not patches of a patient."""
     return os.path.isdir(os.path.join(path, STATE_DIR))
+
+
 DUPLICATE_LIST_PATH = "path listed more than once"
 
 
@@ -119,8 +123,12 @@ def _is_dir(entry: os.DirEntry) -> bool:
 
 
 def _is_walkable_dir(entry: os.DirEntry, exclude: frozenset[Path]) -> bool:
-    return (_is_dir(entry) and not _is_hidden(entry) and Path(entry.path).resolve() not in exclude
-            and not is_report_dir(entry.path))
+    return (
+        _is_dir(entry)
+        and not _is_hidden(entry)
+        and Path(entry.path).resolve() not in exclude
+        and not is_report_dir(entry.path)
+    )
 
 
 def _directory_key(path: str | Path) -> tuple | None:
@@ -147,8 +155,13 @@ def _inside(path: str, tree: str) -> bool:
     return path == tree or path.startswith(tree.rstrip(os.sep) + os.sep)
 
 
-def _walk_patches(directory: Path, skipped: SkipCounter, exclude: frozenset[Path] = frozenset(),
-                  visited: set | None = None, tree: str | None = None) -> Iterator[Path]:
+def _walk_patches(
+    directory: Path,
+    skipped: SkipCounter,
+    exclude: frozenset[Path] = frozenset(),
+    visited: set | None = None,
+    tree: str | None = None,
+) -> Iterator[Path]:
     """Image files under a patient dir, depth first in name order, so runs are reproducible.
 
     Each real directory is walked once: a link back up the tree (``ln -s .. back``) or a
@@ -257,8 +270,9 @@ def _classify(directory: Path, exclude: frozenset[Path]) -> tuple[bool, list[os.
     return True, subdirs, loose  # images plus folders that hold none: a patient with extras
 
 
-def patients_from_dirs(directories: Iterable[Path], exclude: Iterable[Path] = (),
-                       skipped: SkipCounter | None = None) -> list[Patient]:
+def patients_from_dirs(
+    directories: Iterable[Path], exclude: Iterable[Path] = (), skipped: SkipCounter | None = None
+) -> list[Patient]:
     """Each argument is a patient directory or a cohort root of patient directories.
 
     ``exclude``: directories never taken for patients or walked, e.g. the report directory
@@ -283,9 +297,14 @@ def patients_from_dirs(directories: Iterable[Path], exclude: Iterable[Path] = ()
             # reading summary.csv would take that row for a patient, and its patches would
             # shift the cohort totals. They are named and counted, so nothing vanishes silently.
             names = ", ".join(entry.name for entry in loose[:5]) + (", ..." if len(loose) > 5 else "")
-            log.warning("%s: %d image file(s) beside the patient folders are not in any patient folder "
-                        "and are not scored (%s); move them into a patient folder or list them with "
-                        "--from-list", directory, len(loose), names)
+            log.warning(
+                "%s: %d image file(s) beside the patient folders are not in any patient folder "
+                "and are not scored (%s); move them into a patient folder or list them with "
+                "--from-list",
+                directory,
+                len(loose),
+                names,
+            )
             if skipped is not None:
                 skipped.skip(LOOSE_IMAGE_IN_COHORT_ROOT, len(loose))
         for entry in subdirs:
@@ -341,8 +360,9 @@ def _decoded_lines(lines: Iterable[str]) -> Iterator[str]:
                 except UnicodeDecodeError as exc:
                     line_number = raw.count(b"\n", 0, exc.start) + 1
                     where = f" (line {line_number})"
-            raise ValueError(f"{name} is not UTF-8 text{where}; the list must be UTF-8 text "
-                             "with one patch path per line") from None
+            raise ValueError(
+                f"{name} is not UTF-8 text{where}; the list must be UTF-8 text with one patch path per line"
+            ) from None
         read_any = True
         yield line
 

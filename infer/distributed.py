@@ -17,20 +17,30 @@ allowed-failures`` times); a patient that fails every try gets its rows with sta
 no resume state (``--resume`` tries it again), and the run goes on. Ctrl-C cancels the tasks; finished
 patients are kept.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 from .discover import STATE_DIR, Patient, SkipCounter
-from .engine import (PATCH_COLUMNS, PATIENT_SUFFIXES, PatientTally, RunResult, RunSettings, _completed_tally,
-                     score_patient, worker_threads, write_summary)
+from .engine import (
+    PATCH_COLUMNS,
+    PATIENT_SUFFIXES,
+    PatientTally,
+    RunResult,
+    RunSettings,
+    _completed_tally,
+    score_patient,
+    worker_threads,
+    write_summary,
+)
 from .files import CsvOut, atomic_path, safe_file_stem
 from .model import LoadedModel, load_model, sha256_of
 
@@ -90,8 +100,13 @@ def connect(spec: str):
 
             # one patient at a time per worker: a worker that dies then costs only its own patient a try
             with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
-                cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                       dashboard_address=":0", silence_logs=logging.ERROR)
+                cluster = LocalCluster(
+                    n_workers=n_workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=":0",
+                    silence_logs=logging.ERROR,
+                )
             return Client(cluster), cluster
         return Client(spec, timeout="15s"), None
     except (OSError, TimeoutError) as exc:
@@ -116,13 +131,17 @@ def _check_inputs(patient: Patient, worker: str) -> None:
     root = getattr(patient, "slide", None) or patient.root
     if root is not None:
         if not Path(root).exists():
-            raise WorkerInputError(f"worker {worker} cannot read {root}: inputs must lie on a file system that "
-                                   "every worker mounts at the same path")
+            raise WorkerInputError(
+                f"worker {worker} cannot read {root}: inputs must lie on a file system that "
+                "every worker mounts at the same path"
+            )
         return
     for path in (patient.paths or [])[:1]:
         if not Path(path).parent.exists():
-            raise WorkerInputError(f"worker {worker} cannot read {Path(path).parent}: listed paths must lie on a "
-                                   "file system that every worker mounts at the same path")
+            raise WorkerInputError(
+                f"worker {worker} cannot read {Path(path).parent}: listed paths must lie on a "
+                "file system that every worker mounts at the same path"
+            )
 
 
 def _model_on_worker(path: str, sha256: str, threads: int, worker: str) -> LoadedModel:
@@ -130,11 +149,15 @@ def _model_on_worker(path: str, sha256: str, threads: int, worker: str) -> Loade
     model = _MODELS.get((sha256, threads))
     if model is None:
         if not Path(path).exists():
-            raise WorkerInputError(f"worker {worker} cannot read the model {path}: install idc (for the shipped "
-                                   "model) or put --model on a shared file system")
+            raise WorkerInputError(
+                f"worker {worker} cannot read the model {path}: install idc (for the shipped "
+                "model) or put --model on a shared file system"
+            )
         if sha256_of(Path(path)) != sha256:
-            raise WorkerInputError(f"worker {worker}: {path} is not the model the client loaded (sha256 differs): "
-                                   "install the same idc version on every worker")
+            raise WorkerInputError(
+                f"worker {worker}: {path} is not the model the client loaded (sha256 differs): "
+                "install the same idc version on every worker"
+            )
         model = load_model(Path(path), threads=1, spin=False)  # one onnxruntime thread per scoring thread
         _MODELS[(sha256, threads)] = model
     return model
@@ -159,11 +182,19 @@ def score_on_worker(model_path: str, model_sha256: str, patient: Patient, settin
             if path.is_file() and not path.name.endswith(".tmp"):
                 files[path.relative_to(tmp).as_posix()] = path.read_bytes()
     stats = getattr(patient, "stats", None)
-    return PatientOutcome(patient.patient_id, worker, files, tally.to_state(), dict(skipped.counts),
-                          stats.record() if stats is not None else None, time.perf_counter() - start)
+    return PatientOutcome(
+        patient.patient_id,
+        worker,
+        files,
+        tally.to_state(),
+        dict(skipped.counts),
+        stats.record() if stats is not None else None,
+        time.perf_counter() - start,
+    )
 
 
 # --- client side ------------------------------------------------------------------------------------------
+
 
 def write_outcome(out_dir: Path, stem: str, outcome: PatientOutcome) -> None:
     """The worker's files into --out, each atomically; what it did not write (a mosaic of a patient without
@@ -179,7 +210,7 @@ def write_outcome(out_dir: Path, stem: str, outcome: PatientOutcome) -> None:
 
 def write_failure(out_dir: Path, stem: str, patient: Patient, message: str, threshold: float) -> PatientTally:
     """A patient no worker could score: a row per input (status worker_failed) and no resume state."""
-    from .engine import patch_row, ScoredPatch
+    from .engine import ScoredPatch, patch_row
     from .preprocess import Decoded
 
     tally = PatientTally()
@@ -195,8 +226,9 @@ def write_failure(out_dir: Path, stem: str, patient: Patient, message: str, thre
         finally:
             patient.finish()
         for item in items:
-            row, _, label = patch_row(ScoredPatch(item, Decoded(STATUS_WORKER_FAILED, message), None), patient,
-                                      threshold)
+            row, _, label = patch_row(
+                ScoredPatch(item, Decoded(STATUS_WORKER_FAILED, message), None), patient, threshold
+            )
             out.row(row)
             tally.add(None, None, label, None, STATUS_WORKER_FAILED)
         if not items:
@@ -207,8 +239,12 @@ def write_failure(out_dir: Path, stem: str, patient: Patient, message: str, thre
 
 
 def run_patients_on_dask(
-    client, model: LoadedModel, patients: list[Patient], settings: RunSettings,
-    progress: Callable[[int], None] = lambda n: None, on_patient_done: Callable[[str], None] = lambda pid: None,
+    client,
+    model: LoadedModel,
+    patients: list[Patient],
+    settings: RunSettings,
+    progress: Callable[[int], None] = lambda n: None,
+    on_patient_done: Callable[[str], None] = lambda pid: None,
 ) -> tuple[RunResult, dict]:
     """engine.run_patients, one Dask task per patient; returns the result and the record for run.json."""
     from distributed import as_completed
@@ -230,8 +266,16 @@ def run_patients_on_dask(
             progress(tally.n_patches)
             on_patient_done(patient.patient_id)
             continue
-        future = client.submit(score_on_worker, str(model.path), model.sha256, patient, settings,
-                               key=f"idc-patient-{index}-{stem}", retries=TASK_RETRIES, pure=False)
+        future = client.submit(
+            score_on_worker,
+            str(model.path),
+            model.sha256,
+            patient,
+            settings,
+            key=f"idc-patient-{index}-{stem}",
+            retries=TASK_RETRIES,
+            pure=False,
+        )
         futures[future] = index
     try:
         for future in as_completed(list(futures)):
@@ -254,8 +298,13 @@ def run_patients_on_dask(
                     skipped.skip(reason, count)
                 if outcome.slide_stats is not None and hasattr(patient, "stats"):
                     patient.stats.__dict__.update(outcome.slide_stats)
-                log.info("patient %s: %d patches on %s in %.1f s", patient.patient_id, tallies[index].n_patches,
-                         outcome.worker, outcome.elapsed_s)
+                log.info(
+                    "patient %s: %d patches on %s in %.1f s",
+                    patient.patient_id,
+                    tallies[index].n_patches,
+                    outcome.worker,
+                    outcome.elapsed_s,
+                )
             where[patient.patient_id] = outcome.worker
             progress(tallies[index].n_patches)
             on_patient_done(patient.patient_id)

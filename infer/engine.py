@@ -3,6 +3,7 @@
 Memory is bounded by batch size x lookahead, never by how many patches a directory holds:
 paths are discovered lazily and each row is written to the patient's CSV as soon as it is known.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,15 +12,15 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -28,10 +29,10 @@ from .contract import Contract
 from .discover import STATE_DIR, UNREADABLE_DIRECTORY, Patient, SkipCounter
 from .files import RESEARCH_NOTICE, CsvOut, atomic_path, safe_file_stem, write_csv
 from .metrics import Confusion, safe_ratio, wilson_interval
-from .quantify import COLOUR_Z_LIMIT, FEW_PATCHES, colour_distance_sd, fraction_estimates
 from .model import LoadedModel, sha256_of
 from .preprocess import STATUS_OK, Decoded, decode_file, file_stat_of, finish_batch
 from .quality import STATUS_BACKGROUND, STATUS_BLURRED, QualityControl
+from .quantify import COLOUR_Z_LIMIT, FEW_PATCHES, colour_distance_sd, fraction_estimates
 
 STATUS_MODEL_ERROR = "model_error"
 
@@ -39,13 +40,32 @@ log = logging.getLogger(__name__)
 
 PATCH_COLUMNS = ("path", "x", "y", "width_px", "height_px", "prob_idc", "pred", "label", "status", "message")
 SUMMARY_COLUMNS = (
-    "patient_id", "n_patches", "n_scored", "n_failed", "n_background", "n_blurred", "n_idc", "idc_fraction",
-    "idc_fraction_ci95_low", "idc_fraction_ci95_high",
-    "idc_fraction_adjusted", "idc_fraction_adjusted_ci95_low", "idc_fraction_adjusted_ci95_high",
-    "idc_fraction_expected", "idc_fraction_expected_ci95_low", "idc_fraction_expected_ci95_high",
-    "mean_prob_idc", "threshold",
-    "n_labelled", "true_idc_fraction", "sensitivity", "specificity", "balanced_accuracy",
-    "notes", "model_sha256", "notice",
+    "patient_id",
+    "n_patches",
+    "n_scored",
+    "n_failed",
+    "n_background",
+    "n_blurred",
+    "n_idc",
+    "idc_fraction",
+    "idc_fraction_ci95_low",
+    "idc_fraction_ci95_high",
+    "idc_fraction_adjusted",
+    "idc_fraction_adjusted_ci95_low",
+    "idc_fraction_adjusted_ci95_high",
+    "idc_fraction_expected",
+    "idc_fraction_expected_ci95_low",
+    "idc_fraction_expected_ci95_high",
+    "mean_prob_idc",
+    "threshold",
+    "n_labelled",
+    "true_idc_fraction",
+    "sensitivity",
+    "specificity",
+    "balanced_accuracy",
+    "notes",
+    "model_sha256",
+    "notice",
 )
 COHORT_ID = "(cohort)"
 
@@ -82,8 +102,14 @@ class PatientTally:
         """Patches that could not be scored (bad files, model errors); quality-control skips are not failures."""
         return self.n_patches - self.n_scored - self.n_background - self.n_blurred
 
-    def add(self, prob: float | None, pred: int | None, label: int | None,
-            colour: tuple[float, float, float] | None = None, status: str = STATUS_OK) -> None:
+    def add(
+        self,
+        prob: float | None,
+        pred: int | None,
+        label: int | None,
+        colour: tuple[float, float, float] | None = None,
+        status: str = STATUS_OK,
+    ) -> None:
         """One patch; ``colour``: its mean R, G, B on [0, 1] (quantify.patch_mean_colour, computed by the decoder)."""
         self.n_patches += 1
         if prob is None:
@@ -109,7 +135,7 @@ class PatientTally:
                 self.fp += pred
                 self.tn += 1 - pred
 
-    def merge(self, other: "PatientTally") -> None:
+    def merge(self, other: PatientTally) -> None:
         for name in STATE_FIELDS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
@@ -122,8 +148,10 @@ class PatientTally:
         """What a reviewer must know before reading this patient's fractions."""
         notes = [self.slide_note] if self.slide_note else []
         if self.n_background or self.n_blurred:
-            notes.append(f"{self.n_background} background and {self.n_blurred} blurred patch(es) not scored "
-                         "(quality control): left out of the fractions")
+            notes.append(
+                f"{self.n_background} background and {self.n_blurred} blurred patch(es) not scored "
+                "(quality control): left out of the fractions"
+            )
         if self.n_unreadable_dirs:
             notes.append(f"{self.n_unreadable_dirs} sub-folder(s) could not be read: their patches are missing here")
         if self.n_scored < FEW_PATCHES:
@@ -131,17 +159,23 @@ class PatientTally:
         if patient_id in contract.training_patients:
             notes.append("this patient was in the model's training data: its fractions are optimistic")
         elif patient_id in ((contract.quantification or {}).get("validation_patients") or ()):
-            notes.append("this patient was one of the model's validation patients (threshold and calibration were "
-                         "fitted on it): its fractions are optimistic")
+            notes.append(
+                "this patient was one of the model's validation patients (threshold and calibration were "
+                "fitted on it): its fractions are optimistic"
+            )
         colour = self.mean_colour()
         if contract.colour_reference and colour:
             distance = colour_distance_sd(colour, contract.colour_reference)
             if distance > COLOUR_Z_LIMIT:
-                notes.append(f"colour outside the training patients' (mean RGB {', '.join(f'{c:.2f}' for c in colour)}; "
-                             f"{distance:.1f} SD from theirs): stain or scanner differ, fractions may be wrong")
+                notes.append(
+                    f"colour outside the training patients' (mean RGB {', '.join(f'{c:.2f}' for c in colour)}; "
+                    f"{distance:.1f} SD from theirs): stain or scanner differ, fractions may be wrong"
+                )
         if contract.quantification and threshold != contract.threshold:
-            notes.append(f"adjusted fraction not computed: threshold {threshold:g} is not the model's "
-                         f"{contract.threshold:g}, at which its error rates were measured")
+            notes.append(
+                f"adjusted fraction not computed: threshold {threshold:g} is not the model's "
+                f"{contract.threshold:g}, at which its error rates were measured"
+            )
         return notes
 
     def summary_row(self, patient_id: str, threshold: float, model_sha256: str, contract: Contract) -> dict:
@@ -150,9 +184,14 @@ class PatientTally:
         quant = contract.quantification or {}
         calibrated = contract.calibration is not None
         # the error rates hold at the model's threshold only; the class means need calibrated probabilities
-        estimates = fraction_estimates(self.n_idc, self.n_scored, self.sum_prob, self.sum_prob_sq,
-                                       quant.get("error_rates") if threshold == contract.threshold else None,
-                                       quant.get("class_mean_probs") if calibrated else None)
+        estimates = fraction_estimates(
+            self.n_idc,
+            self.n_scored,
+            self.sum_prob,
+            self.sum_prob_sq,
+            quant.get("error_rates") if threshold == contract.threshold else None,
+            quant.get("class_mean_probs") if calibrated else None,
+        )
         return {
             "patient_id": patient_id,
             "n_patches": self.n_patches,
@@ -186,12 +225,29 @@ class PatientTally:
         return {name: getattr(self, name) for name in STATE_FIELDS} | {"slide_note": self.slide_note}
 
     @classmethod
-    def from_state(cls, state: dict) -> "PatientTally":
+    def from_state(cls, state: dict) -> PatientTally:
         return cls(**{name: state[name] for name in STATE_FIELDS}, slide_note=state.get("slide_note", ""))
 
 
-STATE_FIELDS = ("n_patches", "n_scored", "n_idc", "sum_prob", "sum_prob_sq", "sum_r", "sum_g", "sum_b", "n_labelled",
-                "n_true_idc", "n_unreadable_dirs", "n_background", "n_blurred", "tp", "fp", "tn", "fn")
+STATE_FIELDS = (
+    "n_patches",
+    "n_scored",
+    "n_idc",
+    "sum_prob",
+    "sum_prob_sq",
+    "sum_r",
+    "sum_g",
+    "sum_b",
+    "n_labelled",
+    "n_true_idc",
+    "n_unreadable_dirs",
+    "n_background",
+    "n_blurred",
+    "tp",
+    "fp",
+    "tn",
+    "fn",
+)
 
 
 @dataclass
@@ -229,14 +285,22 @@ def _score_decoded(model, decoded: list[Decoded]) -> list[float | None]:
             if math.isfinite(prob):
                 probs[i] = prob
             else:
-                decoded[i] = Decoded(STATUS_MODEL_ERROR, f"the model gave a non-finite output ({prob})",
-                                     width_px=decoded[i].width_px, height_px=decoded[i].height_px,
-                                     file_stat=decoded[i].file_stat)
+                decoded[i] = Decoded(
+                    STATUS_MODEL_ERROR,
+                    f"the model gave a non-finite output ({prob})",
+                    width_px=decoded[i].width_px,
+                    height_px=decoded[i].height_px,
+                    file_stat=decoded[i].file_stat,
+                )
     return probs
 
 
 def score_paths(
-    model: LoadedModel, paths: Iterable, pool: ThreadPoolExecutor, batch_size: int = 64, lookahead: int | None = None,
+    model: LoadedModel,
+    paths: Iterable,
+    pool: ThreadPoolExecutor,
+    batch_size: int = 64,
+    lookahead: int | None = None,
     decode: Callable[[object], Decoded] | None = None,
 ) -> Iterator[ScoredPatch]:
     """Yield every item (a patch path, or a slide's tile) with its decode outcome and prob_idc, in input order
@@ -247,8 +311,13 @@ def score_paths(
 
 
 def score_batches(
-    model: LoadedModel, paths: Iterable, pool: ThreadPoolExecutor, batch_size: int = 64, lookahead: int | None = None,
-    decode: Callable[[object], Decoded] | None = None, finish: Callable[[list, list, list], object] | None = None,
+    model: LoadedModel,
+    paths: Iterable,
+    pool: ThreadPoolExecutor,
+    batch_size: int = 64,
+    lookahead: int | None = None,
+    decode: Callable[[object], Decoded] | None = None,
+    finish: Callable[[list, list, list], object] | None = None,
     qc: QualityControl | None = None,
 ) -> Iterator[tuple[list, list[Decoded], list[float | None], object]]:
     """Yield (items, decoded, prob_idc, finish(...)) for every batch of items, in input order.
@@ -293,8 +362,12 @@ def score_batches(
             probs = _score_decoded(model, decoded)
             extra = finish(chunk, decoded, probs) if finish is not None else None
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("batch of %d: waited %.1f ms for it, its worker took %.1f ms", len(chunk),
-                      (time.perf_counter() - waited) * 1e3, busy * 1e3)
+            log.debug(
+                "batch of %d: waited %.1f ms for it, its worker took %.1f ms",
+                len(chunk),
+                (time.perf_counter() - waited) * 1e3,
+                busy * 1e3,
+            )
             for path, result in zip(chunk, decoded):
                 if result.status != STATUS_OK:
                     log.debug("%s: %s (%s)", path, result.status, result.message)
@@ -462,8 +535,16 @@ class PatientOutputs:
     def _make_sinks(self) -> list[PatchSink]:
         if self.sinks is None:  # at the first batch: a slide knows its scale by then
             settings = self.settings
-            self.sinks = [make(self.patient.patient_id, settings.out_dir, self.stem, settings.threshold,
-                               frame_scale=self.patient.frame_scale) for make in settings.sink_factories]
+            self.sinks = [
+                make(
+                    self.patient.patient_id,
+                    settings.out_dir,
+                    self.stem,
+                    settings.threshold,
+                    frame_scale=self.patient.frame_scale,
+                )
+                for make in settings.sink_factories
+            ]
         return self.sinks
 
     def add(self, decoded: list[Decoded], probs: list, extra: tuple[list, str, bytes]) -> None:
@@ -501,11 +582,17 @@ class PatientOutputs:
         }
         with atomic_path(_state_path(settings.out_dir, self.stem)) as handle:
             json.dump(state, handle, sort_keys=True)
-        log.info("patient %s: %d patches, %d failed, in %.1f s", patient.patient_id, tally.n_patches, tally.n_failed,
-                 time.perf_counter() - self.started)
+        log.info(
+            "patient %s: %d patches, %d failed, in %.1f s",
+            patient.patient_id,
+            tally.n_patches,
+            tally.n_failed,
+            time.perf_counter() - self.started,
+        )
         if tally.n_patches == 0:
-            log.warning("patient %s: no image files found under %s", patient.patient_id,
-                        patient.root or "the listed paths")
+            log.warning(
+                "patient %s: no image files found under %s", patient.patient_id, patient.root or "the listed paths"
+            )
         return tally
 
     def abort(self, exc: BaseException | None = None) -> None:
@@ -517,16 +604,24 @@ class PatientOutputs:
         self._csv.__exit__(type(error), error, error.__traceback__)  # the temp CSV is removed
 
 
-def _stream_patients(model: LoadedModel, entries: Iterator[tuple], pool: ThreadPoolExecutor, settings: RunSettings,
-                     skipped: SkipCounter, on_batch: Callable[[int], None],
-                     on_done: Callable[[int, PatientTally, bool], None]) -> None:
+def _stream_patients(
+    model: LoadedModel,
+    entries: Iterator[tuple],
+    pool: ThreadPoolExecutor,
+    settings: RunSettings,
+    skipped: SkipCounter,
+    on_batch: Callable[[int], None],
+    on_done: Callable[[int, PatientTally, bool], None],
+) -> None:
     """Score the patients of ``entries`` — ("kept", index, tally) or ("score", index, PatientOutputs) — in one
     pipeline: the workers go on with the next patient's batches while this thread closes the last one's files
     (a patient of 40 patches no longer leaves the cores idle while its reports are written)."""
     workers = max(1, getattr(pool, "_max_workers", 1))
     lookahead = 2 * workers
     contract = model.contract
-    pending: deque[tuple] = deque()  # ("kept", index, tally) | ("batch", outputs, chunk, future) | ("end", index, outputs)
+    pending: deque[tuple] = (
+        deque()
+    )  # ("kept", index, tally) | ("batch", outputs, chunk, future) | ("end", index, outputs)
     in_flight = 0
     open_outputs: list[PatientOutputs] = []
 
@@ -608,13 +703,24 @@ def _stream_patients(model: LoadedModel, entries: Iterator[tuple], pool: ThreadP
 
 
 def score_patient(
-    model: LoadedModel, patient: Patient, settings: RunSettings, pool: ThreadPoolExecutor,
-    skipped: SkipCounter, on_patch: Callable[[int], None] = lambda n: None,
+    model: LoadedModel,
+    patient: Patient,
+    settings: RunSettings,
+    pool: ThreadPoolExecutor,
+    skipped: SkipCounter,
+    on_patch: Callable[[int], None] = lambda n: None,
 ) -> PatientTally:
     """Score one patient and write its CSV atomically; returns its tally."""
     done: list[PatientTally] = []
-    _stream_patients(model, iter([("score", 0, PatientOutputs(model, patient, settings))]), pool, settings, skipped,
-                     on_patch, lambda index, tally, kept: done.append(tally))
+    _stream_patients(
+        model,
+        iter([("score", 0, PatientOutputs(model, patient, settings))]),
+        pool,
+        settings,
+        skipped,
+        on_patch,
+        lambda index, tally, kept: done.append(tally),
+    )
     return done[0]
 
 
@@ -654,8 +760,11 @@ def clear_previous_run(out_dir: Path) -> None:
 
 
 def run_patients(
-    model: LoadedModel, patients: list[Patient], settings: RunSettings,
-    progress: Callable[[int], None] = lambda n: None, on_patient_done: Callable[[str], None] = lambda pid: None,
+    model: LoadedModel,
+    patients: list[Patient],
+    settings: RunSettings,
+    progress: Callable[[int], None] = lambda n: None,
+    on_patient_done: Callable[[str], None] = lambda pid: None,
 ) -> RunResult:
     """Score every patient (skipping completed ones on resume) and write summary.csv."""
     start = time.perf_counter()
@@ -669,7 +778,11 @@ def run_patients(
         for index, patient in enumerate(patients):
             stem = safe_file_stem(patient.patient_id)
             tally = _completed_tally(settings, stem, patient, model) if settings.resume else None
-            yield ("kept", index, tally) if tally is not None else ("score", index, PatientOutputs(model, patient, settings))
+            yield (
+                ("kept", index, tally)
+                if tally is not None
+                else ("score", index, PatientOutputs(model, patient, settings))
+            )
 
     def done(index: int, tally: PatientTally, kept: bool) -> None:
         by_index[index] = tally
@@ -684,12 +797,15 @@ def run_patients(
     return RunResult(rows, cohort, skipped, resumed, time.perf_counter() - start)
 
 
-def write_summary(model: LoadedModel, patients: list[Patient], tallies: list[PatientTally],
-                  settings: RunSettings) -> tuple[list[dict], PatientTally]:
+def write_summary(
+    model: LoadedModel, patients: list[Patient], tallies: list[PatientTally], settings: RunSettings
+) -> tuple[list[dict], PatientTally]:
     """summary.csv: one row per patient in input order, then the cohort's (merged in that order, so its sums
     are the same bytes however the patients were scored)."""
-    rows = [tally.summary_row(patient.patient_id, settings.threshold, model.sha256, model.contract)
-            for patient, tally in zip(patients, tallies)]
+    rows = [
+        tally.summary_row(patient.patient_id, settings.threshold, model.sha256, model.contract)
+        for patient, tally in zip(patients, tallies)
+    ]
     cohort = PatientTally()
     for tally in tallies:
         cohort.merge(tally)

@@ -1,4 +1,5 @@
 """Writing report files safely: atomic replacement and CSV cells that cannot become formulas."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,9 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 # A cell starting with one of these is read as a formula by Excel, LibreOffice and Sheets.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r", "\n")
@@ -38,8 +40,17 @@ def neutralise_cell(value: Any) -> Any:
 
 
 # names idc writes itself, and names Windows reserves for devices
-RESERVED_STEMS = {"summary", "run", "report", "con", "prn", "aux", "nul",
-                  *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+RESERVED_STEMS = {
+    "summary",
+    "run",
+    "report",
+    "con",
+    "prn",
+    "aux",
+    "nul",
+    *(f"com{i}" for i in range(1, 10)),
+    *(f"lpt{i}" for i in range(1, 10)),
+}
 
 
 def safe_file_stem(name: str) -> str:
@@ -185,8 +196,9 @@ def folder_lock(folder: Path) -> Iterator[None]:
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, errno.EDEADLK):
                 # a file system without locks (some NFS or FUSE mounts): go on unlocked rather than refuse forever
-                logging.getLogger(__name__).warning("%s cannot be locked (%s): two runs into it would not be "
-                                                    "kept apart", folder, exc.strerror or exc)
+                logging.getLogger(__name__).warning(
+                    "%s cannot be locked (%s): two runs into it would not be kept apart", folder, exc.strerror or exc
+                )
                 handle.seek(0)
                 yield
                 return
@@ -195,8 +207,10 @@ def folder_lock(folder: Path) -> Iterator[None]:
                 holder = handle.read(200).decode("utf-8", "replace").strip() or "another process"
             except OSError:
                 holder = "another process"
-            raise FolderBusyError(f"{folder} is being written by another idc-infer run ({holder}); wait for it to "
-                                  "finish or choose another --out") from None
+            raise FolderBusyError(
+                f"{folder} is being written by another idc-infer run ({holder}); wait for it to "
+                "finish or choose another --out"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}".encode())

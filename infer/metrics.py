@@ -3,6 +3,7 @@
 Positive class = IDC. Sensitivity = TP / (TP + FN) (IDC patches called IDC); specificity =
 TN / (TN + FP) (non-IDC patches called non-IDC). Shared by idc-infer and idc-eval.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,7 +45,7 @@ class Confusion:
     fn: int = 0
 
     @classmethod
-    def from_labels(cls, labels, preds) -> "Confusion":
+    def from_labels(cls, labels, preds) -> Confusion:
         labels = np.asarray(labels, dtype=int)
         preds = np.asarray(preds, dtype=int)
         return cls(
@@ -54,7 +55,7 @@ class Confusion:
             fn=int(np.sum((labels == 1) & (preds == 0))),
         )
 
-    def __add__(self, other: "Confusion") -> "Confusion":
+    def __add__(self, other: Confusion) -> Confusion:
         return Confusion(self.tp + other.tp, self.fp + other.fp, self.tn + other.tn, self.fn + other.fn)
 
     @property
@@ -118,8 +119,13 @@ def _threshold_counts(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarra
     positives = np.cumsum(labels[order] == 1)
     negatives = np.cumsum(labels[order] == 0)
     last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]  # ties share one threshold
-    return (sorted_scores[last_of_run], positives[last_of_run], negatives[last_of_run],
-            int(np.sum(labels == 1)), int(np.sum(labels == 0)))
+    return (
+        sorted_scores[last_of_run],
+        positives[last_of_run],
+        negatives[last_of_run],
+        int(np.sum(labels == 1)),
+        int(np.sum(labels == 0)),
+    )
 
 
 def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -162,8 +168,9 @@ def classification_metrics(labels, scores, threshold: float) -> dict[str, float 
     }
 
 
-def patient_bootstrap(patient_ids, statistic, n_boot: int = 1000, seed: int = 0,
-                      level: float = 0.95) -> dict[str, tuple[float, float]]:
+def patient_bootstrap(
+    patient_ids, statistic, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, tuple[float, float]]:
     """Percentile intervals of ``statistic`` from a bootstrap over patients.
 
     ``statistic(index)`` takes an integer index array into the per-patch arrays and returns a
@@ -190,6 +197,9 @@ def patient_bootstrap(patient_ids, statistic, n_boot: int = 1000, seed: int = 0,
     for key, values in draws.items():
         values = np.asarray(values, dtype=float)
         values = values[~np.isnan(values)]
-        intervals[key] = ((float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))
-                          if len(values) else (math.nan, math.nan))
+        intervals[key] = (
+            (float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))
+            if len(values)
+            else (math.nan, math.nan)
+        )
     return intervals

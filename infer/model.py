@@ -1,4 +1,5 @@
 """Load an ONNX model with its contract and score batches of patches with onnxruntime."""
+
 from __future__ import annotations
 
 import hashlib
@@ -123,22 +124,27 @@ def _check_outputs_are_probabilities(model: LoadedModel) -> None:
     that sum to 1: a graph that outputs logits, or NaN, would give reports that look fine and mean nothing."""
     contract = model.contract
     shape = (contract.input_height_px, contract.input_width_px, 3)
-    pixels = np.stack([np.full(shape, 128), np.zeros(shape), np.full(shape, 255),
-                       np.random.default_rng(0).integers(0, 256, shape)]).astype(np.float32)
+    pixels = np.stack(
+        [np.full(shape, 128), np.zeros(shape), np.full(shape, 255), np.random.default_rng(0).integers(0, 256, shape)]
+    ).astype(np.float32)
     batch = pixels * np.float32(contract.scale) + np.float32(contract.offset)
     try:
         out = np.asarray(model.session.run(None, {model.input_name: batch})[0], dtype=np.float64)
     except Exception as exc:  # onnxruntime's own exception types
         raise ModelError(f"{model.path} fails on a probe batch: {str(exc).strip().splitlines()[0][:200]}") from exc
     if out.ndim != 2 or out.shape[0] != len(batch):
-        raise ModelError(f"{model.path} outputs shape {list(out.shape)} for a batch of {len(batch)}; "
-                         "idc models output one row of class probabilities per patch")
+        raise ModelError(
+            f"{model.path} outputs shape {list(out.shape)} for a batch of {len(batch)}; "
+            "idc models output one row of class probabilities per patch"
+        )
     if not np.all(np.isfinite(out)):
         raise ModelError(f"{model.path} outputs non-finite values (NaN or inf) on a probe batch: the model is broken")
     if out.min() < -1e-6 or out.max() > 1 + 1e-6 or np.max(np.abs(out.sum(axis=1) - 1.0)) > 1e-3:
-        raise ModelError(f"{model.path} does not output class probabilities (values {out.min():.3g}..{out.max():.3g}, "
-                         f"row sums up to {np.max(np.abs(out.sum(axis=1) - 1.0)) + 1:.3g}): a graph ending in "
-                         "logits needs its softmax; idc refuses to guess")
+        raise ModelError(
+            f"{model.path} does not output class probabilities (values {out.min():.3g}..{out.max():.3g}, "
+            f"row sums up to {np.max(np.abs(out.sum(axis=1) - 1.0)) + 1:.3g}): a graph ending in "
+            "logits needs its softmax; idc refuses to guess"
+        )
 
 
 def _check_graph_matches_contract(path: Path, contract: Contract, input_shape: list, output_shape: list) -> None:
@@ -146,9 +152,13 @@ def _check_graph_matches_contract(path: Path, contract: Contract, input_shape: l
     expected = [contract.input_height_px, contract.input_width_px, 3]  # the contract allows NHWC only
     fixed = [(dim, want) for dim, want in zip(list(input_shape)[1:], expected) if isinstance(dim, int)]
     if len(input_shape) != 4 or any(dim != want for dim, want in fixed):
-        raise ModelError(f"{path}: its contract says {contract.layout} input {contract.input_height_px}x"
-                         f"{contract.input_width_px}x3 but the graph takes {list(input_shape)}; the file is inconsistent")
+        raise ModelError(
+            f"{path}: its contract says {contract.layout} input {contract.input_height_px}x"
+            f"{contract.input_width_px}x3 but the graph takes {list(input_shape)}; the file is inconsistent"
+        )
     n_classes = output_shape[-1] if output_shape else None
     if isinstance(n_classes, int) and n_classes != len(contract.class_names):
-        raise ModelError(f"{path}: its contract names {len(contract.class_names)} classes but the graph outputs "
-                         f"{n_classes}; the file is inconsistent")
+        raise ModelError(
+            f"{path}: its contract names {len(contract.class_names)} classes but the graph outputs "
+            f"{n_classes}; the file is inconsistent"
+        )

@@ -1,4 +1,5 @@
 """Patch file names: patient id, slide coordinates and label from the Kaggle naming scheme."""
+
 from __future__ import annotations
 
 import re
@@ -48,8 +49,15 @@ def parse_qupath_name(name: str) -> PatchName | None:
             return None
     if not {"x", "y", "w", "h"} <= set(fields) or min(fields["w"], fields["h"]) <= 0:
         return None
-    return PatchName(match.group("image"), int(fields["x"]), int(fields["y"]), None,
-                     int(fields["w"]), int(fields["h"]), fields.get("d", 1.0))
+    return PatchName(
+        match.group("image"),
+        int(fields["x"]),
+        int(fields["y"]),
+        None,
+        int(fields["w"]),
+        int(fields["h"]),
+        fields.get("d", 1.0),
+    )
 
 
 def parse_patch_name(name: str) -> PatchName:

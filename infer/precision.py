@@ -5,6 +5,7 @@ little. ``auto`` times both files briefly at the run's thread count and keeps th
 only when it is the faster by a margin: it costs some accuracy); the result is cached per machine,
 model pair and thread count in the user's cache folder, so later runs start at once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -90,10 +91,14 @@ def choose(fp32_path: Path, int8_path: Path | None, threads: int, load, measure=
     batch = (pixels * contract.scale + contract.offset).astype(np.float32)
     rates = measure(models, batch)
     chosen = "int8" if rates["int8"] > INT8_MARGIN * rates["fp32"] else "fp32"
-    record = {"chosen": chosen, "patches_per_s": {k: round(v, 1) for k, v in rates.items()}, "threads": threads,
-              "batch": TIMING_BATCH, "why": f"timed both files on this machine: int8 is chosen only when over "
-                                             f"{INT8_MARGIN:g}x as fast as fp32",
-              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    record = {
+        "chosen": chosen,
+        "patches_per_s": {k: round(v, 1) for k, v in rates.items()},
+        "threads": threads,
+        "batch": TIMING_BATCH,
+        "why": f"timed both files on this machine: int8 is chosen only when over {INT8_MARGIN:g}x as fast as fp32",
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     try:  # a cache that cannot be written (read-only home) only costs the next run the timing
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         write_json(cache_file, {**cache, key: record})

@@ -3,6 +3,7 @@
 Every failure becomes a status code and a message, never an exception: one bad file must not
 stop a run over a hundred thousand good ones.
 """
+
 from __future__ import annotations
 
 import functools
@@ -80,8 +81,11 @@ def _read_bytes(path: Path) -> tuple[bytes | None, Decoded | None, tuple[int, in
             if stat.S_ISDIR(info.st_mode):
                 return None, Decoded(STATUS_NOT_IMAGE, "is a directory"), file_stat
             if not stat.S_ISREG(info.st_mode):
-                return None, Decoded(STATUS_NOT_IMAGE, "not a regular file (a FIFO, socket or device): not read"), \
-                    file_stat
+                return (
+                    None,
+                    Decoded(STATUS_NOT_IMAGE, "not a regular file (a FIFO, socket or device): not read"),
+                    file_stat,
+                )
             # the file's own size (+1 to see growth), capped one byte past the limit: a multi-GB file must not
             # land in memory, and reading the limit itself would allocate 16 MB for every 2 KB patch
             want = min(info.st_size, MAX_FILE_BYTES) + 1
@@ -219,12 +223,12 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
             continue
         if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
             return None
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
         if _is_sof(marker):
             if pos + 9 > len(data):
                 return None
-            height = int.from_bytes(data[pos + 5:pos + 7], "big")
-            width = int.from_bytes(data[pos + 7:pos + 9], "big")
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
             return (width, height) if height else None  # height 0: defined later by a DNL segment
         if length < 2:
             return None
@@ -255,16 +259,16 @@ def tiff_size(data: bytes) -> tuple[int, int] | None:
     offset = int.from_bytes(data[4:8], order)
     if offset + 2 > len(data):
         return None
-    count = int.from_bytes(data[offset:offset + 2], order)
+    count = int.from_bytes(data[offset : offset + 2], order)
     sizes = {}
     for i in range(min(count, 4096)):
         entry = offset + 2 + 12 * i
         if entry + 12 > len(data):
             break
-        tag, kind = int.from_bytes(data[entry:entry + 2], order), int.from_bytes(data[entry + 2:entry + 4], order)
+        tag, kind = int.from_bytes(data[entry : entry + 2], order), int.from_bytes(data[entry + 2 : entry + 4], order)
         if tag in (256, 257):
             width = 2 if kind == 3 else 4  # SHORT or LONG
-            sizes[tag] = int.from_bytes(data[entry + 8:entry + 8 + width], order)
+            sizes[tag] = int.from_bytes(data[entry + 8 : entry + 8 + width], order)
     return (sizes[256], sizes[257]) if 256 in sizes and 257 in sizes else None
 
 
@@ -300,12 +304,14 @@ def _source_notes(data: bytes) -> list[str]:
 
 def _too_large(width: int, height: int, contract: Contract) -> Decoded:
     native = contract.native_patch_px
-    return Decoded(STATUS_OVERSIZED, f"{width}x{height} px is larger than {native}x{native}",
-                   width_px=width, height_px=height)
+    return Decoded(
+        STATUS_OVERSIZED, f"{width}x{height} px is larger than {native}x{native}", width_px=width, height_px=height
+    )
 
 
-def decode_bytes(data: bytes, contract: Contract, qc: QualityControl | None = None,
-                 resample: str | None = None, defer: bool = False) -> Decoded:
+def decode_bytes(
+    data: bytes, contract: Contract, qc: QualityControl | None = None, resample: str | None = None, defer: bool = False
+) -> Decoded:
     """Decode the bytes of one image file into the model's input tensor."""
     if not data:
         return Decoded(STATUS_EMPTY, "zero-byte file")
@@ -326,8 +332,10 @@ def decode_bytes(data: bytes, contract: Contract, qc: QualityControl | None = No
         image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:  # cv2 raises on some malformed headers instead of returning None
         if "CV_IO_MAX_IMAGE" in str(exc):  # refused by OPENCV_IO_MAX_IMAGE_PIXELS (or _WIDTH/_HEIGHT)
-            return Decoded(STATUS_OVERSIZED, "image dimensions beyond the decode limit "
-                                             "(OPENCV_IO_MAX_IMAGE_PIXELS): far too large for a patch")
+            return Decoded(
+                STATUS_OVERSIZED,
+                "image dimensions beyond the decode limit (OPENCV_IO_MAX_IMAGE_PIXELS): far too large for a patch",
+            )
         image = None
         detail = str(exc).strip().splitlines()[-1][:120]
     else:
@@ -340,8 +348,12 @@ def decode_bytes(data: bytes, contract: Contract, qc: QualityControl | None = No
     notes = _source_notes(data)
     rgb = _to_rgb8(image, notes)
     if rgb is None:
-        return Decoded(STATUS_UNSUPPORTED, f"pixel type {image.dtype} with shape {image.shape} not supported",
-                       width_px=width, height_px=height)
+        return Decoded(
+            STATUS_UNSUPPORTED,
+            f"pixel type {image.dtype} with shape {image.shape} not supported",
+            width_px=width,
+            height_px=height,
+        )
     if resample is not None:  # a tile of another scale (a QuPath export): brought to the contract's first
         rgb = resample_to_native(rgb, contract, notes, resample)
     elif defer and rgb.shape[0] == rgb.shape[1] == contract.native_patch_px:
@@ -391,8 +403,14 @@ def resample_to_native(rgb: np.ndarray, contract: Contract, notes: list[str], wh
     return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
 
 
-def decode_rgb(rgb: np.ndarray, contract: Contract, qc: QualityControl | None = None, notes: list[str] | None = None,
-               width: int | None = None, height: int | None = None) -> Decoded:
+def decode_rgb(
+    rgb: np.ndarray,
+    contract: Contract,
+    qc: QualityControl | None = None,
+    notes: list[str] | None = None,
+    width: int | None = None,
+    height: int | None = None,
+) -> Decoded:
     """An 8-bit RGB patch (decoded from a file or read from a slide) to the model's input, after the
     quality check; ``width``/``height`` are what the row reports (the file's own size by default)."""
     notes = [] if notes is None else notes
@@ -407,12 +425,20 @@ def decode_rgb(rgb: np.ndarray, contract: Contract, qc: QualityControl | None = 
     if refused is not None:
         refused.width_px, refused.height_px = width, height
         return refused
-    return Decoded(STATUS_OK, "; ".join(notes), preprocess_rgb(rgb, contract), width, height, original,
-                   colour=patch_mean_colour(original))
+    return Decoded(
+        STATUS_OK,
+        "; ".join(notes),
+        preprocess_rgb(rgb, contract),
+        width,
+        height,
+        original,
+        colour=patch_mean_colour(original),
+    )
 
 
-def decode_file(path: Path, contract: Contract, qc: QualityControl | None = None,
-                resample: str | None = None, defer: bool = False) -> Decoded:
+def decode_file(
+    path: Path, contract: Contract, qc: QualityControl | None = None, resample: str | None = None, defer: bool = False
+) -> Decoded:
     """Read and decode one patch file; never raises for a bad file. ``qc``: the quality check (none by
     default); ``resample``: why the image is brought to the native patch size first (a tile export);
     ``defer``: leave a full-size patch pending for finish_batch."""

@@ -11,6 +11,7 @@ Measured on 12,000 real patches of ../shared/data/idc-real (all tissue patches o
   median 4,200; the same patches blurred with a Gaussian of sigma 1.5 px: median 23, 99% below 100.
   Blurred below 100 flags 0.05% of the real patches and 99% of those blurred by sigma >= 1.5 px.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -64,12 +65,13 @@ class QualityControl:
         when already known)."""
         tissue = tissue_fraction(rgb) if tissue is None else float(tissue)
         if tissue < self.min_tissue:
-            return STATUS_BACKGROUND, (f"{tissue:.0%} tissue (under {self.min_tissue:.0%}): glass or blank, "
-                                       "not scored")
+            return STATUS_BACKGROUND, (f"{tissue:.0%} tissue (under {self.min_tissue:.0%}): glass or blank, not scored")
         sharp = sharpness(rgb)
         if sharp < self.min_sharpness:
-            return STATUS_BLURRED, (f"sharpness {sharp:.0f} (Laplacian variance, under {self.min_sharpness:g}): "
-                                    "out of focus or featureless, not scored")
+            return STATUS_BLURRED, (
+                f"sharpness {sharp:.0f} (Laplacian variance, under {self.min_sharpness:g}): "
+                "out of focus or featureless, not scored"
+            )
         return None
 
     def settings(self) -> dict:

@@ -8,10 +8,11 @@ patients and carried in the contract; the intervals here carry it, including how
 from one patient to the next, not only patch sampling. numpy (and cv2 for a patch's mean colour): shared
 by idc-export (fits) and idc-infer (applies).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -125,15 +126,23 @@ def error_rates_record(labels, preds, patient_ids) -> dict:
     pooled counts, and each patient's own counts (so intervals carry the spread between patients)."""
     labels = np.asarray(labels, dtype=int)
     preds = np.asarray(preds, dtype=int)
-    per_patient = [[pid, int(pos.sum()), int(preds[pos].sum()), int(neg.sum()), int(preds[neg].sum())]
-                   for pid, pos, neg in _patients_by_class(labels, patient_ids)]
+    per_patient = [
+        [pid, int(pos.sum()), int(preds[pos].sum()), int(neg.sum()), int(preds[neg].sum())]
+        for pid, pos, neg in _patients_by_class(labels, patient_ids)
+    ]
     tp = int(((labels == 1) & (preds == 1)).sum())
     fp = int(((labels == 0) & (preds == 1)).sum())
     n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
-    return {"tp": tp, "fn": n_pos - tp, "fp": fp, "tn": n_neg - fp,
-            "sensitivity": tp / n_pos if n_pos else math.nan, "specificity": 1 - fp / n_neg if n_neg else math.nan,
-            "per_patient": per_patient,
-            "per_patient_columns": ["patient_id", "n_idc", "n_idc_called_idc", "n_non_idc", "n_non_idc_called_idc"]}
+    return {
+        "tp": tp,
+        "fn": n_pos - tp,
+        "fp": fp,
+        "tn": n_neg - fp,
+        "sensitivity": tp / n_pos if n_pos else math.nan,
+        "specificity": 1 - fp / n_neg if n_neg else math.nan,
+        "per_patient": per_patient,
+        "per_patient_columns": ["patient_id", "n_idc", "n_idc_called_idc", "n_non_idc", "n_non_idc_called_idc"],
+    }
 
 
 def class_mean_probs(probs, labels, patient_ids) -> list[list]:
@@ -141,9 +150,16 @@ def class_mean_probs(probs, labels, patient_ids) -> list[list]:
     with the counts: [patient_id, n_idc, mean prob of IDC patches, n_non_idc, mean prob of non-IDC patches]
     (None where the patient has no patch of a class)."""
     probs = np.asarray(probs, dtype=np.float64)
-    return [[pid, int(pos.sum()), float(probs[pos].mean()) if pos.any() else None,
-             int(neg.sum()), float(probs[neg].mean()) if neg.any() else None]
-            for pid, pos, neg in _patients_by_class(labels, patient_ids)]
+    return [
+        [
+            pid,
+            int(pos.sum()),
+            float(probs[pos].mean()) if pos.any() else None,
+            int(neg.sum()),
+            float(probs[neg].mean()) if neg.any() else None,
+        ]
+        for pid, pos, neg in _patients_by_class(labels, patient_ids)
+    ]
 
 
 def _patients_by_class(labels, patient_ids):
@@ -167,18 +183,28 @@ def _rate_draws(rng, per_patient: Sequence, which: str, n: int, min_patches: int
     """Draws of a new patient's TPR (``which`` = "tpr") or FPR: a validation patient drawn at random,
     then its rate drawn from the Beta posterior of its own counts (Jeffreys prior)."""
     column_n, column_k = (1, 2) if which == "tpr" else (3, 4)
-    counts = np.array([(row[column_n], row[column_k]) for row in per_patient if row[column_n] >= min_patches],
-                      dtype=np.float64).reshape(-1, 2)
+    counts = np.array(
+        [(row[column_n], row[column_k]) for row in per_patient if row[column_n] >= min_patches], dtype=np.float64
+    ).reshape(-1, 2)
     if len(counts) == 0:  # no patient with enough patches of this class: the pooled counts alone
-        counts = np.array([[sum(r[column_n] for r in per_patient), sum(r[column_k] for r in per_patient)]],
-                          dtype=np.float64)
+        counts = np.array(
+            [[sum(r[column_n] for r in per_patient), sum(r[column_k] for r in per_patient)]], dtype=np.float64
+        )
     picked = counts[rng.integers(0, len(counts), n)]
     return rng.beta(picked[:, 1] + 0.5, picked[:, 0] - picked[:, 1] + 0.5)
 
 
-def fraction_estimates(n_idc: int, n_scored: int, sum_prob: float, sum_prob_sq: float, error_rates: dict | None,
-                       class_means: Sequence | None, seed: int = 0, n_draws: int = N_DRAWS,
-                       level: float = 0.95) -> dict:
+def fraction_estimates(
+    n_idc: int,
+    n_scored: int,
+    sum_prob: float,
+    sum_prob_sq: float,
+    error_rates: dict | None,
+    class_means: Sequence | None,
+    seed: int = 0,
+    n_draws: int = N_DRAWS,
+    level: float = 0.95,
+) -> dict:
     """The adjusted count and the expected fraction of one patient, each with a 95% interval.
 
     Adjusted: Monte Carlo over the patient's observed share q (Beta posterior of n_idc of n_scored:
@@ -191,15 +217,21 @@ def fraction_estimates(n_idc: int, n_scored: int, sum_prob: float, sum_prob_sq: 
     holds f = (m - m0) / (m1 - m0), clipped to [0, 1].
     Either is nan where the contract lacks what it needs (an older model: no error rates).
     """
-    result = {key: math.nan for key in ("adjusted", "adjusted_low", "adjusted_high",
-                                        "expected", "expected_low", "expected_high")}
+    result = {
+        key: math.nan
+        for key in ("adjusted", "adjusted_low", "adjusted_high", "expected", "expected_low", "expected_high")
+    }
     if n_scored <= 0:
         return result
     rng = np.random.default_rng(seed)
     tail = (1 - level) / 2 * 100
     q = n_idc / n_scored
-    if (error_rates and error_rates.get("per_patient") and error_rates.get("sensitivity") is not None
-            and error_rates.get("specificity") is not None):  # null: a class was absent from validation
+    if (
+        error_rates
+        and error_rates.get("per_patient")
+        and error_rates.get("sensitivity") is not None
+        and error_rates.get("specificity") is not None
+    ):  # null: a class was absent from validation
         tpr, fpr = error_rates["sensitivity"], 1 - error_rates["specificity"]
         result["adjusted"] = adjusted_fraction(q, tpr, fpr)
         q_draws = rng.beta(n_idc + 0.5, n_scored - n_idc + 0.5, n_draws)
@@ -221,7 +253,9 @@ def fraction_estimates(n_idc: int, n_scored: int, sum_prob: float, sum_prob_sq: 
     return result
 
 
-def _inverted_interval(observed: np.ndarray, at_none: np.ndarray, at_all: np.ndarray, tail: float) -> tuple[float, float]:
+def _inverted_interval(
+    observed: np.ndarray, at_none: np.ndarray, at_all: np.ndarray, tail: float
+) -> tuple[float, float]:
     """Percentile interval of f = (observed - at_none) / (at_all - at_none), clipped to [0, 1]: the IDC
     share that gives the observed reading when a patient with none reads ``at_none`` and one with
     only IDC ``at_all`` (draws of each). nan where most draws cannot tell the two apart."""
@@ -233,23 +267,30 @@ def _inverted_interval(observed: np.ndarray, at_none: np.ndarray, at_all: np.nda
     return float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))
 
 
-ESTIMATOR_COLUMNS = {"counted": "idc_fraction", "adjusted": "idc_fraction_adjusted", "expected": "idc_fraction_expected"}
-ESTIMATOR_TITLES = {"counted": "IDC fraction, counted", "adjusted": "IDC fraction, adjusted",
-                    "expected": "IDC fraction, expected"}
+ESTIMATOR_COLUMNS = {
+    "counted": "idc_fraction",
+    "adjusted": "idc_fraction_adjusted",
+    "expected": "idc_fraction_expected",
+}
+ESTIMATOR_TITLES = {
+    "counted": "IDC fraction, counted",
+    "adjusted": "IDC fraction, adjusted",
+    "expected": "IDC fraction, expected",
+}
 # One line each: what the number means and what it does not.
 ESTIMATOR_TEXT = {
     "counted": "the share of scored patches at or above the threshold, with a Wilson interval for patch sampling "
-               "only; biased whenever the model's sensitivity or specificity is below 1 (it over-reads patients "
-               "with little IDC).",
+    "only; biased whenever the model's sensitivity or specificity is below 1 (it over-reads patients "
+    "with little IDC).",
     "adjusted": "the counted share corrected for the model's sensitivity and specificity measured on validation "
-                "patients (adjusted count, Forman 2008); its interval carries patch sampling and how much those "
-                "error rates vary from patient to patient. It estimates the share of this patient's scored patches "
-                "that are IDC, not tumour area on the slide, and is no diagnosis.",
+    "patients (adjusted count, Forman 2008); its interval carries patch sampling and how much those "
+    "error rates vary from patient to patient. It estimates the share of this patient's scored patches "
+    "that are IDC, not tumour area on the slide, and is no diagnosis.",
     "expected": "the mean calibrated IDC probability of the scored patches; its interval, for the true share, carries "
-                "patch sampling and how much the model's mean probability on IDC and on non-IDC patches varies from "
-                "one validation patient to the next (near 0 or 1 the mean can sit just outside it, toward the "
-                "middle). It estimates the share of this patient's scored patches that are IDC, not tumour area on "
-                "the slide, and is no diagnosis.",
+    "patch sampling and how much the model's mean probability on IDC and on non-IDC patches varies from "
+    "one validation patient to the next (near 0 or 1 the mean can sit just outside it, toward the "
+    "middle). It estimates the share of this patient's scored patches that are IDC, not tumour area on "
+    "the slide, and is no diagnosis.",
 }
 
 

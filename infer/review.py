@@ -1,4 +1,5 @@
 """Review outputs a pathologist looks at: IDC heatmap mosaic PNG, QuPath GeoJSON and a cohort report.html."""
+
 from __future__ import annotations
 
 import base64
@@ -50,9 +51,13 @@ MOSAIC_SUFFIX = "_mosaic.png"
 GEOJSON_SUFFIX = ".geojson"
 REPORT_NAME = "report.html"
 GEOJSON_FRAME_SLIDE = "level-0 pixels of the slide (x right, y down): drag onto the slide in QuPath"
-GEOJSON_FRAME_PATCHES = ("pixels of the image the patches were cut from, as their file names give x, y (for the "
-                         "public set: its 2.5x images, not the scan's level 0); --geojson-scale maps them to level 0")
-GEOJSON_FRAME_SCALED = "file-name x, y and patch size multiplied by {scale:g} (--geojson-scale): level-0 pixels of the scan"
+GEOJSON_FRAME_PATCHES = (
+    "pixels of the image the patches were cut from, as their file names give x, y (for the "
+    "public set: its 2.5x images, not the scan's level 0); --geojson-scale maps them to level 0"
+)
+GEOJSON_FRAME_SCALED = (
+    "file-name x, y and patch size multiplied by {scale:g} (--geojson-scale): level-0 pixels of the scan"
+)
 # uuid5 namespace for feature ids: the same patch gets the same id in every run
 FEATURE_NAMESPACE = uuid.UUID("5d0c1f3e-8a1b-4f1e-9a6b-2f1c8e7d4a10")
 
@@ -104,15 +109,17 @@ class MosaicLayout:
     def image_px(self, x: float, y: float, panel: str = "heat") -> tuple[int, int]:
         """Image pixel (col, row) of slide point (x, y) in the ``heat`` or ``truth`` panel."""
         left, top = self.heat_xy if panel == "heat" else self.truth_xy
-        return (left + slide_to_canvas_px(x, self.scale) - self.origin_px[0],
-                top + slide_to_canvas_px(y, self.scale) - self.origin_px[1])
+        return (
+            left + slide_to_canvas_px(x, self.scale) - self.origin_px[0],
+            top + slide_to_canvas_px(y, self.scale) - self.origin_px[1],
+        )
 
 
 def _regrow(array: np.ndarray, fill: Any, shape: tuple[int, int], offset: tuple[int, int]) -> np.ndarray:
     grown = np.empty(shape + array.shape[2:], dtype=array.dtype)
     grown[...] = fill
     rows, cols = array.shape[:2]
-    grown[offset[0]:offset[0] + rows, offset[1]:offset[1] + cols] = array
+    grown[offset[0] : offset[0] + rows, offset[1] : offset[1] + cols] = array
     return grown
 
 
@@ -153,6 +160,7 @@ class MosaicCanvas:
         if not rows:
             new_c0, new_r0, new_c1, new_r1 = c0, r0, c1, r1
         else:
+
             def grow(need: int, size: int) -> int:
                 return 0 if need <= 0 else max(need, min(size // 2, _GROWTH_SLACK_MAX_PX))
 
@@ -187,8 +195,15 @@ class MosaicCanvas:
         self.scale /= 2
 
     def add_patch(
-        self, x: int, y: int, width_px: int, height_px: int, rgb: np.ndarray | None,
-        prob_idc: float | None, label: int | None, skipped: bool = False,
+        self,
+        x: int,
+        y: int,
+        width_px: int,
+        height_px: int,
+        rgb: np.ndarray | None,
+        prob_idc: float | None,
+        label: int | None,
+        skipped: bool = False,
     ) -> None:
         """Draw one patch; ``prob_idc`` None marks it failed, unless ``skipped`` (quality control: glass or
         blurred), which is drawn as tissue without a heat colour or a failure mark."""
@@ -202,16 +217,20 @@ class MosaicCanvas:
                 return  # a sliver thinner than one output pixel at this scale
             b = self.bounds
             bounds = (c0, r0, c1, r1) if b is None else (min(b[0], c0), min(b[1], r0), max(b[2], c1), max(b[3], r1))
-            if ((bounds[2] - bounds[0]) * (bounds[3] - bounds[1]) <= MAX_MOSAIC_AREA_PX
-                    or self.scale * min(width_px, height_px) / 2 < MIN_PATCH_CANVAS_PX):
+            if (bounds[2] - bounds[0]) * (bounds[3] - bounds[1]) <= MAX_MOSAIC_AREA_PX or self.scale * min(
+                width_px, height_px
+            ) / 2 < MIN_PATCH_CANVAS_PX:
                 break
             self._halve()  # patches spread far apart: a coarser mosaic, not unbounded memory
             log.info("mosaic drawn at scale %g to stay within %d pixels", self.scale, MAX_MOSAIC_AREA_PX)
-        if (max(bounds[2] - bounds[0], bounds[3] - bounds[1]) > MAX_MOSAIC_SIDE_PX
-                or (bounds[2] - bounds[0]) * (bounds[3] - bounds[1]) > MAX_MOSAIC_AREA_PX):
+        if (
+            max(bounds[2] - bounds[0], bounds[3] - bounds[1]) > MAX_MOSAIC_SIDE_PX
+            or (bounds[2] - bounds[0]) * (bounds[3] - bounds[1]) > MAX_MOSAIC_AREA_PX
+        ):
             raise MosaicTooLarge(
                 f"patch coordinates span {bounds[2] - bounds[0]}x{bounds[3] - bounds[1]} px at scale {self.scale:g}, "
-                f"more than {MAX_MOSAIC_SIDE_PX} px a side or {MAX_MOSAIC_AREA_PX} px in all")
+                f"more than {MAX_MOSAIC_SIDE_PX} px a side or {MAX_MOSAIC_AREA_PX} px in all"
+            )
         self._ensure(c0, r0, c1, r1)
         self.bounds = bounds
         cells = (slice(r0 - self._origin[1], r1 - self._origin[1]), slice(c0 - self._origin[0], c1 - self._origin[0]))
@@ -253,8 +272,15 @@ class MosaicCanvas:
             f"(white outline) | scale {self.scale:g}",
             RESEARCH_NOTICE.upper(),
         ]
-        return compose(heat, truth, header, threshold, show_failed=bool((marks != _MARK_NONE).any()),
-                       scale=self.scale, origin_px=(self.bounds[0], self.bounds[1]))
+        return compose(
+            heat,
+            truth,
+            header,
+            threshold,
+            show_failed=bool((marks != _MARK_NONE).any()),
+            scale=self.scale,
+            origin_px=(self.bounds[0], self.bounds[1]),
+        )
 
 
 def _outline(panel: np.ndarray, mask: np.ndarray) -> None:
@@ -292,8 +318,13 @@ def colour_bar(height_px: int) -> np.ndarray:
 
 
 def compose(
-    heat: np.ndarray, truth: np.ndarray | None, header: list[str], threshold: float, show_failed: bool,
-    scale: float, origin_px: tuple[int, int],
+    heat: np.ndarray,
+    truth: np.ndarray | None,
+    header: list[str],
+    threshold: float,
+    show_failed: bool,
+    scale: float,
+    origin_px: tuple[int, int],
 ) -> tuple[np.ndarray, MosaicLayout]:
     """Lay out header, panels side by side and the colour bar with its ticks on one image."""
     panel_h, panel_w = heat.shape[:2]
@@ -308,14 +339,19 @@ def compose(
     bar_h = max(panel_h, _BAR_MIN_HEIGHT_PX)
     threshold_row = int(round((1.0 - threshold) * (bar_h - 1)))
     # a round tick whose label would overprint the threshold's is left out; the threshold matters more
-    ticks = [(v, t) for v, t in ((1.0, "1.0"), (0.5, "0.5"), (0.0, "0.0"))
-             if abs(int(round((1.0 - v) * (bar_h - 1))) - threshold_row) >= 12]
+    ticks = [
+        (v, t)
+        for v, t in ((1.0, "1.0"), (0.5, "0.5"), (0.0, "0.0"))
+        if abs(int(round((1.0 - v) * (bar_h - 1))) - threshold_row) >= 12
+    ]
     ticks.append((threshold, f"thr {threshold:.2f}"))
     legend = [("no patch", BACKGROUND_RGB)] + ([("failed", FAILED_RGB)] if show_failed else [])
     labels_w = max(_text_width_px(t) for _, t in ticks) + 8
     legend_w = _BAR_WIDTH_PX + 6 + max(_text_width_px(t) for t, _ in legend)
-    width = max(bar_left + max(_BAR_WIDTH_PX + labels_w, legend_w) + _PAD_PX,
-                _PAD_PX + max(_text_width_px(line) for line in header) + _PAD_PX)
+    width = max(
+        bar_left + max(_BAR_WIDTH_PX + labels_w, legend_w) + _PAD_PX,
+        _PAD_PX + max(_text_width_px(line) for line in header) + _PAD_PX,
+    )
     legend_top = top + bar_h + _LINE_PX
     height = max(top + panel_h, legend_top + _LINE_PX * len(legend)) + _PAD_PX
     image = np.empty((height, width, 3), dtype=np.uint8)
@@ -324,12 +360,12 @@ def compose(
     for i, line in enumerate(header):
         _put_text(image, line, _PAD_PX, _PAD_PX + _LINE_PX * (i + 1) - 4)
     _put_text(image, heat_title, heat_xy[0], top - 5)
-    image[top:top + panel_h, heat_xy[0]:heat_xy[0] + panel_w] = heat
+    image[top : top + panel_h, heat_xy[0] : heat_xy[0] + panel_w] = heat
     if truth is not None:
         _put_text(image, truth_title, truth_xy[0], top - 5)
-        image[top:top + panel_h, truth_xy[0]:truth_xy[0] + panel_w] = truth
+        image[top : top + panel_h, truth_xy[0] : truth_xy[0] + panel_w] = truth
 
-    image[top:top + bar_h, bar_left:bar_left + _BAR_WIDTH_PX] = colour_bar(bar_h)
+    image[top : top + bar_h, bar_left : bar_left + _BAR_WIDTH_PX] = colour_bar(bar_h)
     for value, text in ticks:
         row = top + int(round((1.0 - value) * (bar_h - 1)))
         colour = MARK_RGB if text.startswith("thr") else TEXT_RGB
@@ -353,8 +389,11 @@ def compose(
 def write_png(target: Path, rgb: np.ndarray) -> None:
     # an explicit zlib level 3 writes ~40% smaller files than cv2's default settings, no slower
     # the SUB filter: 0.58x the encoding time of the adaptive filters on a 616x1377 mosaic, 7% larger, same pixels
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
-                               [cv2.IMWRITE_PNG_COMPRESSION, 3, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB])
+    ok, encoded = cv2.imencode(
+        ".png",
+        cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+        [cv2.IMWRITE_PNG_COMPRESSION, 3, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB],
+    )
     if not ok:
         raise OSError(f"could not encode {target.name} as PNG")
     with atomic_path(target, "wb") as handle:
@@ -372,8 +411,15 @@ def _patch_size_px(row: dict, scored: bool) -> tuple[int, int]:
 class MosaicSink:
     """Writes ``<stem>_mosaic.png``: the patient's tissue rebuilt from its patches, with the IDC heatmap."""
 
-    def __init__(self, patient_id: str, out_dir: Path, stem: str, threshold: float,
-                 scale: float = DEFAULT_REVIEW_SCALE, frame_scale: float = 1.0):
+    def __init__(
+        self,
+        patient_id: str,
+        out_dir: Path,
+        stem: str,
+        threshold: float,
+        scale: float = DEFAULT_REVIEW_SCALE,
+        frame_scale: float = 1.0,
+    ):
         self.patient_id = patient_id
         self.threshold = threshold
         self.path = Path(out_dir) / f"{stem}{MOSAIC_SUFFIX}"
@@ -392,8 +438,16 @@ class MosaicSink:
         skipped = row.get("status") in QC_STATUSES
         width_px, height_px = _patch_size_px(row, scored or skipped)
         try:
-            self.canvas.add_patch(int(row["x"]), int(row["y"]), width_px, height_px, rgb,
-                                  float(row["prob_idc"]) if scored else None, row.get("label"), skipped)
+            self.canvas.add_patch(
+                int(row["x"]),
+                int(row["y"]),
+                width_px,
+                height_px,
+                rgb,
+                float(row["prob_idc"]) if scored else None,
+                row.get("label"),
+                skipped,
+            )
         except MosaicTooLarge as exc:
             # the CSV and GeoJSON still hold every patch; only the picture is skipped
             log.warning("patient %s: no mosaic: %s (lower --review-scale)", self.patient_id, exc)
@@ -436,7 +490,8 @@ def patch_feature(row: dict, patient_id: str, scale: float = 1.0) -> dict:
         "properties": {
             "objectType": "tile",
             "name": str(row["path"]),
-            "classification": {"name": "IDC", "color": list(IDC_RGB)} if pred
+            "classification": {"name": "IDC", "color": list(IDC_RGB)}
+            if pred
             else {"name": "non-IDC", "color": list(NON_IDC_RGB)},
             "isLocked": True,
             "measurements": measurements,
@@ -461,10 +516,12 @@ def patch_feature_json(row: dict, patient_id: str, scale: float = 1.0) -> str:
         raise ValueError(f"prob_idc {prob} is not a number")
     label = "" if row.get("label") is None else f',"label":{int(row["label"])}'
     feature_id = uuid.uuid5(FEATURE_NAMESPACE, f"{patient_id}/{row['path']}")
-    return (f'{{"type":"Feature","id":"{feature_id}","geometry":{{"type":"Polygon","coordinates":[[[{x!r},{y!r}],'
-            f'[{x1!r},{y!r}],[{x1!r},{y1!r}],[{x!r},{y1!r}],[{x!r},{y!r}]]]}},"properties":{{"objectType":"tile",'
-            f'"name":{json.dumps(str(row["path"]))},"classification":{_IDC_CLASS if pred else _NON_IDC_CLASS},'
-            f'"isLocked":true,"measurements":{{"prob_idc":{prob!r},"pred":{pred}{label}}}}}}}')
+    return (
+        f'{{"type":"Feature","id":"{feature_id}","geometry":{{"type":"Polygon","coordinates":[[[{x!r},{y!r}],'
+        f'[{x1!r},{y!r}],[{x1!r},{y1!r}],[{x!r},{y1!r}],[{x!r},{y!r}]]]}},"properties":{{"objectType":"tile",'
+        f'"name":{json.dumps(str(row["path"]))},"classification":{_IDC_CLASS if pred else _NON_IDC_CLASS},'
+        f'"isLocked":true,"measurements":{{"prob_idc":{prob!r},"pred":{pred}{label}}}}}}}'
+    )
 
 
 class GeoJsonSink:
@@ -474,16 +531,28 @@ class GeoJsonSink:
     into place atomically on close, so a patient with many patches costs no memory.
     """
 
-    def __init__(self, patient_id: str, out_dir: Path, stem: str, threshold: float, frame_scale: float = 1.0,
-                 geojson_scale: float | None = None):
+    def __init__(
+        self,
+        patient_id: str,
+        out_dir: Path,
+        stem: str,
+        threshold: float,
+        frame_scale: float = 1.0,
+        geojson_scale: float | None = None,
+    ):
         self.patient_id = patient_id
         self.path = Path(out_dir) / f"{stem}{GEOJSON_SUFFIX}"
         # a slide's rows are level-0 pixels already (frame_scale != 1); patch-folder coordinates are multiplied
         # by --geojson-scale (level-0 pixels of the scan per patch pixel) when given
         self.level0 = frame_scale != 1.0
         self.scale = 1.0 if self.level0 or geojson_scale is None else float(geojson_scale)
-        self.frame = (GEOJSON_FRAME_SLIDE if self.level0 else
-                      GEOJSON_FRAME_PATCHES if geojson_scale is None else GEOJSON_FRAME_SCALED.format(scale=self.scale))
+        self.frame = (
+            GEOJSON_FRAME_SLIDE
+            if self.level0
+            else GEOJSON_FRAME_PATCHES
+            if geojson_scale is None
+            else GEOJSON_FRAME_SCALED.format(scale=self.scale)
+        )
         self._spool = tempfile.TemporaryFile("w+", encoding="utf-8", dir=out_dir)
         self.n_features = 0
 
@@ -626,8 +695,10 @@ def _patient_row(out_dir: Path, row: dict, labelled: bool, is_cohort: bool, head
         mosaic = f"{stem}{MOSAIC_SUFFIX}"
         if (out_dir / mosaic).is_file():
             href = _esc(quote(mosaic))
-            cells.append(f'<td><a href="{href}"><img class="thumb" src="{href}" loading="lazy" '
-                         f'alt="mosaic of patient {_esc(patient_id)}"></a></td>')
+            cells.append(
+                f'<td><a href="{href}"><img class="thumb" src="{href}" loading="lazy" '
+                f'alt="mosaic of patient {_esc(patient_id)}"></a></td>'
+            )
         else:
             cells.append('<td><span class="na">no mosaic</span></td>')
     cells += [_num_cell(row.get(k), 0) for k in ("n_patches", "n_scored", "n_failed")]
@@ -643,8 +714,10 @@ def _patient_row(out_dir: Path, row: dict, labelled: bool, is_cohort: bool, head
         links = [_link_if_exists(out_dir, "summary.csv", "summary.csv")]
     else:
         stem = safe_file_stem(patient_id)
-        links = [_link_if_exists(out_dir, f"{stem}.csv", "CSV"),
-                 _link_if_exists(out_dir, f"{stem}{GEOJSON_SUFFIX}", "GeoJSON")]
+        links = [
+            _link_if_exists(out_dir, f"{stem}.csv", "CSV"),
+            _link_if_exists(out_dir, f"{stem}{GEOJSON_SUFFIX}", "GeoJSON"),
+        ]
     cells.append('<td class="id">' + " ".join(link for link in links if link) + "</td>")
     return "<tr>" + "".join(cells) + "</tr>"
 
@@ -664,23 +737,39 @@ def _run_meta(out_dir: Path, run_info: dict, summary_rows: list[dict]) -> list[t
     if threshold is None and summary_rows:
         threshold = summary_rows[0].get("threshold")
     meta = [
-        ("Model", _esc(Path(str(model.get("path", "unknown"))).name)
-         + (" <strong>(DEMO)</strong>" if model.get("demo") else "")),
+        (
+            "Model",
+            _esc(Path(str(model.get("path", "unknown"))).name)
+            + (" <strong>(DEMO)</strong>" if model.get("demo") else ""),
+        ),
         ("Model sha256", _esc(model.get("sha256", "unknown"))),
         ("Trained on", _esc(model.get("trained_on", "unknown"))),
         ("Threshold", _esc(f"prob_idc >= {float(threshold):.4f}") if _number(threshold) is not None else "unknown"),
     ]
     if counts:
-        meta.append(("Counts", _esc(
-            f"{_counted(counts.get('patients'), 'patient')}, {_counted(counts.get('patches'), 'patch', 'patches')}, "
-            f"{counts.get('scored', '?')} scored, {counts.get('failed', '?')} failed")))
+        meta.append(
+            (
+                "Counts",
+                _esc(
+                    f"{_counted(counts.get('patients'), 'patient')}, "
+                    f"{_counted(counts.get('patches'), 'patch', 'patches')}, "
+                    f"{counts.get('scored', '?')} scored, {counts.get('failed', '?')} failed"
+                ),
+            )
+        )
     if _number(started) is not None:
         meta.append(("Run started", _esc(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(started))))))
     version = run_info.get("versions", {}).get("idc")
     if version:
         meta.append(("idc version", _esc(version)))
-    files = " ".join(link for link in (_link_if_exists(out_dir, "summary.csv", "summary.csv"),
-                                       _link_if_exists(out_dir, "run.json", "run.json")) if link)
+    files = " ".join(
+        link
+        for link in (
+            _link_if_exists(out_dir, "summary.csv", "summary.csv"),
+            _link_if_exists(out_dir, "run.json", "run.json"),
+        )
+        if link
+    )
     if files:
         meta.append(("Files", files))
     return meta
@@ -706,25 +795,43 @@ def report_html(out_dir: Path, summary_rows: list[dict], run_info: dict) -> str:
     demo = bool(run_info.get("model", {}).get("demo"))
     headline = run_info.get("model", {}).get("fraction_headline", "counted")
     headline = headline if headline in ESTIMATOR_COLUMNS else "counted"
-    headline_why = run_info.get("model", {}).get("fraction_headline_why") or "the model carries no measurement of the others"
-    headers = [("Patient", "str", "id"), ("Mosaic", None, ""), ("Patches", "num", ""), ("Scored", "num", ""),
-               ("Failed", "num", "")]
-    headers += [(ESTIMATOR_TITLES[name] + " [95% interval]", "num", "headline" if name == headline else "")
-                for name in _estimator_order(headline)]
+    headline_why = (
+        run_info.get("model", {}).get("fraction_headline_why") or "the model carries no measurement of the others"
+    )
+    headers = [
+        ("Patient", "str", "id"),
+        ("Mosaic", None, ""),
+        ("Patches", "num", ""),
+        ("Scored", "num", ""),
+        ("Failed", "num", ""),
+    ]
+    headers += [
+        (ESTIMATOR_TITLES[name] + " [95% interval]", "num", "headline" if name == headline else "")
+        for name in _estimator_order(headline)
+    ]
     headers += [("Mean prob_idc", "num", ""), ("Notes", "str", "")]
     if labelled:
-        headers += [("True IDC fraction", "num", ""), ("Sensitivity", "num", ""), ("Specificity", "num", ""),
-                    ("Balanced accuracy", "num", "")]
+        headers += [
+            ("True IDC fraction", "num", ""),
+            ("Sensitivity", "num", ""),
+            ("Specificity", "num", ""),
+            ("Balanced accuracy", "num", ""),
+        ]
     headers.append(("Files", None, "id"))
     head = "".join(_header_cell(text, kind, cls) for text, kind, cls in headers)
     body = "\n".join(_patient_row(out_dir, r, labelled, False, headline) for r in patients)
     foot = "\n".join(_patient_row(out_dir, r, labelled, True, headline) for r in cohort)
     meta = "\n".join(f"<dt>{label}</dt><dd>{value}</dd>" for label, value in _run_meta(out_dir, run_info, summary_rows))
-    demo_banner = ('<p class="demo">DEMO MODEL: trained on synthetic data. Its outputs say nothing about real '
-                   "tissue.</p>") if demo else ""
+    demo_banner = (
+        ('<p class="demo">DEMO MODEL: trained on synthetic data. Its outputs say nothing about real tissue.</p>')
+        if demo
+        else ""
+    )
     # no network: the policy allows only this page's own script and style, and images from disk
-    csp = (f"default-src 'none'; img-src 'self' file: data:; style-src {_csp_hash(_REPORT_CSS)}; "
-           f"script-src {_csp_hash(_REPORT_JS)}; base-uri 'none'; form-action 'none'")
+    csp = (
+        f"default-src 'none'; img-src 'self' file: data:; style-src {_csp_hash(_REPORT_CSS)}; "
+        f"script-src {_csp_hash(_REPORT_JS)}; base-uri 'none'; form-action 'none'"
+    )
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -744,8 +851,12 @@ for research review beside the slides.</p>
 </dl>
 <p class="headline"><strong>{_esc(ESTIMATOR_TITLES[headline])}</strong> (first column; {_esc(headline_why)}):
 {_esc(ESTIMATOR_TEXT[headline])}</p>
-<p>{"".join(f"<strong>{_esc(ESTIMATOR_TITLES[name])}</strong>: {_esc(ESTIMATOR_TEXT[name])} "
-            for name in _estimator_order(headline)[1:])}Notes say when a patient was in the model's training data,
+<p>{
+        "".join(
+            f"<strong>{_esc(ESTIMATOR_TITLES[name])}</strong>: {_esc(ESTIMATOR_TEXT[name])} "
+            for name in _estimator_order(headline)[1:]
+        )
+    }Notes say when a patient was in the model's training data,
 when its colours lie outside the training patients' and when too few patches were scored.
 Mosaics: tissue rebuilt from the patches at their slide x/y, prob_idc as a heatmap (blue 0, red 1) with
 predicted IDC outlined; beside it the ground-truth labels where the file names carry them. Click a header to sort.</p>

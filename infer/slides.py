@@ -13,14 +13,16 @@ is kept when at least ``min_tissue`` of its pixels pass the same tissue test as 
 (idc_infer.quality): glass and black padding are skipped, counted, and their area is stated.
 Memory: one band of the low-resolution level and one tile per decode worker, whatever the slide's size.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import cv2
 import numpy as np
@@ -136,15 +138,23 @@ def slide_mpp(reader: SlideReader, path: Path, override: float | None) -> tuple[
         except (TypeError, ValueError):
             continue
         if not (0.01 <= mpp_x <= 100 and 0.01 <= mpp_y <= 100):
-            raise SlideError(f"{path.name}: {keys[0]} = {values[0]!r} is not a plausible pixel size in microns; "
-                             "pass the slide's real pixel size with --mpp", STATUS_NO_MPP)
+            raise SlideError(
+                f"{path.name}: {keys[0]} = {values[0]!r} is not a plausible pixel size in microns; "
+                "pass the slide's real pixel size with --mpp",
+                STATUS_NO_MPP,
+            )
         if abs(mpp_x - mpp_y) > 0.02 * max(mpp_x, mpp_y):
-            raise SlideError(f"{path.name}: pixels are not square ({keys[0]} {mpp_x}, {keys[1]} {mpp_y}); "
-                             "idc cuts square tiles only", STATUS_NO_MPP)
+            raise SlideError(
+                f"{path.name}: pixels are not square ({keys[0]} {mpp_x}, {keys[1]} {mpp_y}); "
+                "idc cuts square tiles only",
+                STATUS_NO_MPP,
+            )
         return (mpp_x + mpp_y) / 2, f"{keys[0]} in the file"
-    raise SlideError(f"{path.name} records no pixel size ({' / '.join(k[0] for k in MPP_PROPERTIES)} missing): "
-                     "pass it with --mpp (microns per pixel of the full-resolution scan, e.g. 0.25 for 40x)",
-                     STATUS_NO_MPP)
+    raise SlideError(
+        f"{path.name} records no pixel size ({' / '.join(k[0] for k in MPP_PROPERTIES)} missing): "
+        "pass it with --mpp (microns per pixel of the full-resolution scan, e.g. 0.25 for 40x)",
+        STATUS_NO_MPP,
+    )
 
 
 def best_level(downsamples: list[float], wanted: float) -> int:
@@ -198,9 +208,11 @@ class SlideStats:
     def note(self) -> str:
         if self.error:
             return f"slide not scored: {self.error}"
-        return (f"slide at {self.mpp:.3f} um/px ({self.mpp_source}); tiles {self.tile_px_level0} px at level 0; "
-                f"{self.n_tissue_tiles} of {self.n_grid_tiles} tiles with tissue, {self.n_glass_tiles} skipped as "
-                f"glass; tissue area {self.tissue_area_mm2:.2f} mm2")
+        return (
+            f"slide at {self.mpp:.3f} um/px ({self.mpp_source}); tiles {self.tile_px_level0} px at level 0; "
+            f"{self.n_tissue_tiles} of {self.n_grid_tiles} tiles with tissue, {self.n_glass_tiles} skipped as "
+            f"glass; tissue area {self.tissue_area_mm2:.2f} mm2"
+        )
 
     def record(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -226,9 +238,12 @@ class SlideTiler:
         self.stats.mpp, self.stats.mpp_source = mpp, source
         self.tile0 = self.native_px * self.patch_mpp / mpp  # level-0 px per tile (fractional)
         if self.tile0 < self.native_px * 0.5:
-            raise SlideError(f"{self.path.name}: at {mpp} um/px a {self.native_px * self.patch_mpp:g} um tile is "
-                             f"{self.tile0:.1f} px, under half the model's {self.native_px} px patch: the scan is "
-                             "coarser than the model's training patches", STATUS_NO_MPP)
+            raise SlideError(
+                f"{self.path.name}: at {mpp} um/px a {self.native_px * self.patch_mpp:g} um tile is "
+                f"{self.tile0:.1f} px, under half the model's {self.native_px} px patch: the scan is "
+                "coarser than the model's training patches",
+                STATUS_NO_MPP,
+            )
         self.stats.tile_px_level0 = round(self.tile0)
         downsamples = self.reader.level_downsamples
         self.level = best_level(downsamples, self.tile0 / self.native_px)
@@ -329,8 +344,9 @@ class SlidePatient(Patient):
             try:
                 rgb = self.read_tile(item)
             except Exception as exc:  # noqa: BLE001 - a corrupt tile is this row's status, the slide goes on
-                return Decoded(STATUS_UNREADABLE, f"tile could not be read: {exc}", width_px=item.size,
-                               height_px=item.size)
+                return Decoded(
+                    STATUS_UNREADABLE, f"tile could not be read: {exc}", width_px=item.size, height_px=item.size
+                )
             return decode_rgb(rgb, contract, qc, width=item.size, height=item.size)
 
         return decode
@@ -338,8 +354,13 @@ class SlidePatient(Patient):
     def describe(self, item: Any) -> tuple[str, int | None, int | None, int | None, tuple[int, int] | None]:
         if isinstance(item, SlideFailure):
             return self.slide.name, None, None, None, None
-        return (f"{self.slide.name} [x={item.x},y={item.y},w={item.size},h={item.size}]", item.x, item.y, None,
-                (item.size, item.size))
+        return (
+            f"{self.slide.name} [x={item.x},y={item.y},w={item.size},h={item.size}]",
+            item.x,
+            item.y,
+            None,
+            (item.size, item.size),
+        )
 
     def input_key(self) -> str:
         """What --resume compares besides the tiles: the slide file and the tiling settings."""
@@ -356,13 +377,28 @@ class SlidePatient(Patient):
             self._tiler = None
 
 
-def slide_patients(paths: list[Path], contract: Contract, mpp_override: float | None,
-                   patch_mpp_override: float | None, min_tissue: float) -> list[SlidePatient]:
+def slide_patients(
+    paths: list[Path],
+    contract: Contract,
+    mpp_override: float | None,
+    patch_mpp_override: float | None,
+    min_tissue: float,
+) -> list[SlidePatient]:
     """One patient per slide file; SlideError when the model's scale is unknown."""
     patch_mpp = patch_mpp_override if patch_mpp_override is not None else contract.patch_mpp
     if patch_mpp is None:
-        raise SlideError("the model's contract records no patch scale (patch_mpp: exported before contract schema 3): pass "
-                         "--patch-mpp, the microns per pixel of the patches it was trained on")
-    return [SlidePatient(slide_id_of(p), slide=p, patch_mpp=float(patch_mpp), native_px=contract.native_patch_px,
-                         mpp_override=mpp_override, min_tissue=min_tissue) for p in paths]
-
+        raise SlideError(
+            "the model's contract records no patch scale (patch_mpp: exported before contract schema 3): pass "
+            "--patch-mpp, the microns per pixel of the patches it was trained on"
+        )
+    return [
+        SlidePatient(
+            slide_id_of(p),
+            slide=p,
+            patch_mpp=float(patch_mpp),
+            native_px=contract.native_patch_px,
+            mpp_override=mpp_override,
+            min_tissue=min_tissue,
+        )
+        for p in paths
+    ]

@@ -5,9 +5,9 @@ Same tissue detection and scale as ``idc-infer SLIDE``; file names in the public
 so every other command works on them and ``idc-infer`` scores them exactly as it scores the slide. Level-0
 pixels of a patch = X, Y times ``level0_px_per_patch_px`` (in idc-tile.json; ``--geojson-scale`` of idc-infer).
 """
+
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -25,16 +25,37 @@ def tile_name(slide_id: str, col: int, row: int, native_px: int) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("slides", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the tiles: one sub-folder per slide, named by its id.")
-@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Model whose contract gives the tile scale [default: the shipped model].")
-@click.option("--mpp", type=click.FloatRange(0.01, 100.0), default=None,
-              help="Microns per pixel of the full-resolution scan (overrides the file's).")
-@click.option("--patch-mpp", type=click.FloatRange(0.01, 100.0), default=None,
-              help="Microns per pixel of the tiles [default: the model's contract].")
-@click.option("--min-tissue", type=click.FloatRange(0.0, 1.0), default=None,
-              help="Share of tissue below which a tile is glass and not written [default: idc-infer's].")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the tiles: one sub-folder per slide, named by its id.",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Model whose contract gives the tile scale [default: the shipped model].",
+)
+@click.option(
+    "--mpp",
+    type=click.FloatRange(0.01, 100.0),
+    default=None,
+    help="Microns per pixel of the full-resolution scan (overrides the file's).",
+)
+@click.option(
+    "--patch-mpp",
+    type=click.FloatRange(0.01, 100.0),
+    default=None,
+    help="Microns per pixel of the tiles [default: the model's contract].",
+)
+@click.option(
+    "--min-tissue",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="Share of tissue below which a tile is glass and not written [default: idc-infer's].",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a slide's tile folder that exists already.")
 @click.version_option(__version__, prog_name="idc-tile")
 def main(slides, out_dir, model_path, mpp, patch_mpp, min_tissue, overwrite):
@@ -54,8 +75,9 @@ def main(slides, out_dir, model_path, mpp, patch_mpp, min_tissue, overwrite):
     except (ModelError, ContractError, OSError) as exc:
         raise click.BadParameter(str(exc), param_hint="--model") from None
     try:
-        patients = slide_patients(list(slides), contract, mpp, patch_mpp,
-                                  DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue)
+        patients = slide_patients(
+            list(slides), contract, mpp, patch_mpp, DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue
+        )
     except SlideError as exc:
         raise click.BadParameter(str(exc), param_hint="--patch-mpp") from None
     ids = [p.patient_id for p in patients]
@@ -95,9 +117,12 @@ def main(slides, out_dir, model_path, mpp, patch_mpp, min_tissue, overwrite):
             patient.finish()
         stats = patient.stats
         record["slides"][patient.patient_id] = stats.record() | {
-            "file": patient.slide.name, "tiles_written": written, "patch_mpp": patient.patch_mpp,
+            "file": patient.slide.name,
+            "tiles_written": written,
+            "patch_mpp": patient.patch_mpp,
             "native_patch_px": native,
-            "level0_px_per_patch_px": (stats.tile_px_level0 / native) if stats.tile_px_level0 else None}
+            "level0_px_per_patch_px": (stats.tile_px_level0 / native) if stats.tile_px_level0 else None,
+        }
         if stats.error is None:
             click.echo(f"{patient.patient_id}\t{written} tiles\t{stats.note()}")
     write_json(out_dir / "idc-tile.json", record)

@@ -13,6 +13,7 @@ cancernet-int8.onnx (only if it passed its accuracy gate), export-report.json an
 Then rewrites the README's block of shipped-model numbers from export-report.json. Exits 3 when
 int8 failed its gate (fp32 still shipped), like idc-export.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,37 +27,68 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 EXIT_INT8_GATE = 3  # idc-export: fp32 written, int8 failed its accuracy gate
 # The shipped recipe (docs/recipe.md says why): idc-train options beside data, split, epochs and seed.
-RECIPE = {"--arch": "cancernet", "--optimizer": "adam-cosine", "--augment": "idc", "--patient-weight": "none",
-          "--batch-size": "32", "--patience": "10"}
+RECIPE = {
+    "--arch": "cancernet",
+    "--optimizer": "adam-cosine",
+    "--augment": "idc",
+    "--patient-weight": "none",
+    "--batch-size": "32",
+    "--patience": "10",
+}
 README_START, README_END = "<!-- shipped-model:start -->", "<!-- shipped-model:end -->"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", type=Path)
-    parser.add_argument("--split", type=Path, default=REPO / "models" / "default-split.csv",
-                        help="patient_id,set manifest (use 'patient' for a seeded 80/10/10 patient split)")
+    parser.add_argument(
+        "--split",
+        type=Path,
+        default=REPO / "models" / "default-split.csv",
+        help="patient_id,set manifest (use 'patient' for a seeded 80/10/10 patient split)",
+    )
     parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "default-model")
     parser.add_argument("--models-dir", type=Path, default=REPO / "models")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--readme", type=Path, default=REPO / "README.md",
-                        help="README whose shipped-model block is rewritten (only when --models-dir is models/)")
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        default=REPO / "README.md",
+        help="README whose shipped-model block is rewritten (only when --models-dir is models/)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue an interrupted training run in --run-dir")
-    parser.add_argument("--export-only", action="store_true",
-                        help="skip training: export the model already in --run-dir (e.g. after idc-train --resume)")
-    parser.add_argument("--stamp-scale", action="store_true",
-                        help="no training or export: write the public set's patch scale (patch_mpp, contract schema 3) "
-                             "into the shipped files' contracts, and the new sha256 into the report, card and README")
+    parser.add_argument(
+        "--export-only",
+        action="store_true",
+        help="skip training: export the model already in --run-dir (e.g. after idc-train --resume)",
+    )
+    parser.add_argument(
+        "--stamp-scale",
+        action="store_true",
+        help="no training or export: write the public set's patch scale (patch_mpp, contract schema 3) "
+        "into the shipped files' contracts, and the new sha256 into the report, card and README",
+    )
     args = parser.parse_args()
     if args.stamp_scale:
         return stamp_scale(args.models_dir, args.readme)
 
     bin_dir = Path(sys.executable).parent
     if not args.export_only:
-        train = [str(bin_dir / "idc-train"), str(args.data_dir), "--out", str(args.run_dir), "--split",
-                 str(args.split), "--epochs", str(args.epochs), "--seed", str(args.seed),
-                 *[item for pair in RECIPE.items() for item in pair], *(["--resume"] if args.resume else [])]
+        train = [
+            str(bin_dir / "idc-train"),
+            str(args.data_dir),
+            "--out",
+            str(args.run_dir),
+            "--split",
+            str(args.split),
+            "--epochs",
+            str(args.epochs),
+            "--seed",
+            str(args.seed),
+            *[item for pair in RECIPE.items() for item in pair],
+            *(["--resume"] if args.resume else []),
+        ]
         print("+", " ".join(train), flush=True)
         subprocess.run(train, check=True)
     status = export_and_ship(args.run_dir, args.models_dir, bin_dir)
@@ -75,8 +107,11 @@ def readme_block(report: dict) -> str:
     """The README's shipped-model numbers, from the export report (and the contract inside it)."""
     prov = report["contract"]["provenance"]
     evaluation = prov.get("val_evaluation") or {}
-    lines = ["| validation fold, pooled | patches (patients) | ROC-AUC | balanced accuracy | F1 | sensitivity | "
-             "specificity | darkness baseline ROC-AUC |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| validation fold, pooled | patches (patients) | ROC-AUC | balanced accuracy | F1 | sensitivity | "
+        "specificity | darkness baseline ROC-AUC |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key, title in (("uniform_sample", "uniform sample (unbiased)"), ("all_scored_patches", "all patches")):
         m = evaluation.get(key)
         if not m:
@@ -87,23 +122,36 @@ def readme_block(report: dict) -> str:
             cells.append(f"{_fmt(m[metric])} [{_fmt(low)}-{_fmt(high)}]")
         lines.append(f"| {title} | {m['n']:,} ({m['n_patients']}) | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Threshold {report['contract']['threshold']:.3f} on the calibrated prob_idc (chosen on the "
-                 "validation patients); 95% intervals from a bootstrap over patients.")
+    lines.append(
+        f"Threshold {report['contract']['threshold']:.3f} on the calibrated prob_idc (chosen on the "
+        "validation patients); 95% intervals from a bootstrap over patients."
+    )
     fit = (report.get("calibration") or {}).get("fp32")
     if fit:
         est = fit["estimators"]
-        lines += ["", "IDC fraction per whole patient of the validation fold (leave one patient out; mean absolute "
-                  "error against the slide's true fraction, and how often the 95% interval held it):", "",
-                  "| estimator | mean abs error | max error | 95% interval coverage |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "IDC fraction per whole patient of the validation fold (leave one patient out; mean absolute "
+            "error against the slide's true fraction, and how often the 95% interval held it):",
+            "",
+            "| estimator | mean abs error | max error | 95% interval coverage |",
+            "|---|---|---|---|",
+        ]
         block = est.get("whole_patients") or est["all_validation_patients"]
         for name in ("counted", "adjusted", "expected"):
             m = block[name]
-            lines.append(f"| {name}{' (headline)' if name == est['headline'] else ''} | {_fmt(m['mae'])} | "
-                         f"{_fmt(m['max_error'])} | {_fmt(m['coverage_95'], 2)} ({m['n']} patients) |")
+            lines.append(
+                f"| {name}{' (headline)' if name == est['headline'] else ''} | {_fmt(m['mae'])} | "
+                f"{_fmt(m['max_error'])} | {_fmt(m['coverage_95'], 2)} ({m['n']} patients) |"
+            )
     files = report["files"]
     shipped = [e for e in files.values() if e["status"] == "usable"]
-    lines += ["", "Files: " + ", ".join(f"`{e['path']}` {e['size_bytes'] / 1e6:.2f} MB" for e in shipped)
-              + ("" if report.get("int8_usable") else "; int8 not shipped: it failed its accuracy gate (see the card)")]
+    lines += [
+        "",
+        "Files: "
+        + ", ".join(f"`{e['path']}` {e['size_bytes'] / 1e6:.2f} MB" for e in shipped)
+        + ("" if report.get("int8_usable") else "; int8 not shipped: it failed its accuracy gate (see the card)"),
+    ]
     return "\n".join(lines)
 
 
@@ -133,8 +181,9 @@ def stamp_scale(models_dir: Path, readme: Path) -> int:
         path = models_dir / entry["path"]
         if not path.exists():
             continue
-        contract = load_model(path, threads=1).contract.replace(patch_mpp=PUBLIC_SET_PATCH_MPP,
-                                                                 schema_version=SCHEMA_VERSION)
+        contract = load_model(path, threads=1).contract.replace(
+            patch_mpp=PUBLIC_SET_PATCH_MPP, schema_version=SCHEMA_VERSION
+        )
         rewrite_contract(path, contract)
         entry["sha256"] = sha256_of(path)
         key = "contract" if precision == "fp32" else None
@@ -152,8 +201,15 @@ def stamp_scale(models_dir: Path, readme: Path) -> int:
 def export_and_ship(run_dir: Path, models_dir: Path, bin_dir: Path) -> int:
     """idc-export --int8 into RUN_DIR/export; copy only files that passed their gates into models/."""
     export_dir = run_dir / "export"
-    export = [str(bin_dir / "idc-export"), str(run_dir / "model.keras"), "--out", str(export_dir), "--int8",
-              "--bench-threads", "2"]
+    export = [
+        str(bin_dir / "idc-export"),
+        str(run_dir / "model.keras"),
+        "--out",
+        str(export_dir),
+        "--int8",
+        "--bench-threads",
+        "2",
+    ]
     print("+", " ".join(export), flush=True)
     status = subprocess.run(export).returncode
     if status not in (0, EXIT_INT8_GATE):

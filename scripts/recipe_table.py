@@ -9,6 +9,7 @@ IDC-fraction error on whole validation patients. history.csv gives the median ep
 training, BatchNorm re-estimation and the validation pass; Keras' per-epoch line in RUN.log for
 runs of older versions, training only).
 """
+
 from __future__ import annotations
 
 import csv
@@ -37,18 +38,24 @@ def row(run: Path) -> str:
     if not times and log.exists():
         times = [float(m) for m in re.findall(r"^\d+/\d+ - (\d+)s - ", log.read_text(errors="replace"), re.M)]
     epoch_s = f"{statistics.median(times):.0f}" if times else "n/a"
-    recipe = (f"{config['arch']}, {config.get('optimizer', 'seed')} lr {config['learning_rate']:g}, "
-              f"--augment {config['augment']}, --patient-weight {config.get('patient_weight', 'none')}, "
-              f"batch {config['batch_size']}")
+    recipe = (
+        f"{config['arch']}, {config.get('optimizer', 'seed')} lr {config['learning_rate']:g}, "
+        f"--augment {config['augment']}, --patient-weight {config.get('patient_weight', 'none')}, "
+        f"batch {config['batch_size']}"
+    )
     whole = pooled.get("whole_patients", {})
-    return (f"| {run.name} | {recipe} | {len(epochs)} (best {meta['best_epoch']}) | {_cell(m, 'roc_auc')} | "
-            f"{_cell(m, 'balanced_accuracy')} | {_cell(m, 'f1')} | {m['baseline_darkness_roc_auc']:.3f} | "
-            f"{whole.get('fraction_mae', float('nan')):.3f} | {epoch_s} |")
+    return (
+        f"| {run.name} | {recipe} | {len(epochs)} (best {meta['best_epoch']}) | {_cell(m, 'roc_auc')} | "
+        f"{_cell(m, 'balanced_accuracy')} | {_cell(m, 'f1')} | {m['baseline_darkness_roc_auc']:.3f} | "
+        f"{whole.get('fraction_mae', float('nan')):.3f} | {epoch_s} |"
+    )
 
 
 def main(argv: list[str]) -> int:
-    print("| run | recipe | epochs | val ROC-AUC | val balanced accuracy | val F1 | darkness ROC-AUC | "
-          "whole-patient fraction MAE (counted) | s / epoch |")
+    print(
+        "| run | recipe | epochs | val ROC-AUC | val balanced accuracy | val F1 | darkness ROC-AUC | "
+        "whole-patient fraction MAE (counted) | s / epoch |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name in argv:
         print(row(Path(name)))

@@ -1,4 +1,5 @@
 """Shared fixtures: real data from ../shared when present, synthetic cohorts, a demo model."""
+
 from __future__ import annotations
 
 import os

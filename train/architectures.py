@@ -1,4 +1,5 @@
 """The model families of the seed projects, each with the optimizer its seed used."""
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,9 @@ def build_simple_cnn(height: int = 48, width: int = 48, channels: int = 3, class
     return keras.Model(inputs, outputs, name="simple_cnn")
 
 
-def build_transfer(height: int = 48, width: int = 48, channels: int = 3, classes: int = 2,
-                   weights: str | None = "imagenet") -> keras.Model:
+def build_transfer(
+    height: int = 48, width: int = 48, channels: int = 3, classes: int = 2, weights: str | None = "imagenet"
+) -> keras.Model:
     """MobileNetV2 backbone (ImageNet weights when they can be downloaded) + a small head.
 
     The contract feeds [0, 1] pixels; the backbone expects [-1, 1], so the rescaling lives
@@ -46,15 +48,17 @@ def build_transfer(height: int = 48, width: int = 48, channels: int = 3, classes
     inputs = keras.Input((height, width, channels), name="input")
     x = layers.Rescaling(2.0, offset=-1.0)(inputs)
     try:
-        backbone = keras.applications.MobileNetV2(input_shape=(height, width, channels), include_top=False,
-                                                  weights=weights, alpha=0.35)
+        backbone = keras.applications.MobileNetV2(
+            input_shape=(height, width, channels), include_top=False, weights=weights, alpha=0.35
+        )
     except Exception as exc:  # offline lab or air-gapped GPU box: the download fails
         if weights is None:
             raise
         log.warning("ImageNet weights could not be loaded (%s); training the backbone from scratch", exc)
         weights = None
-        backbone = keras.applications.MobileNetV2(input_shape=(height, width, channels), include_top=False,
-                                                  weights=None, alpha=0.35)
+        backbone = keras.applications.MobileNetV2(
+            input_shape=(height, width, channels), include_top=False, weights=None, alpha=0.35
+        )
     x = backbone(x)
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(0.3)(x)
@@ -65,7 +69,9 @@ def build_transfer(height: int = 48, width: int = 48, channels: int = 3, classes
     return keras.Model(inputs, outputs, name=f"transfer_mobilenetv2_{started_from}")
 
 
-def build_model(arch: str, height: int, width: int, classes: int, transfer_weights: str | None = "imagenet") -> keras.Model:
+def build_model(
+    arch: str, height: int, width: int, classes: int, transfer_weights: str | None = "imagenet"
+) -> keras.Model:
     if arch == "cancernet":
         return build_cancernet(height, width, 3, classes)
     if arch == "simple-cnn":
@@ -86,6 +92,7 @@ def make_optimizer(arch: str, learning_rate: float, epochs: int, optimizer: str 
         # the seed's Adagrad(lr, decay=lr/epochs): Keras 2 applied it every step, lr / (1 + decay * step)
         # (1e-2 falls to ~1.6e-4 after 40 epochs of the full set). Keras 3 dropped decay=, so a schedule.
         schedule = keras.optimizers.schedules.InverseTimeDecay(
-            learning_rate, decay_steps=1, decay_rate=learning_rate / max(1, epochs))
+            learning_rate, decay_steps=1, decay_rate=learning_rate / max(1, epochs)
+        )
         return keras.optimizers.Adagrad(learning_rate=schedule)
     return keras.optimizers.Adam(learning_rate=learning_rate)

@@ -1,4 +1,5 @@
 """CancerNet, as the seed tutorial describes it, built with the Functional API (exports cleanly)."""
+
 from __future__ import annotations
 
 import keras

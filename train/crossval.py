@@ -4,6 +4,7 @@ Each fold tests on its own patients, picks the threshold on the next fold's pati
 (validation) and trains on the rest, so every prediction pooled here is on a patient that
 model never saw. With few patients this says more than one held-out split.
 """
+
 from __future__ import annotations
 
 import csv
@@ -44,8 +45,9 @@ def _check_same_folds(folds_csv: Path, folds: dict[str, int]) -> None:
     with open(folds_csv, newline="", encoding="utf-8") as handle:
         previous = {row["patient_id"]: int(row["fold"]) for row in csv.DictReader(handle)}
     if previous != folds:
-        raise ValueError(f"{folds_csv} assigns patients to other folds than this data and --folds give; "
-                         "start a new --out")
+        raise ValueError(
+            f"{folds_csv} assigns patients to other folds than this data and --folds give; start a new --out"
+        )
 
 
 def pooled_metrics(rows: list[dict]) -> dict:
@@ -54,9 +56,19 @@ def pooled_metrics(rows: list[dict]) -> dict:
     probs = np.array([float(r["prob_idc"]) for r in rows])
     preds = np.array([float(r["prob_idc"]) >= float(r["threshold"]) for r in rows])
     conf = Confusion.from_labels(labels, preds)
-    result = {"n": conf.n, "roc_auc": roc_auc(labels, probs), "balanced_accuracy": conf.balanced_accuracy,
-              "sensitivity": conf.sensitivity, "specificity": conf.specificity, "f1": conf.f1,
-              "accuracy": conf.accuracy, "tp": conf.tp, "fp": conf.fp, "tn": conf.tn, "fn": conf.fn}
+    result = {
+        "n": conf.n,
+        "roc_auc": roc_auc(labels, probs),
+        "balanced_accuracy": conf.balanced_accuracy,
+        "sensitivity": conf.sensitivity,
+        "specificity": conf.specificity,
+        "f1": conf.f1,
+        "accuracy": conf.accuracy,
+        "tp": conf.tp,
+        "fp": conf.fp,
+        "tn": conf.tn,
+        "fn": conf.fn,
+    }
     if rows and all(r.get("darkness") not in (None, "") for r in rows):  # folds evaluated by older versions lack it
         result["baseline_darkness_roc_auc"] = roc_auc(labels, np.array([float(r["darkness"]) for r in rows]))
     return result
@@ -82,8 +94,10 @@ def _finished_meta(run_dir: Path, base: TrainConfig, test_patients: set[str]) ->
     wanted = {key: v for key, v in recipe_of(base).items() if key != "data_dir"}
     if recorded != wanted:
         changed = sorted(key for key in set(recorded) | set(wanted) if recorded.get(key) != wanted.get(key))
-        raise ValueError(f"{run_dir} was trained with a different recipe ({', '.join(changed)}); "
-                         "resume with the same options or start a new --out")
+        raise ValueError(
+            f"{run_dir} was trained with a different recipe ({', '.join(changed)}); "
+            "resume with the same options or start a new --out"
+        )
     if set(meta.get("split", {}).get("test", ())) != test_patients:
         raise ValueError(f"{run_dir} tested other patients than this fold; the data changed, start a new --out")
     return meta
@@ -114,25 +128,40 @@ def cross_validate(base: TrainConfig, k: int, out_dir: Path, resume: bool = Fals
         # (train() itself removes a fold's old eval-test before it writes train_meta.json)
         for stale in out_dir.glob("fold*/run/train_meta.json"):
             stale.unlink()
-    write_csv(out_dir / "folds.csv", ("patient_id", "fold"), [{"patient_id": p, "fold": f} for p, f in sorted(folds.items())])
+    write_csv(
+        out_dir / "folds.csv", ("patient_id", "fold"), [{"patient_id": p, "fold": f} for p, f in sorted(folds.items())]
+    )
     pooled: list[dict] = []
     per_fold = []
     for fold in range(k):
         fold_dir = out_dir / f"fold{fold}"
         fold_dir.mkdir(parents=True, exist_ok=True)
         manifest = fold_dir / "split-in.csv"
-        write_csv(manifest, ("patient_id", "set"), [{"patient_id": p, "set": s} for p, s in sorted(fold_split(folds, fold, k).items())])
+        write_csv(
+            manifest,
+            ("patient_id", "set"),
+            [{"patient_id": p, "set": s} for p, s in sorted(fold_split(folds, fold, k).items())],
+        )
         test_patients = {p for p, f in folds.items() if f == fold}
         log.info("fold %d/%d: test patients %s", fold + 1, k, sorted(test_patients))
         meta = _run_fold(base, fold_dir, manifest, test_patients, resume)
         with open(fold_dir / "run" / "eval-test" / "predictions.csv", newline="", encoding="utf-8") as handle:
             for row in csv.DictReader(handle):
                 pooled.append({**row, "fold": fold, "threshold": meta["threshold"]})
-        per_fold.append({"fold": fold, "threshold": meta["threshold"], "best_epoch": meta["best_epoch"],
-                         "test": meta["metrics"].get("test"), "val": meta["metrics"]["val"]})
-    write_csv(out_dir / "oof_predictions.csv", ("path", "patient_id", "label", "prob_idc", "darkness", "fold", "threshold"),
-              pooled)
-    result = {"k": k, "pooled_out_of_fold": pooled_metrics(pooled), "folds": per_fold,
-              "recipe": recipe_of(base)}
+        per_fold.append(
+            {
+                "fold": fold,
+                "threshold": meta["threshold"],
+                "best_epoch": meta["best_epoch"],
+                "test": meta["metrics"].get("test"),
+                "val": meta["metrics"]["val"],
+            }
+        )
+    write_csv(
+        out_dir / "oof_predictions.csv",
+        ("path", "patient_id", "label", "prob_idc", "darkness", "fold", "threshold"),
+        pooled,
+    )
+    result = {"k": k, "pooled_out_of_fold": pooled_metrics(pooled), "folds": per_fold, "recipe": recipe_of(base)}
     write_json(out_dir / "crossval.json", result)
     return result

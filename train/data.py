@@ -1,4 +1,5 @@
 """Labelled patch discovery and patient-level splits, as manifests (never copies of the data)."""
+
 from __future__ import annotations
 
 import csv
@@ -46,8 +47,11 @@ def _patient_of(path: Path, data_dir: Path) -> str:
     if breakhis:
         return breakhis.group("patient")
     folder = path.parent
-    if (folder.name.lower() in LABEL_DIRS and folder.parent != data_dir
-            and folder.parent.name.lower() not in SET_FOLDERS):
+    if (
+        folder.name.lower() in LABEL_DIRS
+        and folder.parent != data_dir
+        and folder.parent.name.lower() not in SET_FOLDERS
+    ):
         return folder.parent.name
     return folder.name
 
@@ -99,10 +103,14 @@ def discover_labelled(data_dir: Path) -> list[LabelledPatch]:
         log.warning("%d image(s) under %s carry no label and were left out", unlabelled, data_dir)
     folder_ids = sorted({p.patient_id for p in patches if is_class_folder_id(p.patient_id)})
     if folder_ids:
-        log.warning("patient ids of some patches could not be read from their file names (they got the class "
-                    "folder names %s): a patient-level split cannot keep those patients apart%s", ", ".join(folder_ids),
-                    "; the data has its own train/val/test folders, which --split folders keeps as the sets"
-                    if any(p.set_folder for p in patches) else "")
+        log.warning(
+            "patient ids of some patches could not be read from their file names (they got the class "
+            "folder names %s): a patient-level split cannot keep those patients apart%s",
+            ", ".join(folder_ids),
+            "; the data has its own train/val/test folders, which --split folders keeps as the sets"
+            if any(p.set_folder for p in patches)
+            else "",
+        )
     return patches
 
 
@@ -169,11 +177,15 @@ def read_split_manifest(path: Path) -> dict[str, str]:
                 if not pid:
                     raise ValueError(f"{path}, line {reader.line_num}: no patient_id; {expected}")
                 if set_name not in SET_NAMES:
-                    raise ValueError(f"{path}, line {reader.line_num}: set {row.get('set')!r} of patient {pid} is "
-                                     f"not one of {', '.join(SET_NAMES)}")
+                    raise ValueError(
+                        f"{path}, line {reader.line_num}: set {row.get('set')!r} of patient {pid} is "
+                        f"not one of {', '.join(SET_NAMES)}"
+                    )
                 if assignment.get(pid, set_name) != set_name:
-                    raise ValueError(f"{path}, line {reader.line_num}: patient {pid} is in both {assignment[pid]} and "
-                                     f"{set_name}; a patient belongs to one set")
+                    raise ValueError(
+                        f"{path}, line {reader.line_num}: patient {pid} is in both {assignment[pid]} and "
+                        f"{set_name}; a patient belongs to one set"
+                    )
                 assignment[pid] = set_name
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not a UTF-8 text file ({exc.reason}); {expected}") from None
@@ -197,8 +209,9 @@ def _examples(ids, limit: int = 10) -> str:
     return ", ".join(ids[:limit]) + (f" ... ({len(ids) - limit} more)" if len(ids) > limit else "")
 
 
-def apply_split(patches: list[LabelledPatch], assignment: dict[str, str], split_name: str = "the split"
-                ) -> dict[str, list[LabelledPatch]]:
+def apply_split(
+    patches: list[LabelledPatch], assignment: dict[str, str], split_name: str = "the split"
+) -> dict[str, list[LabelledPatch]]:
     """Patches by set of a patient -> set assignment (a manifest, a published split).
 
     Says what does not match: split patients absent from the data (warning), a set left with no
@@ -211,8 +224,10 @@ def apply_split(patches: list[LabelledPatch], assignment: dict[str, str], split_
     data_pids = {patch.patient_id for patch in patches}
     if not data_pids & set(assignment):
         split_example = f"e.g. {_examples(assignment, 3)}" if assignment else "it lists no patients"
-        raise ValueError(f"the data's patient ids do not match {split_name}: none of the {len(data_pids)} patients in "
-                         f"the data (e.g. {_examples(data_pids, 3)}) is among its {len(assignment)} ({split_example})")
+        raise ValueError(
+            f"the data's patient ids do not match {split_name}: none of the {len(data_pids)} patients in "
+            f"the data (e.g. {_examples(data_pids, 3)}) is among its {len(assignment)} ({split_example})"
+        )
     left_out: Counter = Counter()
     for patch in patches:
         name = assignment.get(patch.patient_id)
@@ -222,16 +237,32 @@ def apply_split(patches: list[LabelledPatch], assignment: dict[str, str], split_
         sets[name].append(patch)
     absent = set(assignment) - data_pids
     if absent:
-        log.warning("%d of the %d patient(s) of %s are not in the data: %s", len(absent), len(assignment), split_name,
-                    _examples(absent))
+        log.warning(
+            "%d of the %d patient(s) of %s are not in the data: %s",
+            len(absent),
+            len(assignment),
+            split_name,
+            _examples(absent),
+        )
     for name in SET_NAMES:
         if not sets[name]:
             listed = sum(1 for set_name in assignment.values() if set_name == name)
-            log.warning("the %s set is empty: %s", name, f"none of the {listed} {name} patient(s) of {split_name} "
-                        "is in the data" if listed else f"{split_name} puts no patient in it")
+            log.warning(
+                "the %s set is empty: %s",
+                name,
+                f"none of the {listed} {name} patient(s) of {split_name} is in the data"
+                if listed
+                else f"{split_name} puts no patient in it",
+            )
     if left_out:
-        log.warning("%d of the %d patient(s) in the data (%d patches) are not in %s and were left out: %s",
-                    len(left_out), len(data_pids), sum(left_out.values()), split_name, _examples(left_out))
+        log.warning(
+            "%d of the %d patient(s) in the data (%d patches) are not in %s and were left out: %s",
+            len(left_out),
+            len(data_pids),
+            sum(left_out.values()),
+            split_name,
+            _examples(left_out),
+        )
     return sets
 
 
@@ -243,11 +274,16 @@ def folder_split(patches: list[LabelledPatch]) -> tuple[dict[str, list[LabelledP
     sets: dict[str, list[LabelledPatch]] = {name: [] for name in SET_NAMES}
     outside = [patch for patch in patches if patch.set_folder is None]
     if len(outside) == len(patches):
-        raise ValueError("--split folders needs the data in train/, val/ and test/ folders (each holding class "
-                         "folders or Kaggle-named patches); this data has none: use --split patient")
+        raise ValueError(
+            "--split folders needs the data in train/, val/ and test/ folders (each holding class "
+            "folders or Kaggle-named patches); this data has none: use --split patient"
+        )
     if outside:
-        log.warning("%d patch(es) lie outside the train/val/test folders and were left out (e.g. %s)", len(outside),
-                    outside[0].path)
+        log.warning(
+            "%d patch(es) lie outside the train/val/test folders and were left out (e.g. %s)",
+            len(outside),
+            outside[0].path,
+        )
     folders_of: dict[str, set[str]] = defaultdict(set)
     for patch in patches:
         if patch.set_folder is not None:
@@ -258,8 +294,12 @@ def folder_split(patches: list[LabelledPatch]) -> tuple[dict[str, list[LabelledP
             log.warning("the %s set is empty: the data has no %s/ folder with labelled patches", name, name)
     leaking = sorted(pid for pid, names in folders_of.items() if len(names) > 1 and not is_class_folder_id(pid))
     if leaking:
-        log.warning("%d patient(s) have patches in more than one of the train/val/test folders (%s): the dataset's "
-                    "own split leaks them, so its metrics are inflated", len(leaking), _examples(leaking))
+        log.warning(
+            "%d patient(s) have patches in more than one of the train/val/test folders (%s): the dataset's "
+            "own split leaks them, so its metrics are inflated",
+            len(leaking),
+            _examples(leaking),
+        )
     return sets, {pid: "+".join(sorted(names)) for pid, names in sorted(folders_of.items())}
 
 
@@ -276,24 +316,33 @@ def published_split(name: str) -> dict[str, str]:
     return assignment
 
 
-def random_patch_split(patches: list[LabelledPatch], seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> dict[str, list[LabelledPatch]]:
+def random_patch_split(
+    patches: list[LabelledPatch], seed: int = 0, fractions=(0.8, 0.1, 0.1)
+) -> dict[str, list[LabelledPatch]]:
     """The seed tutorial's per-patch split: leaks patients across sets (kept only to reproduce it)."""
     log.warning(LEAKY_WARNING)
     shuffled = list(patches)
     random.Random(seed).shuffle(shuffled)
     n_train = round(len(shuffled) * fractions[0])
     n_val = round(len(shuffled) * fractions[1])
-    return {"train": shuffled[:n_train], "val": shuffled[n_train : n_train + n_val], "test": shuffled[n_train + n_val :]}
+    return {
+        "train": shuffled[:n_train],
+        "val": shuffled[n_train : n_train + n_val],
+        "test": shuffled[n_train + n_val :],
+    }
 
 
 def check_split(split: str) -> None:
     """ValueError unless ``split`` is a known method or an existing manifest file."""
     if split not in SPLIT_METHODS and not Path(split).is_file():
-        raise ValueError(f"--split {split!r} is neither a split method nor an existing manifest file; "
-                         f"choose {SPLIT_CHOICES_TEXT}")
+        raise ValueError(
+            f"--split {split!r} is neither a split method nor an existing manifest file; choose {SPLIT_CHOICES_TEXT}"
+        )
 
 
-def resolve_split(split: str, patches: list[LabelledPatch], seed: int = 0) -> tuple[dict[str, list[LabelledPatch]], dict[str, str]]:
+def resolve_split(
+    split: str, patches: list[LabelledPatch], seed: int = 0
+) -> tuple[dict[str, list[LabelledPatch]], dict[str, str]]:
     """Sets of patches for a --split value, and the patient assignment (empty for random-patch)."""
     check_split(split)
     if split == "random-patch":
@@ -303,11 +352,15 @@ def resolve_split(split: str, patches: list[LabelledPatch], seed: int = 0) -> tu
     if split == "patient":
         if any(patch.set_folder for patch in patches):
             if all(is_class_folder_id(patch.patient_id) for patch in patches):
-                raise ValueError("--split patient needs patient ids, and the file names of this data carry none (they "
-                                 "lie in train/val/test and class folders): use --split folders to keep the dataset's "
-                                 "own sets")
-            log.warning("the data comes in its own train/val/test folders; --split patient ignores them and splits "
-                        "the patients anew (--split folders keeps the dataset's sets)")
+                raise ValueError(
+                    "--split patient needs patient ids, and the file names of this data carry none (they "
+                    "lie in train/val/test and class folders): use --split folders to keep the dataset's "
+                    "own sets"
+                )
+            log.warning(
+                "the data comes in its own train/val/test folders; --split patient ignores them and splits "
+                "the patients anew (--split folders keeps the dataset's sets)"
+            )
         assignment = patient_split(counts_by_patient(patches), seed=seed)
         return apply_split(patches, assignment, "the patient split"), assignment
     if split in PUBLISHED_SPLITS:
@@ -315,8 +368,11 @@ def resolve_split(split: str, patches: list[LabelledPatch], seed: int = 0) -> tu
         data_pids = {patch.patient_id for patch in patches}
         sets = apply_split(patches, assignment, f"the published split {split}")
         if patches and set(assignment) - data_pids:
-            log.warning("some patients of %s are missing from the data: results are not on the same folds as the "
-                        "published numbers and cannot be compared with them", split)
+            log.warning(
+                "some patients of %s are missing from the data: results are not on the same folds as the "
+                "published numbers and cannot be compared with them",
+                split,
+            )
         return sets, assignment
     assignment = read_split_manifest(Path(split))
     return apply_split(patches, assignment, f"the split manifest {split}"), assignment

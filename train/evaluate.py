@@ -4,6 +4,7 @@ Both model kinds are fed by the infer-side decoder and streaming scorer, so an e
 is judged by the same code that runs in the lab. Writes metrics.json, report.txt,
 predictions.csv (one row per patch) and plots.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,15 @@ from idc_infer.engine import score_paths
 from idc_infer.files import RESEARCH_NOTICE, atomic_path, write_csv, write_json
 from idc_infer.metrics import classification_metrics, patient_bootstrap, roc_auc
 
-from .data import LEAKY_WARNING, LabelledPatch, SampleDesign, discover_labelled, published_split, read_sample_design, resolve_split
+from .data import (
+    LEAKY_WARNING,
+    LabelledPatch,
+    SampleDesign,
+    discover_labelled,
+    published_split,
+    read_sample_design,
+    resolve_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +81,9 @@ class Scores:
     examples: dict[str, list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
 
 
-def score_patches(scorer, patches: list[LabelledPatch], threshold: float, batch_size: int = 128, threads: int = 2) -> Scores:
+def score_patches(
+    scorer, patches: list[LabelledPatch], threshold: float, batch_size: int = 128, threads: int = 2
+) -> Scores:
     by_path = {p.path: p for p in patches}
     scores = Scores()
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -93,16 +104,19 @@ def score_patches(scorer, patches: list[LabelledPatch], threshold: float, batch_
     return scores
 
 
-def pooled_with_intervals(labels, probs, darkness, patient_ids, threshold: float,
-                          n_boot: int = BOOTSTRAP_REPLICATES) -> dict:
+def pooled_with_intervals(
+    labels, probs, darkness, patient_ids, threshold: float, n_boot: int = BOOTSTRAP_REPLICATES
+) -> dict:
     """Pooled metrics at ``threshold`` plus the darkness baseline, each with a 95% interval from a
     bootstrap over patients (the between-patient spread, not only patch sampling)."""
     labels, probs, darkness = np.asarray(labels), np.asarray(probs), np.asarray(darkness)
 
     def statistic(index):
         m = classification_metrics(labels[index], probs[index], threshold)
-        return {**{k: m[k] for k in INTERVAL_KEYS[:-1]},
-                "baseline_darkness_roc_auc": roc_auc(labels[index], darkness[index])}
+        return {
+            **{k: m[k] for k in INTERVAL_KEYS[:-1]},
+            "baseline_darkness_roc_auc": roc_auc(labels[index], darkness[index]),
+        }
 
     metrics = classification_metrics(labels, probs, threshold)
     metrics["baseline_darkness_roc_auc"] = roc_auc(labels, darkness)
@@ -123,14 +137,19 @@ def honest_metrics(scores: Scores, threshold: float, design: SampleDesign) -> di
     if design.uniform:
         pick = np.array([Path(p) in design.uniform for p in scores.paths], dtype=bool)
         if pick.any():
-            result["uniform_sample"] = pooled_with_intervals(labels[pick], probs[pick], darkness[pick], pids[pick],
-                                                             threshold)
+            result["uniform_sample"] = pooled_with_intervals(
+                labels[pick], probs[pick], darkness[pick], pids[pick], threshold
+            )
     fractions = per_patient_fractions(scores, threshold)
     whole = [row for row in fractions if row["patient_id"] in design.whole_patients]
     if whole:
         errors = [abs(r["predicted_idc_fraction"] - r["true_idc_fraction"]) for r in whole]
-        result["whole_patients"] = {"n_patients": len(whole), "fraction_mae": float(np.mean(errors)),
-                                    "fraction_max_error": float(np.max(errors)), "patients": whole}
+        result["whole_patients"] = {
+            "n_patients": len(whole),
+            "fraction_mae": float(np.mean(errors)),
+            "fraction_max_error": float(np.max(errors)),
+            "patients": whole,
+        }
     return result
 
 
@@ -147,8 +166,14 @@ def per_patient_fractions(scores: Scores, threshold: float) -> list[dict]:
     for pid, items in sorted(groups.items()):
         labels = np.array([l for l, _ in items])
         preds = np.array([p >= threshold for _, p in items])
-        rows.append({"patient_id": pid, "n": len(items), "true_idc_fraction": float(labels.mean()),
-                     "predicted_idc_fraction": float(preds.mean())})
+        rows.append(
+            {
+                "patient_id": pid,
+                "n": len(items),
+                "true_idc_fraction": float(labels.mean()),
+                "predicted_idc_fraction": float(preds.mean()),
+            }
+        )
     return rows
 
 
@@ -161,29 +186,47 @@ def format_honest(honest: dict, same_as_published: bool) -> list[str]:
         sections.insert(0, ("uniform sample of each patient (unbiased)", honest["uniform_sample"]))
     for title, m in sections:
         lines.append(f"  {title}: {m['n']} patches ({m['n_idc']} IDC) of {m['n_patients']} patients")
-        for key, label in (("roc_auc", "ROC-AUC"), ("balanced_accuracy", "balanced accuracy"), ("f1", "F1 (IDC)"),
-                           ("sensitivity", "sensitivity"), ("specificity", "specificity"),
-                           ("baseline_darkness_roc_auc", "darkness baseline ROC-AUC")):
+        for key, label in (
+            ("roc_auc", "ROC-AUC"),
+            ("balanced_accuracy", "balanced accuracy"),
+            ("f1", "F1 (IDC)"),
+            ("sensitivity", "sensitivity"),
+            ("specificity", "specificity"),
+            ("baseline_darkness_roc_auc", "darkness baseline ROC-AUC"),
+        ):
             lines.append(f"    {label:<28} {_interval_text(m, key)}")
     whole = honest.get("whole_patients")
     if whole:
-        lines.append(f"  whole patients (every patch of the slide): IDC fraction mean absolute error "
-                     f"{whole['fraction_mae']:.4f}, max {whole['fraction_max_error']:.4f} over {whole['n_patients']} patients")
+        lines.append(
+            f"  whole patients (every patch of the slide): IDC fraction mean absolute error "
+            f"{whole['fraction_mae']:.4f}, max {whole['fraction_max_error']:.4f} over {whole['n_patients']} patients"
+        )
     head = honest.get("uniform_sample", honest["all_scored_patches"])
     lines += ["", f"published results (patch level, on {PUBLISHED_ON}):", f"  {'':<30} {'F1':>8} {'BAC':>8}"]
     for name, ref in PUBLISHED.items():
         lines.append(f"  {name:<30} {ref['f1']:>8.4f} {ref['balanced_accuracy']:>8.4f}")
-    lines.append(f"  {'this model':<30} {head['f1']:>8.4f} {head['balanced_accuracy']:>8.4f}"
-                 + ("" if same_as_published else "   (other patients than the published ones: for scale only, "
-                                                  "not a comparison)"))
+    lines.append(
+        f"  {'this model':<30} {head['f1']:>8.4f} {head['balanced_accuracy']:>8.4f}"
+        + ("" if same_as_published else "   (other patients than the published ones: for scale only, not a comparison)")
+    )
     return lines
 
 
-def format_report(metrics: dict, baseline_auc: float, patients: list[dict], model_name: str, split: str,
-                  set_name: str, failed: int, honest: dict | None = None, same_as_published: bool = False) -> str:
+def format_report(
+    metrics: dict,
+    baseline_auc: float,
+    patients: list[dict],
+    model_name: str,
+    split: str,
+    set_name: str,
+    failed: int,
+    honest: dict | None = None,
+    same_as_published: bool = False,
+) -> str:
     m = metrics
     lines = [
-        f"idc evaluation of {model_name} on " + (f"the {set_name} set ({split} split)" if split else "all labelled patches")
+        f"idc evaluation of {model_name} on "
+        + (f"the {set_name} set ({split} split)" if split else "all labelled patches")
         + f" -- {RESEARCH_NOTICE}",
         f"patches: {m['n']} ({m['n_idc']} IDC), not scored: {failed}; threshold {m['threshold']:.3f}",
         *([f"WARNING: {LEAKY_WARNING}"] if split == "random-patch" else []),
@@ -194,28 +237,50 @@ def format_report(metrics: dict, baseline_auc: float, patients: list[dict], mode
         f"  IDC          {m['fn']:>12}   {m['tp']:>8}",
         "",
     ]
-    for key, label in (("accuracy", "accuracy"), ("sensitivity", "sensitivity (IDC recall)"),
-                       ("specificity", "specificity (non-IDC recall)"), ("balanced_accuracy", "balanced accuracy"),
-                       ("precision", "precision (IDC)"), ("f1", "F1 (IDC)"), ("roc_auc", "ROC-AUC")):
+    for key, label in (
+        ("accuracy", "accuracy"),
+        ("sensitivity", "sensitivity (IDC recall)"),
+        ("specificity", "specificity (non-IDC recall)"),
+        ("balanced_accuracy", "balanced accuracy"),
+        ("precision", "precision (IDC)"),
+        ("f1", "F1 (IDC)"),
+        ("roc_auc", "ROC-AUC"),
+    ):
         lines.append(f"  {label:<30} {m[key]:.4f}")
-    lines.append(f"  {'baseline: darkness ROC-AUC':<30} {baseline_auc:.4f}   (1 - mean intensity; a CNN should beat it)")
+    lines.append(
+        f"  {'baseline: darkness ROC-AUC':<30} {baseline_auc:.4f}   (1 - mean intensity; a CNN should beat it)"
+    )
     if honest:
         lines += format_honest(honest, same_as_published)
     if patients:
         mae = float(np.mean([abs(p["predicted_idc_fraction"] - p["true_idc_fraction"]) for p in patients]))
         known = any(p.get("whole_patient") is not None for p in patients)
-        lines += ["", f"per patient IDC fraction (mean absolute error {mae:.4f} over all listed patients"
-                  + ("; only whole patients' true fraction is the slide's, the others' is the picker's)" if known else ")"),
-                  f"  {'patient':<12} {'n':>6} {'true':>8} {'predicted':>10}" + ("  whole" if known else "")]
+        lines += [
+            "",
+            f"per patient IDC fraction (mean absolute error {mae:.4f} over all listed patients"
+            + ("; only whole patients' true fraction is the slide's, the others' is the picker's)" if known else ")"),
+            f"  {'patient':<12} {'n':>6} {'true':>8} {'predicted':>10}" + ("  whole" if known else ""),
+        ]
         for p in patients:
-            lines.append(f"  {p['patient_id']:<12} {p['n']:>6} {p['true_idc_fraction']:>8.3f} {p['predicted_idc_fraction']:>10.3f}"
-                         + (("    yes" if p.get("whole_patient") else "     no") if known else ""))
+            lines.append(
+                f"  {p['patient_id']:<12} {p['n']:>6} {p['true_idc_fraction']:>8.3f} "
+                f"{p['predicted_idc_fraction']:>10.3f}"
+                + (("    yes" if p.get("whole_patient") else "     no") if known else "")
+            )
     return "\n".join(lines) + "\n"
 
 
-def evaluate(model_path: Path, data_dir: Path, out_dir: Path, split: str | None = None, set_name: str = "test",
-             threshold: float | None = None, history_csv: Path | None = None, seed: int = 0,
-             patches: list[LabelledPatch] | None = None) -> dict:
+def evaluate(
+    model_path: Path,
+    data_dir: Path,
+    out_dir: Path,
+    split: str | None = None,
+    set_name: str = "test",
+    threshold: float | None = None,
+    history_csv: Path | None = None,
+    seed: int = 0,
+    patches: list[LabelledPatch] | None = None,
+) -> dict:
     """Score the chosen patients, write metrics.json, report.txt and the plots; return the metrics."""
     from . import plots
 
@@ -236,25 +301,50 @@ def evaluate(model_path: Path, data_dir: Path, out_dir: Path, split: str | None 
     for row in patients:
         row["whole_patient"] = row["patient_id"] in design.whole_patients if design.whole_patients else None
     honest = honest_metrics(scores, threshold, design)
-    same_as_published = set(scores.patient_ids) == {pid for pid, s in published_split("janowczyk2016").items()
-                                                    if s == "test"}
+    same_as_published = set(scores.patient_ids) == {
+        pid for pid, s in published_split("janowczyk2016").items() if s == "test"
+    }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = format_report(metrics, baseline_auc, patients, Path(model_path).name, split, set_name,
-                           len(scores.failed), honest, same_as_published)
+    report = format_report(
+        metrics,
+        baseline_auc,
+        patients,
+        Path(model_path).name,
+        split,
+        set_name,
+        len(scores.failed),
+        honest,
+        same_as_published,
+    )
     with atomic_path(out_dir / "report.txt") as handle:
         handle.write(report)
     mae = float(np.mean([abs(p["predicted_idc_fraction"] - p["true_idc_fraction"]) for p in patients]))
-    payload = {"model": str(model_path), "data_dir": str(data_dir), "split": split, "set": set_name,
-               "metrics": metrics, "baseline_darkness_roc_auc": baseline_auc, "per_patient": patients,
-               "per_patient_fraction_mae": mae, "not_scored": scores.failed, "notice": RESEARCH_NOTICE}
+    payload = {
+        "model": str(model_path),
+        "data_dir": str(data_dir),
+        "split": split,
+        "set": set_name,
+        "metrics": metrics,
+        "baseline_darkness_roc_auc": baseline_auc,
+        "per_patient": patients,
+        "per_patient_fraction_mae": mae,
+        "not_scored": scores.failed,
+        "notice": RESEARCH_NOTICE,
+    }
     payload["pooled"] = honest
     payload["published"] = {"results": PUBLISHED, "on": PUBLISHED_ON, "same_patients": same_as_published}
     write_json(out_dir / "metrics.json", payload)
-    write_csv(out_dir / "predictions.csv", ("path", "patient_id", "label", "prob_idc", "darkness"),
-              [{"path": p, "patient_id": pid, "label": l, "prob_idc": prob, "darkness": dark}
-               for p, pid, l, prob, dark in zip(scores.paths, scores.patient_ids, scores.labels, scores.probs,
-                                                scores.darkness)])
+    write_csv(
+        out_dir / "predictions.csv",
+        ("path", "patient_id", "label", "prob_idc", "darkness"),
+        [
+            {"path": p, "patient_id": pid, "label": l, "prob_idc": prob, "darkness": dark}
+            for p, pid, l, prob, dark in zip(
+                scores.paths, scores.patient_ids, scores.labels, scores.probs, scores.darkness
+            )
+        ],
+    )
     plots.roc_plot(out_dir / "roc.png", scores.labels, scores.probs, scores.darkness, metrics)
     plots.confusion_plot(out_dir / "confusion.png", metrics)
     plots.examples_grid(out_dir / "examples.png", scores.examples)
@@ -262,5 +352,7 @@ def evaluate(model_path: Path, data_dir: Path, out_dir: Path, split: str | None 
     if history_csv.exists():
         plots.training_curves(out_dir / "curves.png", history_csv)
     if not math.isnan(baseline_auc) and not math.isnan(metrics["roc_auc"]) and metrics["roc_auc"] <= baseline_auc:
-        log.warning("the model (ROC-AUC %.3f) does not beat the darkness baseline (%.3f)", metrics["roc_auc"], baseline_auc)
+        log.warning(
+            "the model (ROC-AUC %.3f) does not beat the darkness baseline (%.3f)", metrics["roc_auc"], baseline_auc
+        )
     return payload

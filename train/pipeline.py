@@ -1,4 +1,5 @@
 """tf.data input: decode and preprocess patches exactly as the contract says (TF side)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -107,26 +108,35 @@ def augment_hed(image: tf.Tensor, contract: Contract, seed: tf.Tensor) -> tf.Ten
     return unit * (hi - lo) + lo
 
 
-
-
 def seed_geometric_augmenter(seed: int = 0):
     """The seed tutorial's ImageDataGenerator: rotation 20 deg, zoom 0.05, shifts 0.1, shear 0.05,
     flips, fill 'nearest' -- as Keras preprocessing layers, applied to whole batches in tf.data."""
     import keras
     from keras import layers
 
-    return keras.Sequential([
-        layers.RandomFlip("horizontal_and_vertical", seed=seed),
-        layers.RandomRotation(20 / 360, fill_mode="nearest", seed=seed),
-        layers.RandomZoom(0.05, fill_mode="nearest", seed=seed),
-        layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", seed=seed),
-        layers.RandomShear(0.05, 0.05, fill_mode="nearest", seed=seed),
-    ], name="seed_augmentation")
+    return keras.Sequential(
+        [
+            layers.RandomFlip("horizontal_and_vertical", seed=seed),
+            layers.RandomRotation(20 / 360, fill_mode="nearest", seed=seed),
+            layers.RandomZoom(0.05, fill_mode="nearest", seed=seed),
+            layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", seed=seed),
+            layers.RandomShear(0.05, 0.05, fill_mode="nearest", seed=seed),
+        ],
+        name="seed_augmentation",
+    )
 
 
 def make_dataset(
-    paths: list[str], labels: list[int], contract: Contract, batch_size: int, *, shuffle: bool = False,
-    augment_images: bool | str = False, seed: int = 0, cache: bool = True, weights: list[float] | None = None,
+    paths: list[str],
+    labels: list[int],
+    contract: Contract,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    augment_images: bool | str = False,
+    seed: int = 0,
+    cache: bool = True,
+    weights: list[float] | None = None,
 ) -> tf.data.Dataset:
     """Batched (image, one-hot label[, weight]) dataset; decoded patches cached once, shuffled and augmented
     per epoch. ``weights``: a per-patch training weight (class and patient weighting), yielded third.
@@ -150,8 +160,9 @@ def make_dataset(
         ds = ds.map(lambda p, y: (decode_resized(p, contract), tf.one_hot(y, n_classes)), num_parallel_calls=AUTOTUNE)
     else:
         ds = tf.data.Dataset.from_tensor_slices((paths, labels, np.asarray(weights, dtype=np.float32)))
-        ds = ds.map(lambda p, y, w: (decode_resized(p, contract), tf.one_hot(y, n_classes), w),
-                    num_parallel_calls=AUTOTUNE)
+        ds = ds.map(
+            lambda p, y, w: (decode_resized(p, contract), tf.one_hot(y, n_classes), w), num_parallel_calls=AUTOTUNE
+        )
     if cache:
         ds = ds.cache()  # uint8: the full public set is ~1.9 GB decoded
     if shuffle:
@@ -162,11 +173,13 @@ def make_dataset(
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds)).map(
             lambda xy, s: (per_patch(to_model_input(xy[0], contract), contract, s), *xy[1:]),
-            num_parallel_calls=AUTOTUNE)
+            num_parallel_calls=AUTOTUNE,
+        )
         ds = ds.batch(batch_size)
     else:
-        ds = ds.batch(batch_size).map(lambda x, *rest: (to_model_input(x, contract), *rest),
-                                      num_parallel_calls=AUTOTUNE)
+        ds = ds.batch(batch_size).map(
+            lambda x, *rest: (to_model_input(x, contract), *rest), num_parallel_calls=AUTOTUNE
+        )
     if mode in ("seed", "both"):
         geometric = seed_geometric_augmenter(seed)
         ds = ds.map(lambda x, *rest: (geometric(x, training=True), *rest), num_parallel_calls=AUTOTUNE)

@@ -1,4 +1,5 @@
 """Evaluation plots as PNG files: ROC curve, confusion matrix, training curves, example patches."""
+
 from __future__ import annotations
 
 import csv
@@ -27,8 +28,13 @@ def roc_plot(path: Path, labels, probs, baseline_scores, metrics: dict) -> None:
     bfpr, btpr, _ = roc_curve(labels, baseline_scores)
     ax.plot(bfpr, btpr, "--", label="darkness baseline")
     ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.scatter([1 - metrics["specificity"]], [metrics["sensitivity"]], color="black", zorder=3,
-               label=f"threshold {metrics['threshold']:.2f}")
+    ax.scatter(
+        [1 - metrics["specificity"]],
+        [metrics["sensitivity"]],
+        color="black",
+        zorder=3,
+        label=f"threshold {metrics['threshold']:.2f}",
+    )
     ax.set_xlabel("1 - specificity (non-IDC called IDC)")
     ax.set_ylabel("sensitivity (IDC found)")
     ax.set_title("ROC, positive class = IDC")
@@ -41,8 +47,15 @@ def confusion_plot(path: Path, metrics: dict) -> None:
     fig, ax = plt.subplots(figsize=(4, 3.6))
     ax.imshow(matrix, cmap="Blues")
     for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, str(value), ha="center", va="center",
-                color="white" if value > matrix.max() / 2 else "black", fontsize=12)
+        ax.text(
+            j,
+            i,
+            str(value),
+            ha="center",
+            va="center",
+            color="white" if value > matrix.max() / 2 else "black",
+            fontsize=12,
+        )
     ax.set_xticks([0, 1], ["non-IDC", "IDC"])
     ax.set_yticks([0, 1], ["non-IDC", "IDC"])
     ax.set_xlabel("predicted")
@@ -61,8 +74,12 @@ def training_curves(path: Path, history_csv: Path) -> None:
     # val_idc_loss and val_roc_auc are measured after BatchNormalization is re-estimated, on the
     # weights that are kept; Keras' own val_loss/val_accuracy come before it, so they are a fallback
     val_loss_key = "val_idc_loss" if "val_idc_loss" in rows[0] else "val_loss"
-    curves = [(loss_ax, "loss", "training loss"), (loss_ax, val_loss_key, "validation loss"),
-              (acc_ax, "accuracy", "training accuracy"), (acc_ax, "val_roc_auc", "validation ROC-AUC")]
+    curves = [
+        (loss_ax, "loss", "training loss"),
+        (loss_ax, val_loss_key, "validation loss"),
+        (acc_ax, "accuracy", "training accuracy"),
+        (acc_ax, "val_roc_auc", "validation ROC-AUC"),
+    ]
     if "val_roc_auc" not in rows[0]:
         curves.append((acc_ax, "val_accuracy", "validation accuracy"))
     for ax, key, label in curves:
@@ -81,8 +98,12 @@ def training_curves(path: Path, history_csv: Path) -> None:
 
 def examples_grid(path: Path, examples: dict[str, list[np.ndarray]]) -> None:
     """Rows of true/false positives and negatives, as the transfer-learning seed shows them."""
-    kinds = [("TP", "IDC, called IDC"), ("TN", "non-IDC, called non-IDC"),
-             ("FP", "non-IDC, called IDC"), ("FN", "IDC, called non-IDC")]
+    kinds = [
+        ("TP", "IDC, called IDC"),
+        ("TN", "non-IDC, called non-IDC"),
+        ("FP", "non-IDC, called IDC"),
+        ("FN", "IDC, called non-IDC"),
+    ]
     columns = max([len(v) for v in examples.values()] + [1])
     fig, axes = plt.subplots(len(kinds), columns, figsize=(1.1 * columns + 1.6, 1.2 * len(kinds)), squeeze=False)
     for row, (kind, title) in enumerate(kinds):

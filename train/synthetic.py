@@ -5,6 +5,7 @@ IDC region (a disc) holds dense, dark, enlarged purple nuclei; elsewhere sparse 
 on pink stroma and pale fat. Edge patches of the slide are cut short (undersized), as in the
 real set. Deterministic from the seed. numpy + cv2 only: no TensorFlow.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -18,9 +19,9 @@ import numpy as np
 PATCH_PX = 50
 SYNTHETIC_MARKER = "IDC_SYNTHETIC_DATA.txt"  # training on a root holding this marks the model demo
 
-STROMA_RGB = np.array([232, 178, 206], dtype=np.float32)   # eosin pink
-FAT_RGB = np.array([246, 238, 244], dtype=np.float32)      # pale, almost white
-NUCLEUS_RGB = np.array([92, 52, 140], dtype=np.float32)    # haematoxylin purple
+STROMA_RGB = np.array([232, 178, 206], dtype=np.float32)  # eosin pink
+FAT_RGB = np.array([246, 238, 244], dtype=np.float32)  # pale, almost white
+NUCLEUS_RGB = np.array([92, 52, 140], dtype=np.float32)  # haematoxylin purple
 IDC_NUCLEUS_RGB = np.array([64, 30, 110], dtype=np.float32)
 
 
@@ -60,7 +61,11 @@ def _patient_rng(seed: int, patient_id: str) -> np.random.Generator:
 
 
 def write_patient(
-    root: Path, patient_id: str, seed: int = 0, grid: int = 6, idc_radius: float | None = None,
+    root: Path,
+    patient_id: str,
+    seed: int = 0,
+    grid: int = 6,
+    idc_radius: float | None = None,
     undersized_edge: bool = True,
 ) -> list[SyntheticPatch]:
     """Write one patient's patches under ``root/<pid>/<0|1>/``; returns what was written."""
@@ -85,11 +90,15 @@ def write_patient(
     return written
 
 
-def write_cohort(root: Path, n_patients: int = 6, seed: int = 0, grid: int = 6, first_id: int = 90001) -> list[SyntheticPatch]:
+def write_cohort(
+    root: Path, n_patients: int = 6, seed: int = 0, grid: int = 6, first_id: int = 90001
+) -> list[SyntheticPatch]:
     """A cohort of synthetic patients, ids ``first_id``..; a few patients have no IDC at all."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    (root / SYNTHETIC_MARKER).write_text("Synthetic patches written by idc-synth; models trained on them are demo models.\n")
+    (root / SYNTHETIC_MARKER).write_text(
+        "Synthetic patches written by idc-synth; models trained on them are demo models.\n"
+    )
     patches: list[SyntheticPatch] = []
     for i in range(n_patients):
         pid = str(first_id + i)

@@ -3,6 +3,7 @@
 Writes RUN_DIR/model.keras, split.csv, history.csv and train_meta.json (what export puts
 into the contract: data, split, threshold chosen on validation patients, metrics).
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -19,9 +20,9 @@ from idc_infer.contract import PUBLIC_SET_PATCH_MPP, Contract
 from idc_infer.files import write_json
 from idc_infer.metrics import best_balanced_threshold, classification_metrics
 
-from .synthetic import SYNTHETIC_MARKER
-from .options import PATIENT_WEIGHTS
 from .data import counts_by_patient, discover_labelled, resolve_split, write_split_manifest
+from .options import PATIENT_WEIGHTS
+from .synthetic import SYNTHETIC_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ class TrainConfig:
     min_epochs: int = 3
     augment: str = "idc"  # "idc", "hed" (stain jitter), "seed" (the tutorial's), "both" or "none"
     optimizer: str = "seed"  # "seed": the arch's seed optimizer; "adam-cosine": Adam, cosine decay to 0 over the epochs
-    patient_weight: str = "none"  # how much each patient weighs: "none" (each patch 1), "sqrt" (1/sqrt n), "equal" (1/n)
+    patient_weight: str = (
+        "none"  # how much each patient weighs: "none" (each patch 1), "sqrt" (1/sqrt n), "equal" (1/n)
+    )
     early_stopping: str = "val-auc"  # what patience counts and which epoch is kept: "val-auc" or "val-loss"
     arch: str = "cancernet"
     resume: bool = False
@@ -138,8 +141,9 @@ def validation_loss(labels, probs_idc) -> float:
     return float(-np.mean(np.log(np.clip(p_true, 1e-7, 1.0))))
 
 
-def _make_auc_callback(val_ds, val_labels, bn_ds, patience: int, min_epochs: int, state_dir: Path, resume: bool,
-                       monitor: str = "val-auc"):
+def _make_auc_callback(
+    val_ds, val_labels, bn_ds, patience: int, min_epochs: int, state_dir: Path, resume: bool, monitor: str = "val-auc"
+):
     import json
 
     import keras
@@ -161,8 +165,10 @@ def _make_auc_callback(val_ds, val_labels, bn_ds, patience: int, min_epochs: int
             if resume and state_file.exists() and best_weights_file.exists():
                 saved = json.loads(state_file.read_text())
                 if saved.get("monitor", "val-auc") != monitor:
-                    raise TrainingDataError(f"the run was started with --early-stopping {saved.get('monitor', 'val-auc')}; "
-                                     f"resume it with the same setting, not {monitor}")
+                    raise TrainingDataError(
+                        f"the run was started with --early-stopping {saved.get('monitor', 'val-auc')}; "
+                        f"resume it with the same setting, not {monitor}"
+                    )
                 self.best_score, self.best_epoch, self.wait = saved["best_score"], saved["best_epoch"], saved["wait"]
 
         def on_epoch_end(self, epoch, logs=None):
@@ -185,8 +191,10 @@ def _make_auc_callback(val_ds, val_labels, bn_ds, patience: int, min_epochs: int
                 self.wait += 1
                 if self.wait >= patience and epoch + 1 >= min_epochs:
                     self.model.stop_training = True
-            write_json(state_file, {"best_score": self.best_score, "best_epoch": self.best_epoch, "wait": self.wait,
-                                    "monitor": monitor})
+            write_json(
+                state_file,
+                {"best_score": self.best_score, "best_epoch": self.best_epoch, "wait": self.wait, "monitor": monitor},
+            )
 
         def on_train_end(self, logs=None):
             if best_weights_file.exists():
@@ -223,8 +231,9 @@ def _strategy(name: str):
         return tf.distribute.MirroredStrategy()
     if name == "multiworker":
         if not os.environ.get("TF_CONFIG"):
-            raise TrainingDataError("--distribute multiworker needs TF_CONFIG (the cluster and this worker's task); "
-                                    "see the README")
+            raise TrainingDataError(
+                "--distribute multiworker needs TF_CONFIG (the cluster and this worker's task); see the README"
+            )
         return tf.distribute.MultiWorkerMirroredStrategy()
     raise ValueError(f"unknown --distribute {name!r}")
 
@@ -241,8 +250,20 @@ def is_chief(strategy) -> bool:
 
 
 # what --resume must find unchanged (anything else, e.g. --epochs to train longer, may change)
-RESUME_KEYS = ("data_dir", "split", "arch", "batch_size", "seed", "learning_rate", "augment", "early_stopping",
-               "distribute", "transfer_weights", "optimizer", "patient_weight")
+RESUME_KEYS = (
+    "data_dir",
+    "split",
+    "arch",
+    "batch_size",
+    "seed",
+    "learning_rate",
+    "augment",
+    "early_stopping",
+    "distribute",
+    "transfer_weights",
+    "optimizer",
+    "patient_weight",
+)
 
 
 def _check_resumable(run_dir: Path, config_record: dict, assignment: dict) -> None:
@@ -250,8 +271,10 @@ def _check_resumable(run_dir: Path, config_record: dict, assignment: dict) -> No
 
     started = run_dir / "run_config.json"
     if not started.exists():
-        raise TrainingDataError(f"{run_dir} has no run_config.json: it was not started by this version of idc-train, "
-                                "so it cannot be resumed safely; start a new --out")
+        raise TrainingDataError(
+            f"{run_dir} has no run_config.json: it was not started by this version of idc-train, "
+            "so it cannot be resumed safely; start a new --out"
+        )
     previous = json.loads(started.read_text(encoding="utf-8"))
 
     def same(key: str) -> bool:
@@ -264,11 +287,15 @@ def _check_resumable(run_dir: Path, config_record: dict, assignment: dict) -> No
     keys = RESUME_KEYS + (("epochs",) if config_record.get("optimizer") == "adam-cosine" else ())
     changed = [key for key in keys if not same(key)]
     if changed:
-        raise TrainingDataError(f"{run_dir} was started with other settings ({', '.join(changed)}); resume with the "
-                                "same options or start a new --out")
+        raise TrainingDataError(
+            f"{run_dir} was started with other settings ({', '.join(changed)}); resume with the "
+            "same options or start a new --out"
+        )
     if previous["split"] != assignment:
-        raise TrainingDataError(f"the split of {run_dir} assigned patients differently (the data or the manifest "
-                                "changed); resuming would mix test patients into training: start a new --out")
+        raise TrainingDataError(
+            f"the split of {run_dir} assigned patients differently (the data or the manifest "
+            "changed); resuming would mix test patients into training: start a new --out"
+        )
 
 
 def _use_mixed_precision(requested: bool | None) -> bool:
@@ -287,9 +314,9 @@ def describe_data(data_dir: Path, counts: dict[str, tuple[int, int]], synthetic:
 def train(config: TrainConfig, contract: Contract | None = None) -> dict:
     """Train, pick the threshold on validation patients, evaluate on test patients, write RUN_DIR."""
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    import keras
-
     import shutil
+
+    import keras
 
     from .architectures import build_model, make_optimizer
     from .pipeline import make_dataset
@@ -318,13 +345,21 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
         assignment = {pid: "+".join(sorted(names)) for pid, names in assignment.items()}
     for name in ("train", "val", "test"):
         n1 = sum(p.label for p in sets[name])
-        log.info("%s set: %d patients, %d patches (%d non-IDC, %d IDC)", name,
-                 len({p.patient_id for p in sets[name]}), len(sets[name]), len(sets[name]) - n1, n1)
+        log.info(
+            "%s set: %d patients, %d patches (%d non-IDC, %d IDC)",
+            name,
+            len({p.patient_id for p in sets[name]}),
+            len(sets[name]),
+            len(sets[name]) - n1,
+            n1,
+        )
     for name in ("train", "val"):
         labels = {p.label for p in sets[name]}
         if labels != {0, 1}:
-            raise TrainingDataError(f"the {name} set needs patches of both classes, has {sorted(labels)}; "
-                                    "give more patients or another --split")
+            raise TrainingDataError(
+                f"the {name} set needs patches of both classes, has {sorted(labels)}; "
+                "give more patients or another --split"
+            )
     record = config_record(config)
     if config.resume:
         _check_resumable(run_dir, record, assignment)
@@ -338,8 +373,16 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
     train_paths, train_labels = arrays("train")
     val_paths, val_labels = arrays("val")
     weights = patch_weights(train_labels, [p.patient_id for p in sets["train"]], config.patient_weight)
-    train_ds = make_dataset(train_paths, train_labels, contract, config.batch_size, shuffle=True,
-                            augment_images=config.augment, seed=config.seed, weights=weights)
+    train_ds = make_dataset(
+        train_paths,
+        train_labels,
+        contract,
+        config.batch_size,
+        shuffle=True,
+        augment_images=config.augment,
+        seed=config.seed,
+        weights=weights,
+    )
     bn_ds = make_dataset(train_paths, train_labels, contract, 64, shuffle=True, seed=config.seed + 1)
     val_ds = make_dataset(val_paths, val_labels, contract, 256)
 
@@ -347,10 +390,20 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     log.info("training %s on %d replica(s), mixed precision %s", config.arch, strategy.num_replicas_in_sync, mixed)
     with strategy.scope():
-        model = build_model(config.arch, contract.input_height_px, contract.input_width_px, len(contract.class_names),
-                            transfer_weights=config.transfer_weights)
-        optimizer = make_optimizer(config.arch, config.learning_rate, config.epochs, config.optimizer,
-                                   steps_per_epoch=math.ceil(len(train_paths) / config.batch_size))
+        model = build_model(
+            config.arch,
+            contract.input_height_px,
+            contract.input_width_px,
+            len(contract.class_names),
+            transfer_weights=config.transfer_weights,
+        )
+        optimizer = make_optimizer(
+            config.arch,
+            config.learning_rate,
+            config.epochs,
+            config.optimizer,
+            steps_per_epoch=math.ceil(len(train_paths) / config.batch_size),
+        )
         model.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=["accuracy"])
 
     state_dir = run_dir / "checkpoints"
@@ -358,8 +411,16 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
         shutil.rmtree(state_dir, ignore_errors=True)
         (run_dir / "history.csv").unlink(missing_ok=True)
     state_dir.mkdir(parents=True, exist_ok=True)
-    best = _make_auc_callback(val_ds, val_labels, bn_ds, config.patience, config.min_epochs, state_dir, config.resume,
-                              monitor=config.early_stopping)
+    best = _make_auc_callback(
+        val_ds,
+        val_labels,
+        bn_ds,
+        config.patience,
+        config.min_epochs,
+        state_dir,
+        config.resume,
+        monitor=config.early_stopping,
+    )
     callbacks = [
         keras.callbacks.BackupAndRestore(str(state_dir / "backup"), delete_checkpoint=False),  # every epoch
         best,
@@ -368,16 +429,31 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
     ]
     # Keras' own validation pass fails on a last batch that does not split evenly across replicas;
     # the ROC-AUC callback's predict() handles it, so distributed runs rely on that alone.
-    model.fit(train_ds, validation_data=val_ds if strategy.num_replicas_in_sync == 1 else None, epochs=config.epochs,
-              callbacks=callbacks, verbose=2,  # class and patient weights: the dataset's third element
-              shuffle=False)  # tf.data shuffles already
-    backbone_weights = {"imagenet": "imagenet", "file": f"weights file {config.transfer_weights}"}.get(
-        model.name.rsplit("_", 1)[-1], "none (trained from scratch)") if config.arch == "transfer" else None
+    model.fit(
+        train_ds,
+        validation_data=val_ds if strategy.num_replicas_in_sync == 1 else None,
+        epochs=config.epochs,
+        callbacks=callbacks,
+        verbose=2,  # class and patient weights: the dataset's third element
+        shuffle=False,
+    )  # tf.data shuffles already
+    backbone_weights = (
+        {"imagenet": "imagenet", "file": f"weights file {config.transfer_weights}"}.get(
+            model.name.rsplit("_", 1)[-1], "none (trained from scratch)"
+        )
+        if config.arch == "transfer"
+        else None
+    )
     keras.mixed_precision.set_global_policy("float32")
     if mixed:  # the exported model runs on CPUs: save a float32 copy of the (float32) weights
         weights = model.get_weights()
-        model = build_model(config.arch, contract.input_height_px, contract.input_width_px, len(contract.class_names),
-                            transfer_weights=None)
+        model = build_model(
+            config.arch,
+            contract.input_height_px,
+            contract.input_width_px,
+            len(contract.class_names),
+            transfer_weights=None,
+        )
         model.set_weights(weights)
 
     val_probs = predict_prob_idc(model, val_ds)
@@ -409,8 +485,9 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
         "config": record,
         "arch": config.arch,
         "patch_mpp": config.patch_mpp,
-        "early_stopping": (f"{config.early_stopping}, patience {config.patience}" if config.patience
-                           else "off: the last epoch is kept"),
+        "early_stopping": (
+            f"{config.early_stopping}, patience {config.patience}" if config.patience else "off: the last epoch is kept"
+        ),
         "replicas": strategy.num_replicas_in_sync,
         "mixed_precision": mixed,
         "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -428,14 +505,29 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
 
     # the validation patients judged as a reader should judge them: uniform-sample pooled metrics with
     # patient-bootstrap intervals, whole-patient fraction errors, the darkness baseline (eval-val/)
-    val_eval = evaluate(run_dir / "model.keras", config.data_dir, run_dir / "eval-val", split=str(config.split),
-                        set_name="val", seed=config.seed, patches=sets["val"])
+    val_eval = evaluate(
+        run_dir / "model.keras",
+        config.data_dir,
+        run_dir / "eval-val",
+        split=str(config.split),
+        set_name="val",
+        seed=config.seed,
+        patches=sets["val"],
+    )
     meta["val_evaluation"] = {key: value for key, value in val_eval["pooled"].items()}
     if "whole_patients" in meta["val_evaluation"]:
-        meta["val_evaluation"]["whole_patients"] = {k: v for k, v in val_eval["pooled"]["whole_patients"].items()
-                                                    if k != "patients"}
+        meta["val_evaluation"]["whole_patients"] = {
+            k: v for k, v in val_eval["pooled"]["whole_patients"].items() if k != "patients"
+        }
     write_json(run_dir / "train_meta.json", meta)
     if sets["test"]:
-        evaluate(run_dir / "model.keras", config.data_dir, run_dir / "eval-test", split=str(config.split),
-                 set_name="test", seed=config.seed, patches=sets["test"])
+        evaluate(
+            run_dir / "model.keras",
+            config.data_dir,
+            run_dir / "eval-test",
+            split=str(config.split),
+            set_name="test",
+            seed=config.seed,
+            patches=sets["test"],
+        )
     return meta

@@ -1,4 +1,5 @@
 """Export: the contract is in the file and read back by infer; the parity gate bites."""
+
 import json
 
 import numpy as np
@@ -34,12 +35,15 @@ def test_opset_is_a_choice_recorded_in_the_contract(demo_run, tmp_path):
     from idc_export.cli import main
 
     out = tmp_path / "op13.onnx"
-    result = CliRunner().invoke(main, [str(demo_run / "model.keras"), "--out", str(out), "--opset", "13",
-                                       "--parity-data", str(SAMPLE_PATIENT)])
+    result = CliRunner().invoke(
+        main, [str(demo_run / "model.keras"), "--out", str(out), "--opset", "13", "--parity-data", str(SAMPLE_PATIENT)]
+    )
     assert result.exit_code == 0, result.output
     assert load_model(out).contract.provenance["export"]["opset"] == 13
     assert {o.domain: o.version for o in onnx.load(str(out)).opset_import}[""] == 13
-    too_new = CliRunner().invoke(main, [str(demo_run / "model.keras"), "--out", str(tmp_path / "x.onnx"), "--opset", "19"])
+    too_new = CliRunner().invoke(
+        main, [str(demo_run / "model.keras"), "--out", str(tmp_path / "x.onnx"), "--opset", "19"]
+    )
     assert too_new.exit_code == 2 and "19" in too_new.output and not (tmp_path / "x.onnx").exists()
 
 

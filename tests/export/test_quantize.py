@@ -1,4 +1,5 @@
 """int8 export: both precisions from the demo model, the contract survives quantization, the accuracy gate bites."""
+
 import json
 import math
 from pathlib import Path
@@ -14,7 +15,12 @@ from click.testing import CliRunner  # noqa: E402
 
 from idc_export.cli import EXIT_INT8_GATE, main  # noqa: E402
 from idc_export.quantize import (  # noqa: E402
-    QuantSettings, accuracy_gate, balanced_sample, candidate_settings, even_batch_size, float_nodes,
+    QuantSettings,
+    accuracy_gate,
+    balanced_sample,
+    candidate_settings,
+    even_batch_size,
+    float_nodes,
 )
 from idc_infer.contract import Contract  # noqa: E402
 from idc_infer.model import load_model, sha256_of  # noqa: E402
@@ -23,8 +29,18 @@ from idc_train.data import LabelledPatch  # noqa: E402
 from ..conftest import SAMPLE_PATIENT  # noqa: E402
 
 # one cheap recipe: the tests check the plumbing and the gate, not which recipe wins
-FAST = ["--activation-type", "uint8", "--calibration-method", "minmax", "--weight-range", "reduced",
-        "--bench-seconds", "0.1", "--calibration-patches", "32"]
+FAST = [
+    "--activation-type",
+    "uint8",
+    "--calibration-method",
+    "minmax",
+    "--weight-range",
+    "reduced",
+    "--bench-seconds",
+    "0.1",
+    "--calibration-patches",
+    "32",
+]
 
 
 def run_export(*args):
@@ -79,8 +95,16 @@ def test_directory_export_writes_both_precisions_report_and_card(good_export):
     for entry in report["files"].values():
         assert entry["throughput_patches_per_s"] > 0
     card = (out / "MODEL_CARD.md").read_text()
-    for needle in ("RESEARCH USE ONLY", "cancernet-fp32.onnx", "cancernet-int8.onnx", "patches/s",
-                   "int8 accuracy gate: PASSED", "DEMO MODEL", "## Limits", "## Intended use"):
+    for needle in (
+        "RESEARCH USE ONLY",
+        "cancernet-fp32.onnx",
+        "cancernet-int8.onnx",
+        "patches/s",
+        "int8 accuracy gate: PASSED",
+        "DEMO MODEL",
+        "## Limits",
+        "## Intended use",
+    ):
         assert needle in card
 
 
@@ -115,7 +139,11 @@ def test_contract_survives_quantization_and_is_read_by_infer(good_export):
     assert prov["metrics"] == fp32.provenance["metrics"]
     export = prov["export"]
     assert export["precision"] == "int8" and fp32.provenance["export"]["precision"] == "fp32"
-    assert (export["activation_type"], export["calibration_method"], export["reduce_range"]) == ("uint8", "minmax", True)
+    assert (export["activation_type"], export["calibration_method"], export["reduce_range"]) == (
+        "uint8",
+        "minmax",
+        True,
+    )
     assert export["calibration_patches"] > 0 and export["fp32_sha256"] == sha256_of(out / "cancernet-fp32.onnx")
     assert any("Softmax" in name for name in export["nodes_left_in_float"])
     gate = prov["quantization_gate_results"]
@@ -125,8 +153,17 @@ def test_contract_survives_quantization_and_is_read_by_infer(good_export):
 def test_gate_rejects_black_calibration_and_says_why(demo_run, gate_cohort, black_cohort, good_export, tmp_path):
     # a usable int8 file from an earlier export sits in the directory: it must not survive a failed gate
     (tmp_path / "cancernet-int8.onnx").write_bytes((good_export[0] / "cancernet-int8.onnx").read_bytes())
-    result = run_export(demo_run / "model.keras", "--out", tmp_path, "--int8", "--calibration", black_cohort,
-                        "--gate-data", gate_cohort, *FAST)
+    result = run_export(
+        demo_run / "model.keras",
+        "--out",
+        tmp_path,
+        "--int8",
+        "--calibration",
+        black_cohort,
+        "--gate-data",
+        gate_cohort,
+        *FAST,
+    )
     assert result.exit_code == EXIT_INT8_GATE, result.output
     assert "INT8 ACCURACY GATE FAILED" in result.stderr
     assert "ROC-AUC dropped" in result.stderr or "balanced accuracy" in result.stderr

@@ -1,4 +1,5 @@
 """idc-infer driven as a user drives it: files written, exit codes, messages."""
+
 import csv
 import json
 import shutil
@@ -63,7 +64,9 @@ def test_summary_fractions_agree_with_rows(tmp_path, demo_onnx):
         low, high = float(summary[pid]["idc_fraction_ci95_low"]), float(summary[pid]["idc_fraction_ci95_high"])
         assert low <= n_idc / len(scored) <= high
     assert summary["faulty"]["n_failed"] == "4"
-    assert int(summary["(cohort)"]["n_patches"]) == sum(int(summary[p]["n_patches"]) for p in summary if p != "(cohort)")
+    assert int(summary["(cohort)"]["n_patches"]) == sum(
+        int(summary[p]["n_patches"]) for p in summary if p != "(cohort)"
+    )
     run_info = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run_info["counts"]["skipped_files"] == 3  # .DS_Store, Thumbs.db, readme.txt
     assert run_info["model"]["demo"] is True
@@ -223,12 +226,20 @@ def test_resume_redoes_patients_finished_with_other_review_settings(tmp_path, de
 
 
 def test_verbose_logs_what_it_does(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "idc_infer", str(SAMPLE_PATIENT), "--out", str(tmp_path / "o"),
-                           "--no-review", "-v"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "idc_infer", str(SAMPLE_PATIENT), "--out", str(tmp_path / "o"), "--no-review", "-v"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "1 patient(s) to score" in proc.stderr and "patient 10253: 11 patches, 0 failed" in proc.stderr
-    quiet = subprocess.run([sys.executable, "-m", "idc_infer", str(SAMPLE_PATIENT), "--out", str(tmp_path / "q"),
-                            "--no-review", "-q"], capture_output=True, text=True, timeout=120)
+    quiet = subprocess.run(
+        [sys.executable, "-m", "idc_infer", str(SAMPLE_PATIENT), "--out", str(tmp_path / "q"), "--no-review", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert quiet.returncode == 0 and "patient 10253: 11 patches" not in quiet.stderr
 
 
@@ -378,10 +389,18 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_writes(tmp_path
     from idc_infer.files import folder_lock
 
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from idc_infer.files import folder_lock\n"
-        f"with folder_lock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from pathlib import Path; from idc_infer.files import folder_lock\n"
+                f"with folder_lock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         busy = run([SAMPLE_PATIENT, "--out", out])
@@ -420,7 +439,9 @@ def test_benign_and_malignant_folders_are_labels_not_patients(tmp_path):
         (patient / folder).mkdir(parents=True)
         for source in sorted((SAMPLE_PATIENT / label).glob("*.png")):
             # names without the Kaggle pattern: the label can only come from the folder
-            shutil.copy(source, patient / folder / (source.name.replace("10253_idx5_", "patch_").split("_class")[0] + ".png"))
+            shutil.copy(
+                source, patient / folder / (source.name.replace("10253_idx5_", "patch_").split("_class")[0] + ".png")
+            )
     assert run([patient, "--out", tmp_path / "o", "--no-review"]).exit_code == 0
     [row] = read_csv(tmp_path / "o" / "summary.csv")
     assert row["patient_id"] == "P1" and row["n_labelled"] == "11" and row["true_idc_fraction"] != ""

@@ -1,4 +1,5 @@
 """The model shipped in models/: a real (not demo) model whose contract says what it is and how good it is."""
+
 import csv
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -39,8 +40,11 @@ def test_shipped_model_is_real_and_documented(shipped):
 def test_shipped_model_reproduces_its_validation_metrics_on_the_real_patches(shipped, real_data):
     """The uniform-sample validation patches give the ROC-AUC the contract reports (calibration is monotone)."""
     val_patients = set(shipped.contract.provenance["split_patients"]["val"])
-    rows = [r for r in csv.DictReader(open(real_data / "manifest.csv"))
-            if r["patient_id"] in val_patients and r["uniform_sample"] == "1"]
+    rows = [
+        r
+        for r in csv.DictReader(open(real_data / "manifest.csv"))
+        if r["patient_id"] in val_patients and r["uniform_sample"] == "1"
+    ]
     assert {r["label"] for r in rows} == {"0", "1"}
     labels = {real_data / r["path"]: int(r["label"]) for r in rows}
     with ThreadPoolExecutor(2) as pool:
@@ -59,8 +63,19 @@ def test_real_whole_patient_gets_corrected_fractions_and_training_patients_a_not
     val_patient = "9022"  # whole patient of the validation fold (517 patches)
     train_patient = sorted(shipped.contract.training_patients)[0]
     out = tmp_path / "reports"
-    result = CliRunner().invoke(main, [str(real_data / val_patient), str(real_data / train_patient),
-                                       "--model", str(shipped.path), "--out", str(out), "--no-review", "-q"])
+    result = CliRunner().invoke(
+        main,
+        [
+            str(real_data / val_patient),
+            str(real_data / train_patient),
+            "--model",
+            str(shipped.path),
+            "--out",
+            str(out),
+            "--no-review",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = {r["patient_id"]: r for r in csv.DictReader(open(out / "summary.csv", newline=""))}
     val = rows[val_patient]

@@ -1,4 +1,5 @@
 """Patient discovery as a user meets it: which patients are found, how many patches each, what is skipped."""
+
 import csv
 import json
 import logging
@@ -99,7 +100,8 @@ def test_patient_dirs_with_extra_folders_stay_one_patient(tmp_path, extra):
         (tmp_path / "90001" / extra / "more.png").write_bytes(SAMPLE_PATHS[0].read_bytes())
     n_extra = 1 if extra == "rescan" else 0
     assert found(patients_from_dirs([tmp_path / "90001", flat])) == {
-        "90001": len(labelled) + n_extra, "10253": len(SAMPLE_PATHS) + 1,
+        "90001": len(labelled) + n_extra,
+        "10253": len(SAMPLE_PATHS) + 1,
     }
 
 
@@ -168,8 +170,9 @@ def test_list_line_with_nul_byte_does_not_stop_discovery(tmp_path):
 def test_duplicate_list_lines_do_not_inflate_the_report(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"{p}\n{p}\n" for p in SAMPLE_PATHS), encoding="utf-8")
-    result = CliRunner().invoke(main, ["--from-list", str(listing), "--out", str(tmp_path / "out"), "--no-review"],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(
+        main, ["--from-list", str(listing), "--out", str(tmp_path / "out"), "--no-review"], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
     with open(tmp_path / "out" / "10253.csv", newline="", encoding="utf-8") as handle:
         assert len(list(csv.DictReader(handle))) == len(SAMPLE_PATHS)

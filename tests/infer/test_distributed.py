@@ -1,4 +1,5 @@
 """idc-infer --dask: the same reports as one machine, faults survived, resumable."""
+
 import csv
 import json
 import os
@@ -6,11 +7,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from distributed import Client, LocalCluster, WorkerPlugin
 
 from idc_infer.cli import main
 from idc_train.synthetic import write_cohort, write_faulty_files
-
-from distributed import Client, LocalCluster, WorkerPlugin
 
 # files whose bytes differ between any two runs (timings, the lock holder's pid)
 RUN_SPECIFIC = {"run.json", "report.html", ".idc-lock"}
@@ -26,8 +26,11 @@ def read_csv(path):
 
 
 def outputs(out: Path) -> dict[str, bytes]:
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name not in RUN_SPECIFIC}
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name not in RUN_SPECIFIC
+    }
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +106,8 @@ def test_a_worker_killed_mid_patient_is_retried_and_every_row_arrives(cohort, si
 
 
 def test_a_patient_that_kills_every_worker_gets_worker_failed_rows_and_resume_finishes_it(
-        cohort, single_machine, cluster, tmp_path):
+    cohort, single_machine, cluster, tmp_path
+):
     out = tmp_path / "out"
     with Client(cluster) as client:
         client.register_plugin(DieOn("90003", str(tmp_path / "died"), always=True))

@@ -1,7 +1,8 @@
 import csv
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from idc_infer.files import FORMULA_PREFIXES, atomic_path, neutralise_cell, safe_file_stem, write_csv
 
@@ -25,7 +26,7 @@ def test_non_utf8_file_name_does_not_crash_a_report(tmp_path):
 
 def test_formula_file_name_is_inert_in_csv(tmp_path):
     target = tmp_path / "r.csv"
-    write_csv(target, ["path"], [{"path": "=HYPERLINK(\"http://x\").png"}])
+    write_csv(target, ["path"], [{"path": '=HYPERLINK("http://x").png'}])
     rows = list(csv.reader(target.open()))
     assert rows[1][0].startswith("'=")
 
@@ -81,7 +82,11 @@ def test_carriage_return_in_a_name_stays_inside_its_cell(tmp_path):
 
     from idc_infer.files import write_csv
 
-    write_csv(tmp_path / "s.csv", ("patient_id", "n"), [{"patient_id": "p\r=HYPERLINK(1)", "n": 3}, {"patient_id": "q", "n": 4}])
+    write_csv(
+        tmp_path / "s.csv",
+        ("patient_id", "n"),
+        [{"patient_id": "p\r=HYPERLINK(1)", "n": 3}, {"patient_id": "q", "n": 4}],
+    )
     with open(tmp_path / "s.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     assert rows == [["patient_id", "n"], ["p\r=HYPERLINK(1)", "3"], ["q", "4"]]

@@ -1,4 +1,5 @@
 """Ctrl-C mid-run leaves no half report, and --resume then gives the bytes of a clean run."""
+
 import os
 import signal
 import subprocess
@@ -16,8 +17,19 @@ RESULT_FILES = ("summary.csv",)
 def test_sigint_then_resume_matches_clean_run(tmp_path, demo_onnx):
     cohort = tmp_path / "cohort"
     write_cohort(cohort, n_patients=12, seed=4, grid=12)  # 144 patches a patient
-    command = [sys.executable, "-m", "idc_infer", str(cohort), "--model", str(demo_onnx), "--batch-size", "8",
-               "--threads", "1", "-q"]
+    command = [
+        sys.executable,
+        "-m",
+        "idc_infer",
+        str(cohort),
+        "--model",
+        str(demo_onnx),
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+        "-q",
+    ]
     clean = subprocess.run(command + ["--out", str(tmp_path / "clean")], capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr
 

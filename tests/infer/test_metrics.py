@@ -2,7 +2,8 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from idc_infer.metrics import Confusion, best_balanced_threshold, classification_metrics, roc_auc, wilson_interval
 
@@ -13,8 +14,8 @@ def test_hand_computed_confusion_matrix():
     preds = [1, 1, 1, 0, 1, 0, 0, 0, 0, 0]
     c = Confusion.from_labels(labels, preds)
     assert (c.tp, c.fn, c.fp, c.tn) == (3, 1, 1, 5)
-    assert c.sensitivity == pytest.approx(3 / 4)   # IDC found
-    assert c.specificity == pytest.approx(5 / 6)   # non-IDC kept
+    assert c.sensitivity == pytest.approx(3 / 4)  # IDC found
+    assert c.specificity == pytest.approx(5 / 6)  # non-IDC kept
     assert c.precision == pytest.approx(3 / 4)
     assert c.balanced_accuracy == pytest.approx((3 / 4 + 5 / 6) / 2)
     assert c.f1 == pytest.approx(2 * 3 / (2 * 3 + 1 + 1))

@@ -1,5 +1,6 @@
 """A model must output class probabilities: logits or NaN graphs are refused at load, and a
 non-finite output on one patch makes that patch's row model_error, never ok."""
+
 import csv
 
 import numpy as np
@@ -16,8 +17,10 @@ from idc_infer.model import ModelError, load_model  # noqa: E402
 def _tiny_model(path, ending: str, provenance=None):
     """NHWC 48x48x3 -> flatten -> MatMul (2 outputs) -> softmax | logits | NaN."""
     weights = np.random.default_rng(0).normal(0, 0.01, (48 * 48 * 3, 2)).astype(np.float32)
-    nodes = [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
-             helper.make_node("MatMul", ["flat", "w"], ["logits"])]
+    nodes = [
+        helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+    ]
     initializers = [numpy_helper.from_array(weights, "w")]
     if ending == "softmax":
         nodes.append(helper.make_node("Softmax", ["logits"], ["prob"], axis=1))
@@ -25,16 +28,26 @@ def _tiny_model(path, ending: str, provenance=None):
         nodes.append(helper.make_node("Mul", ["logits", "k"], ["prob"]))
         initializers.append(numpy_helper.from_array(np.array(50.0, np.float32), "k"))
     else:  # nan: softmax * (0 / 0)
-        nodes += [helper.make_node("Softmax", ["logits"], ["soft"], axis=1),
-                  helper.make_node("Div", ["zero", "zero"], ["nan"]),
-                  helper.make_node("Mul", ["soft", "nan"], ["prob"])]
+        nodes += [
+            helper.make_node("Softmax", ["logits"], ["soft"], axis=1),
+            helper.make_node("Div", ["zero", "zero"], ["nan"]),
+            helper.make_node("Mul", ["soft", "nan"], ["prob"]),
+        ]
         initializers.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 48, 48, 3])],
-                              [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [None, 2])], initializers)
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 48, 48, 3])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [None, 2])],
+        initializers,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     entry = model.metadata_props.add()
-    entry.key, entry.value = CONTRACT_KEY, Contract(provenance={"demo": True} if provenance is None else provenance).to_json()
+    entry.key, entry.value = (
+        CONTRACT_KEY,
+        Contract(provenance={"demo": True} if provenance is None else provenance).to_json(),
+    )
     onnx.save(model, str(path))
     return path
 
@@ -44,8 +57,7 @@ def test_a_probability_model_loads(tmp_path):
     assert model.contract.calibration is None
 
 
-@pytest.mark.parametrize("ending,message", [("logits", "does not output class probabilities"),
-                                            ("nan", "non-finite")])
+@pytest.mark.parametrize("ending,message", [("logits", "does not output class probabilities"), ("nan", "non-finite")])
 def test_logits_or_nan_model_is_refused_naming_the_file(tmp_path, ending, message):
     path = _tiny_model(tmp_path / f"{ending}.onnx", ending)
     with pytest.raises(ModelError, match=message) as info:
@@ -89,7 +101,8 @@ def test_a_contract_without_provenance_is_announced_as_unverified_not_synthetic(
     from idc_infer.cli import main
 
     path = _tiny_model(tmp_path / "bare.onnx", "softmax", provenance={})
-    result = CliRunner().invoke(main, [str(shared_sample), "--model", str(path), "--out", str(tmp_path / "o"),
-                                       "--no-review"])
+    result = CliRunner().invoke(
+        main, [str(shared_sample), "--model", str(path), "--out", str(tmp_path / "o"), "--no-review"]
+    )
     assert result.exit_code == 0, result.output
     assert "UNVERIFIED MODEL" in result.output and "synthetic" not in result.output

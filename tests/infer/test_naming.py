@@ -1,6 +1,7 @@
 from pathlib import Path
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from idc_infer.naming import is_candidate_image, label_from_parent, parse_patch_name, patient_dir_of
 

@@ -1,4 +1,5 @@
 """idc-infer --precision: the shipped file is chosen by timing on this machine, cached, and recorded."""
+
 import json
 
 import pytest
@@ -39,7 +40,11 @@ def test_auto_takes_int8_only_when_it_is_clearly_faster_and_caches_it(pair):
     fp32, int8 = pair
     measure, calls = _fake({"fp32": 1000.0, "int8": 1300.0})
     model, record = precision.choose(fp32, int8, 2, load_model, measure)
-    assert model.path == int8 and record["chosen"] == "int8" and record["patches_per_s"] == {"fp32": 1000.0, "int8": 1300.0}
+    assert (
+        model.path == int8
+        and record["chosen"] == "int8"
+        and record["patches_per_s"] == {"fp32": 1000.0, "int8": 1300.0}
+    )
     assert not record["cached"] and calls == [["fp32", "int8"]]
 
     def never(models, batch):
@@ -75,8 +80,18 @@ def test_real_timing_gives_rates_and_run_json_records_the_choice(tmp_path, monke
 
 
 def test_precision_with_model_is_a_usage_error(tmp_path):
-    result = CliRunner().invoke(main, [str(SAMPLE_PATIENT), "--out", str(tmp_path / "o"), "--precision", "fp32",
-                                       "--model", str(default_model_path())])
+    result = CliRunner().invoke(
+        main,
+        [
+            str(SAMPLE_PATIENT),
+            "--out",
+            str(tmp_path / "o"),
+            "--precision",
+            "fp32",
+            "--model",
+            str(default_model_path()),
+        ],
+    )
     assert result.exit_code == 2 and "--precision fp32" in result.output and "--model" in result.output
 
 

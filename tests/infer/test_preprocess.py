@@ -99,7 +99,6 @@ def test_oversized_png_is_refused_from_its_header_without_decoding(tmp_path, mon
 
 
 def test_permission_error_is_reported_in_the_row(tmp_path, monkeypatch):
-    from pathlib import Path
 
     path = tmp_path / "locked.png"
     path.write_bytes(b"x")
@@ -117,7 +116,7 @@ def jpeg_claiming(width_px: int, height_px: int, thumbnail: bool = False) -> byt
     segment first, holding a thumbnail frame header of its own that must not be taken for the image's."""
     data = bytearray(cv2.imencode(".jpg", np.full((50, 50, 3), 128, np.uint8))[1].tobytes())
     sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", height_px, width_px)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height_px, width_px)
     if thumbnail:
         body = b"Exif\x00\x00" + b"\xff\xc0\x00\x11\x08" + struct.pack(">HH", 16, 16) + bytes(12)
         data[2:2] = b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body

@@ -1,4 +1,5 @@
 """Patch quality control, QuPath tile exports and the GeoJSON frame."""
+
 import csv
 import json
 import random
@@ -47,8 +48,14 @@ def test_blank_black_and_one_pixel_patches_are_never_called_idc(tmp_path):
     result = run([patient, "--out", tmp_path / "out", "-q"])
     assert result.exit_code == 0, result.output
     rows = {Path(r["path"]).name: r for r in read_csv(tmp_path / "out" / "77001.csv")}
-    expected = {"white.png": STATUS_BACKGROUND, "glass.png": STATUS_BACKGROUND, "black.png": STATUS_BACKGROUND,
-                "one_white.png": STATUS_BACKGROUND, "one_pink.png": STATUS_BLURRED, "blurred.png": STATUS_BLURRED}
+    expected = {
+        "white.png": STATUS_BACKGROUND,
+        "glass.png": STATUS_BACKGROUND,
+        "black.png": STATUS_BACKGROUND,
+        "one_white.png": STATUS_BACKGROUND,
+        "one_pink.png": STATUS_BLURRED,
+        "blurred.png": STATUS_BLURRED,
+    }
     for name, status in expected.items():
         assert rows[name]["status"] == status, (name, rows[name])
         assert rows[name]["prob_idc"] == "" and rows[name]["pred"] == ""
@@ -57,7 +64,11 @@ def test_blank_black_and_one_pixel_patches_are_never_called_idc(tmp_path):
     summary = read_csv(tmp_path / "out" / "summary.csv")[0]
     n_real = len(list(SAMPLE_PATIENT.rglob("*.png")))
     assert (summary["n_scored"], summary["n_background"], summary["n_blurred"], summary["n_failed"]) == (
-        str(n_real), "4", "2", "0")
+        str(n_real),
+        "4",
+        "2",
+        "0",
+    )
     n_idc = sum(r["pred"] == "1" for r in rows.values())
     assert float(summary["idc_fraction"]) == round(n_idc / n_real, 6)  # the skipped patches are left out
     assert "4 background and 2 blurred" in summary["notes"]

@@ -1,11 +1,20 @@
 """Calibrated probabilities and the three IDC-fraction estimators, checked by hand on small cases."""
+
 import math
 
 import numpy as np
 import pytest
 
-from idc_infer.quantify import (adjusted_fraction, apply_calibration, brier_score, error_rates_record,
-                                expected_calibration_error, fit_platt, fraction_estimates, sigmoid)
+from idc_infer.quantify import (
+    adjusted_fraction,
+    apply_calibration,
+    brier_score,
+    error_rates_record,
+    expected_calibration_error,
+    fit_platt,
+    fraction_estimates,
+    sigmoid,
+)
 
 
 def test_adjusted_count_by_hand():
@@ -69,7 +78,7 @@ def test_expected_fraction_interval_inverts_the_validation_patients_class_means(
     """Validation patients read 0.8 on IDC patches and 0.1 on the others: a patient whose 1,000 patches
     average 0.31 holds (0.31 - 0.1) / 0.7 = 30% IDC. If their non-IDC mean swings 0.0 / 0.2, so does f."""
     probs = np.full(1000, 0.31)
-    sums = (float(probs.sum()), float((probs ** 2).sum()))
+    sums = (float(probs.sum()), float((probs**2).sum()))
     steady = [[f"p{i}", 100, 0.8, 100, 0.1] for i in range(6)]
     swinging = [[f"p{i}", 100, 0.8, 100, 0.0 if i % 2 else 0.2] for i in range(6)]
     a = fraction_estimates(310, 1000, *sums, None, steady)
@@ -100,7 +109,7 @@ def test_expected_interval_is_for_the_true_share_even_where_the_mean_is_biased()
     means = [[f"p{i}", 100, 0.8 + 0.02 * (i % 3), 100, 0.1 + 0.02 * (i % 3)] for i in range(9)]
     for mean, truth in ((0.12, 0.0), (0.82, 1.0), (0.45, 0.5)):
         probs = np.full(500, mean)
-        est = fraction_estimates(0, 500, float(probs.sum()), float((probs ** 2).sum()), None, means)
+        est = fraction_estimates(0, 500, float(probs.sum()), float((probs**2).sum()), None, means)
         assert est["expected"] == pytest.approx(mean)
         assert est["expected_low"] <= truth <= est["expected_high"]
 
@@ -109,8 +118,9 @@ def test_headline_falls_back_when_the_threshold_is_not_the_models():
     from idc_infer.contract import Contract
     from idc_infer.quantify import headline_of
 
-    contract = Contract(threshold=0.3, calibration={"method": "platt", "a": 1.0, "b": 0.0},
-                        quantification={"headline": "adjusted"})
+    contract = Contract(
+        threshold=0.3, calibration={"method": "platt", "a": 1.0, "b": 0.0}, quantification={"headline": "adjusted"}
+    )
     assert headline_of(contract, 0.3) == "adjusted"
     assert headline_of(contract, 0.5) == "expected"  # the adjusted count is not computed at another threshold
     assert headline_of(contract.replace(calibration=None), 0.5) == "counted"

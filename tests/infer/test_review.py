@@ -1,4 +1,5 @@
 """Review outputs: the mosaic is hot exactly at the IDC patches, the GeoJSON validates, report.html opens."""
+
 import csv
 import json
 import math
@@ -15,7 +16,14 @@ from click.testing import CliRunner
 from idc_infer.cli import main
 from idc_infer.files import RESEARCH_NOTICE, safe_file_stem
 from idc_infer.review import (
-    BACKGROUND_RGB, FAILED_RGB, MARK_RGB, GeoJsonSink, MosaicSink, blend, heat_rgb, review_sink_factories,
+    BACKGROUND_RGB,
+    FAILED_RGB,
+    MARK_RGB,
+    GeoJsonSink,
+    MosaicSink,
+    blend,
+    heat_rgb,
+    review_sink_factories,
     write_report_html,
 )
 from idc_train.synthetic import write_cohort, write_patient
@@ -29,9 +37,16 @@ THRESHOLD = 0.5
 
 def row_for(x, y, prob, label=None, status="ok", width_px=50, height_px=50, path=None):
     return {
-        "path": path or f"p_idx5_x{x}_y{y}.png", "x": x, "y": y, "width_px": width_px, "height_px": height_px,
-        "prob_idc": prob, "pred": None if prob is None else int(prob >= THRESHOLD), "label": label,
-        "status": status, "message": "",
+        "path": path or f"p_idx5_x{x}_y{y}.png",
+        "x": x,
+        "y": y,
+        "width_px": width_px,
+        "height_px": height_px,
+        "prob_idc": prob,
+        "pred": None if prob is None else int(prob >= THRESHOLD),
+        "label": label,
+        "status": status,
+        "message": "",
     }
 
 
@@ -100,10 +115,12 @@ def test_overlay_is_hot_exactly_at_idc_patches(tmp_path, known_patient, scale):
     covered = np.zeros((height, width), dtype=bool)
     origin = grid_px(1, scale)
     for x, y, w, h, _ in fed:
-        covered[grid_px(y, scale) - origin:grid_px(y + h, scale) - origin,
-                grid_px(x, scale) - origin:grid_px(x + w, scale) - origin] = True
+        covered[
+            grid_px(y, scale) - origin : grid_px(y + h, scale) - origin,
+            grid_px(x, scale) - origin : grid_px(x + w, scale) - origin,
+        ] = True
     assert (width, height) == (grid_px(401, scale) - origin, grid_px(401, scale) - origin)
-    blank = (image[top:top + height, left:left + width] == BACKGROUND_RGB).all(axis=2)
+    blank = (image[top : top + height, left : left + width] == BACKGROUND_RGB).all(axis=2)
     assert np.array_equal(blank, ~covered)
 
 
@@ -116,7 +133,7 @@ def test_failed_patches_are_crossed_and_unplaced_ones_skipped(tmp_path):
     assert sink.n_without_xy == 1
     image = read_rgb(tmp_path / "p_mosaic.png")
     col, row = sink.layout.image_px(51, 1)
-    failed = image[row:row + 25, col:col + 25]
+    failed = image[row : row + 25, col : col + 25]
     assert (failed[12, 12] == MARK_RGB).all() and (failed[0, 0] == MARK_RGB).all()  # the X
     assert (failed[3, 12] == FAILED_RGB).all()  # the grey fill beside it
     assert sink.layout.panel_size_px == (50, 25)
@@ -137,7 +154,7 @@ def test_panel_titles_of_a_tiny_patient_do_not_overprint(tmp_path):
     sink.close()
     image = read_rgb(tmp_path / "p_mosaic.png")
     (heat_left, top), (truth_left, _) = sink.layout.heat_xy, sink.layout.truth_xy
-    titles = image[top - 16:top]  # the line of panel titles just above the panels
+    titles = image[top - 16 : top]  # the line of panel titles just above the panels
     runs = ink_runs((titles != image[0, 0]).any(axis=2).any(axis=0))
     heat_run = next(run for run in runs if abs(run[0] - heat_left) <= 1)
     truth_run = next((run for run in runs if abs(run[0] - truth_left) <= 1), None)
@@ -207,7 +224,9 @@ def test_geojson_has_one_qupath_tile_per_scored_patch(tmp_path):
         x, y, w, h = row["x"], row["y"], row["width_px"], row["height_px"]
         assert feature["type"] == "Feature"
         assert feature["geometry"] == {
-            "type": "Polygon", "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]]}
+            "type": "Polygon",
+            "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]],
+        }
         props = feature["properties"]
         assert props["objectType"] == "tile"
         assert props["classification"]["name"] == ("IDC" if row["prob_idc"] >= THRESHOLD else "non-IDC")
@@ -233,10 +252,11 @@ def test_geojson_validates_against_the_spec(tmp_path):
 
 
 def test_interrupted_patient_leaves_no_review_files(tmp_path):
-    from idc_infer.engine import RunSettings, score_patient
-    from idc_infer.discover import Patient, SkipCounter
-    from idc_infer.review import review_sink_factories
     from concurrent.futures import ThreadPoolExecutor
+
+    from idc_infer.discover import Patient, SkipCounter
+    from idc_infer.engine import RunSettings, score_patient
+    from idc_infer.review import review_sink_factories
 
     class Boom(Exception):
         pass
@@ -272,9 +292,13 @@ class LinkCollector(HTMLParser):
 
 
 def run_info(demo=True):
-    return {"model": {"path": "/models/demo.onnx", "sha256": "ab" * 32, "demo": demo, "trained_on": "synthetic <i>"},
-            "arguments": {"threshold": THRESHOLD}, "counts": {"patients": 2, "patches": 5, "scored": 4, "failed": 1},
-            "timings": {"started_unix": 1.7e9}, "versions": {"idc": "0.1.0"}}
+    return {
+        "model": {"path": "/models/demo.onnx", "sha256": "ab" * 32, "demo": demo, "trained_on": "synthetic <i>"},
+        "arguments": {"threshold": THRESHOLD},
+        "counts": {"patients": 2, "patches": 5, "scored": 4, "failed": 1},
+        "timings": {"started_unix": 1.7e9},
+        "versions": {"idc": "0.1.0"},
+    }
 
 
 TRICKY_ID = '<img src=x onerror=alert(1)>&"'
@@ -296,14 +320,47 @@ def report_dir(tmp_path):
         (out / name).write_text("written by the run\n")
     nan = float("nan")
     rows = [
-        {"patient_id": TRICKY_ID, "n_patches": 6, "n_scored": 4, "n_failed": 2, "idc_fraction": 0.5,
-         "idc_fraction_ci95_low": 0.15, "idc_fraction_ci95_high": 0.85, "mean_prob_idc": 0.5625, "n_labelled": 4,
-         "true_idc_fraction": 0.5, "sensitivity": 1.0, "specificity": 0.5, "balanced_accuracy": 0.75},
-        {"patient_id": "plain", "n_patches": 0, "n_scored": 0, "n_failed": 0, "idc_fraction": nan,
-         "idc_fraction_ci95_low": nan, "idc_fraction_ci95_high": nan, "mean_prob_idc": nan, "n_labelled": 0,
-         "true_idc_fraction": None, "sensitivity": None, "specificity": None, "balanced_accuracy": None},
-        {"patient_id": "(cohort)", "n_patches": 6, "n_scored": 4, "n_failed": 2, "idc_fraction": 0.5,
-         "idc_fraction_ci95_low": 0.15, "idc_fraction_ci95_high": 0.85, "mean_prob_idc": 0.5625, "n_labelled": 4},
+        {
+            "patient_id": TRICKY_ID,
+            "n_patches": 6,
+            "n_scored": 4,
+            "n_failed": 2,
+            "idc_fraction": 0.5,
+            "idc_fraction_ci95_low": 0.15,
+            "idc_fraction_ci95_high": 0.85,
+            "mean_prob_idc": 0.5625,
+            "n_labelled": 4,
+            "true_idc_fraction": 0.5,
+            "sensitivity": 1.0,
+            "specificity": 0.5,
+            "balanced_accuracy": 0.75,
+        },
+        {
+            "patient_id": "plain",
+            "n_patches": 0,
+            "n_scored": 0,
+            "n_failed": 0,
+            "idc_fraction": nan,
+            "idc_fraction_ci95_low": nan,
+            "idc_fraction_ci95_high": nan,
+            "mean_prob_idc": nan,
+            "n_labelled": 0,
+            "true_idc_fraction": None,
+            "sensitivity": None,
+            "specificity": None,
+            "balanced_accuracy": None,
+        },
+        {
+            "patient_id": "(cohort)",
+            "n_patches": 6,
+            "n_scored": 4,
+            "n_failed": 2,
+            "idc_fraction": 0.5,
+            "idc_fraction_ci95_low": 0.15,
+            "idc_fraction_ci95_high": 0.85,
+            "mean_prob_idc": 0.5625,
+            "n_labelled": 4,
+        },
     ]
     write_report_html(out, rows, run_info(demo=True))
     return out
@@ -321,7 +378,8 @@ def test_report_escapes_text_and_links_only_existing_files(report_dir):
         assert (report_dir / unquote(parsed.path)).is_file(), f"{link} does not exist"
     stem = safe_file_stem(TRICKY_ID)
     assert {f"{stem}_mosaic.png", f"{stem}.geojson", f"{stem}.csv", "plain.csv", "summary.csv", "run.json"} <= set(
-        parser.links)
+        parser.links
+    )
     assert "plain_mosaic.png" not in page and "plain.geojson" not in page  # not written, so not linked
     text = " ".join(parser.text)
     assert RESEARCH_NOTICE.upper() in text and "DEMO MODEL" in text and "demo.onnx" in text
@@ -333,10 +391,20 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     if not CHROMIUM.exists():
         pytest.skip(f"no browser at {CHROMIUM} (Debian: apt-get install chromium)")
     page = (report_dir / "report.html").as_uri()
-    flags = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run",
-             f"--user-data-dir={tmp_path / 'profile'}",
-             "--enable-logging=stderr", "--v=0", "--window-size=1200,900"]
+    flags = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--window-size=1200,900",
+    ]
     shot = tmp_path / "report.png"
     done = subprocess.run(flags + [f"--screenshot={shot}", page], capture_output=True, text=True, timeout=90)
     image = cv2.imread(str(shot), cv2.IMREAD_COLOR)
@@ -385,8 +453,9 @@ def test_no_review_writes_none(tmp_path, demo_onnx):
     root = tmp_path / "cohort"
     write_cohort(root, n_patients=1, seed=7, grid=4)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, [str(root), "--model", str(demo_onnx), "--out", str(out), "--no-review"],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(
+        main, [str(root), "--model", str(demo_onnx), "--out", str(out), "--no-review"], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
     assert (out / "90001.csv").exists()
     assert not list(out.glob("*_mosaic.png")) and not list(out.glob("*.geojson"))
@@ -400,12 +469,36 @@ def test_the_geojson_template_writes_exactly_what_json_dumps_writes():
     from idc_infer.review import patch_feature, patch_feature_json
 
     rows = [
-        {"path": "0/8863_idx5_x51_y1251_class0.png", "x": 51, "y": 1251, "width_px": 50, "height_px": 50,
-         "prob_idc": 0.123456789, "pred": 0, "label": 0},
-        {"path": 'odd "name"\\\u00e9.png', "x": 0, "y": 7, "width_px": None, "height_px": 32, "prob_idc": 1.0,
-         "pred": 1, "label": None},
-        {"path": "slide.svs [x=802,y=401,w=401,h=401]", "x": 802, "y": 401, "width_px": 401, "height_px": 401,
-         "prob_idc": 5e-07, "pred": 0, "label": 1},
+        {
+            "path": "0/8863_idx5_x51_y1251_class0.png",
+            "x": 51,
+            "y": 1251,
+            "width_px": 50,
+            "height_px": 50,
+            "prob_idc": 0.123456789,
+            "pred": 0,
+            "label": 0,
+        },
+        {
+            "path": 'odd "name"\\\u00e9.png',
+            "x": 0,
+            "y": 7,
+            "width_px": None,
+            "height_px": 32,
+            "prob_idc": 1.0,
+            "pred": 1,
+            "label": None,
+        },
+        {
+            "path": "slide.svs [x=802,y=401,w=401,h=401]",
+            "x": 802,
+            "y": 401,
+            "width_px": 401,
+            "height_px": 401,
+            "prob_idc": 5e-07,
+            "pred": 0,
+            "label": 1,
+        },
     ]
     for row in rows:
         for scale in (1.0, 16.0, 0.333):

@@ -4,6 +4,7 @@ Uses tests/data/cmu_small_region.svs: the OpenSlide project's CMU-1-Small-Region
 2220x2967 px at 0.499 um/px (20x), a single level. Not breast tissue: these tests check reading, scale,
 tissue detection and tiling, never accuracy.
 """
+
 import csv
 import json
 from pathlib import Path
@@ -20,6 +21,7 @@ SLIDE = Path(__file__).resolve().parents[1] / "data" / "cmu_small_region.svs"
 SLIDE_SIZE = (2220, 2967)  # level-0 width, height
 SLIDE_MPP = 0.499
 TILE_PX = round(50 * PUBLIC_SET_PATCH_MPP / SLIDE_MPP)  # 401: a 200 um tile at 0.499 um/px
+
 
 def read_csv(path):
     with open(path, newline="", encoding="utf-8") as handle:
@@ -186,8 +188,11 @@ def test_slide_ids_parse_back_from_tile_names():
     from idc_infer.slides import slide_id_of
     from idc_infer.tile import tile_name
 
-    for file_name, expected in [("cmu_small_region.svs", "cmu_small_region"), ("TCGA-A1.B2 x (1).svs", "TCGA-A1.B2-x--1-"),
-                                ("_hidden.ndpi", "slide-_hidden")]:
+    for file_name, expected in [
+        ("cmu_small_region.svs", "cmu_small_region"),
+        ("TCGA-A1.B2 x (1).svs", "TCGA-A1.B2-x--1-"),
+        ("_hidden.ndpi", "slide-_hidden"),
+    ]:
         slide_id = slide_id_of(Path(file_name))
         assert slide_id == expected
         parsed = parse_patch_name(tile_name(slide_id, 3, 4, 50))

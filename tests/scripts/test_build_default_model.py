@@ -1,4 +1,5 @@
 """scripts/build_default_model.py ships only files that passed their gates, and says when int8 did not."""
+
 import importlib.util
 import json
 import shutil
@@ -32,6 +33,8 @@ def test_export_and_ship_copies_what_passed_and_removes_stale_int8(demo_run, tmp
     assert (models / "cancernet-fp32.onnx").read_bytes() == (run_dir / "export" / "cancernet-fp32.onnx").read_bytes()
     assert (models / "MODEL_CARD.md").exists()
     if report["int8_usable"]:
-        assert (models / "cancernet-int8.onnx").read_bytes() == (run_dir / "export" / "cancernet-int8.onnx").read_bytes()
+        assert (models / "cancernet-int8.onnx").read_bytes() == (
+            run_dir / "export" / "cancernet-int8.onnx"
+        ).read_bytes()
     else:
         assert not (models / "cancernet-int8.onnx").exists()  # never a stale or failed int8 beside the new fp32

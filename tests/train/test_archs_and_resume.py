@@ -1,4 +1,5 @@
 """Every seed architecture trains end to end; runs resume from checkpoints; tf.distribute works."""
+
 import csv
 import json
 import subprocess
@@ -25,11 +26,24 @@ def _history(run_dir):
     return list(csv.DictReader(open(run_dir / "history.csv")))
 
 
-@pytest.mark.parametrize("arch,augment,early_stopping", [("simple-cnn", "both", "val-loss"),
-                                                         ("transfer", "seed", "val-auc")])
+@pytest.mark.parametrize(
+    "arch,augment,early_stopping", [("simple-cnn", "both", "val-loss"), ("transfer", "seed", "val-auc")]
+)
 def test_two_epoch_run_of_each_arch(small_cohort, tmp_path, arch, augment, early_stopping):
-    meta = train(TrainConfig(small_cohort, tmp_path / arch, epochs=2, batch_size=16, arch=arch, patience=5,
-                             learning_rate=1e-3, transfer_weights=None, augment=augment, early_stopping=early_stopping))
+    meta = train(
+        TrainConfig(
+            small_cohort,
+            tmp_path / arch,
+            epochs=2,
+            batch_size=16,
+            arch=arch,
+            patience=5,
+            learning_rate=1e-3,
+            transfer_weights=None,
+            augment=augment,
+            early_stopping=early_stopping,
+        )
+    )
     assert meta["arch"] == arch and meta["epochs_run"] == 2
     assert meta["config"]["augment"] == augment
     history = _history(tmp_path / arch)
@@ -42,8 +56,9 @@ def test_resume_continues_from_the_last_epoch(small_cohort, tmp_path):
     run_dir = tmp_path / "run"
     train(TrainConfig(small_cohort, run_dir, epochs=2, batch_size=16, arch="simple-cnn", learning_rate=1e-3))
     assert len(_history(run_dir)) == 2
-    meta = train(TrainConfig(small_cohort, run_dir, epochs=3, batch_size=16, arch="simple-cnn", learning_rate=1e-3,
-                             resume=True))
+    meta = train(
+        TrainConfig(small_cohort, run_dir, epochs=3, batch_size=16, arch="simple-cnn", learning_rate=1e-3, resume=True)
+    )
     assert [int(r["epoch"]) for r in _history(run_dir)] == [0, 1, 2]  # only epoch 3 was trained again
     assert meta["epochs_run"] == 3
 
@@ -52,8 +67,9 @@ def test_no_early_stopping_keeps_the_last_epoch_and_resume_refuses_other_setting
     from idc_train.training import TrainingDataError
 
     run_dir = tmp_path / "run"
-    meta = train(TrainConfig(small_cohort, run_dir, epochs=2, batch_size=16, arch="simple-cnn", learning_rate=1e-3,
-                             patience=0))
+    meta = train(
+        TrainConfig(small_cohort, run_dir, epochs=2, batch_size=16, arch="simple-cnn", learning_rate=1e-3, patience=0)
+    )
     assert meta["epochs_run"] == 2 and meta["best_epoch"] == 2  # as the seed: every epoch, the last one kept
     assert meta["early_stopping"] == "off: the last epoch is kept"
     for changed in ({"arch": "cancernet"}, {"split": "random-patch"}, {"seed": 5}):
@@ -69,8 +85,17 @@ def test_resume_accepts_the_same_data_spelt_another_way(small_cohort, tmp_path, 
     monkeypatch.chdir(small_cohort.parent)  # now the data dir is given relative to here
     from pathlib import Path
 
-    meta = train(TrainConfig(Path(small_cohort.name), run_dir, epochs=2, batch_size=16, arch="simple-cnn",
-                             learning_rate=1e-3, resume=True))
+    meta = train(
+        TrainConfig(
+            Path(small_cohort.name),
+            run_dir,
+            epochs=2,
+            batch_size=16,
+            arch="simple-cnn",
+            learning_rate=1e-3,
+            resume=True,
+        )
+    )
     assert meta["epochs_run"] == 2
 
 
@@ -96,7 +121,7 @@ def test_mirrored_strategy_over_two_logical_cpus(small_cohort, tmp_path):
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from idc_train.training import TrainConfig, train
-        meta = train(TrainConfig({str(small_cohort)!r}, {str(tmp_path / 'mirrored')!r}, epochs=2, batch_size=16,
+        meta = train(TrainConfig({str(small_cohort)!r}, {str(tmp_path / "mirrored")!r}, epochs=2, batch_size=16,
                                  arch="simple-cnn", learning_rate=1e-3, distribute="mirrored"))
         print("REPLICAS", meta["replicas"])
     """)
@@ -122,10 +147,30 @@ def test_multiworker_with_a_one_worker_cluster(small_cohort, tmp_path):
     tf_config = {"cluster": {"worker": [f"127.0.0.1:{_free_port()}"]}, "task": {"type": "worker", "index": 0}}
     env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "2"}
     run_dir = tmp_path / "multi"
-    proc = subprocess.run([sys.executable, "-c", "from idc_train.cli import main; main()", str(small_cohort), "--out", str(run_dir),
-                           "--epochs", "2", "--batch-size", "16", "--arch", "simple-cnn", "--learning-rate", "1e-3",
-                           "--distribute", "multiworker"],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from idc_train.cli import main; main()",
+            str(small_cohort),
+            "--out",
+            str(run_dir),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--arch",
+            "simple-cnn",
+            "--learning-rate",
+            "1e-3",
+            "--distribute",
+            "multiworker",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((run_dir / "train_meta.json").read_text())
     assert meta["config"]["distribute"] == "multiworker" and meta["replicas"] == 1

@@ -1,4 +1,5 @@
 """idc-crossval end to end on a tiny synthetic cohort, and --resume after an interruption."""
+
 import json
 
 import pytest
@@ -10,7 +11,20 @@ from idc_train.cli import crossval_main  # noqa: E402
 
 
 def _cv(cohort, out, *extra):
-    args = [str(cohort), "--out", str(out), "--folds", "3", "--epochs", "2", "--batch-size", "16", "--seed", "2", *extra]
+    args = [
+        str(cohort),
+        "--out",
+        str(out),
+        "--folds",
+        "3",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--seed",
+        "2",
+        *extra,
+    ]
     return CliRunner().invoke(crossval_main, args)
 
 
@@ -20,9 +34,14 @@ def test_crossval_pools_every_patient_once_and_resumes_only_what_is_missing(synt
     assert first.exit_code == 0, first.output
     assert "3-fold patient CV, pooled out-of-fold" in first.output
     result = json.loads((out / "crossval.json").read_text())
-    tested = [p for fold in result["folds"] for p in json.loads(
-        (out / f"fold{fold['fold']}" / "run" / "train_meta.json").read_text())["split"]["test"]]
-    assert sorted(tested) == sorted(p.name for p in synthetic_cohort.iterdir() if p.is_dir())  # each patient tested once
+    tested = [
+        p
+        for fold in result["folds"]
+        for p in json.loads((out / f"fold{fold['fold']}" / "run" / "train_meta.json").read_text())["split"]["test"]
+    ]
+    assert sorted(tested) == sorted(
+        p.name for p in synthetic_cohort.iterdir() if p.is_dir()
+    )  # each patient tested once
     n_patches = sum(1 for _ in synthetic_cohort.rglob("*.png"))
     assert result["pooled_out_of_fold"]["n"] == n_patches
     assert 0.0 <= result["pooled_out_of_fold"]["baseline_darkness_roc_auc"] <= 1.0

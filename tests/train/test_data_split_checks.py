@@ -1,16 +1,27 @@
 """Splits that do not fit the data say so: manifests, the published folds, --split folders."""
+
 import logging
 from pathlib import Path
 
 import pytest
 
-from idc_train.data import (LEAKY_WARNING, LabelledPatch, apply_split, discover_labelled, published_split,
-                            read_split_manifest, resolve_split)
+from idc_train.data import (
+    LEAKY_WARNING,
+    LabelledPatch,
+    apply_split,
+    discover_labelled,
+    published_split,
+    read_split_manifest,
+    resolve_split,
+)
 
 
 def _patches(*pids: str) -> list[LabelledPatch]:
-    return [LabelledPatch(Path(f"{pid}/{label}/{pid}_idx5_x1_y1_class{label}.png"), pid, label)
-            for pid in pids for label in (0, 1)]
+    return [
+        LabelledPatch(Path(f"{pid}/{label}/{pid}_idx5_x1_y1_class{label}.png"), pid, label)
+        for pid in pids
+        for label in (0, 1)
+    ]
 
 
 def _manifest(path: Path, text: str) -> Path:
@@ -46,8 +57,9 @@ def test_split_sharing_no_patient_with_the_data_is_an_error():
 
 def test_janowczyk_folds_with_missing_patients_are_not_the_published_folds(caplog):
     published = published_split("janowczyk2016")
-    present = [next(pid for pid, name in published.items() if name == set_name)
-               for set_name in ("train", "val", "test")]
+    present = [
+        next(pid for pid, name in published.items() if name == set_name) for set_name in ("train", "val", "test")
+    ]
     with caplog.at_level(logging.WARNING):
         sets, _ = resolve_split("janowczyk2016", _patches(*present, "10253"))
     assert all(len(sets[name]) == 2 for name in ("train", "val", "test"))
@@ -62,13 +74,16 @@ def test_complete_split_warns_about_nothing(caplog):
     assert caplog.text == ""
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("patient,split\n1001,train\n", r"columns patient_id,set .*its columns are patient,split"),
-    ("", r"columns patient_id,set"),
-    ("patient_id,set\n1001,training\n", r"line 2: set 'training' of patient 1001 is not one of train, val, test"),
-    ("patient_id,set\n1001,train\n1001,test\n", r"line 3: patient 1001 is in both train and test"),
-    ("patient_id,set\n,train\n", r"line 2: no patient_id"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("patient,split\n1001,train\n", r"columns patient_id,set .*its columns are patient,split"),
+        ("", r"columns patient_id,set"),
+        ("patient_id,set\n1001,training\n", r"line 2: set 'training' of patient 1001 is not one of train, val, test"),
+        ("patient_id,set\n1001,train\n1001,test\n", r"line 3: patient 1001 is in both train and test"),
+        ("patient_id,set\n,train\n", r"line 2: no patient_id"),
+    ],
+)
 def test_bad_manifest_names_the_file_and_what_is_expected(tmp_path, text, expected):
     manifest = _manifest(tmp_path / "my-split.csv", text)
     with pytest.raises(ValueError, match=expected) as info:
@@ -101,8 +116,15 @@ def test_random_patch_warns_once(caplog):
     assert caplog.text.count(LEAKY_WARNING) == 1
 
 
-BREAKHIS_LIKE = ("train/benign/a.png", "train/malignant/b.png", "val/benign/c.png", "val/malignant/d.png",
-                 "test/benign/e.png", "test/malignant/f.png", "test/malignant/g.png")
+BREAKHIS_LIKE = (
+    "train/benign/a.png",
+    "train/malignant/b.png",
+    "val/benign/c.png",
+    "val/malignant/d.png",
+    "test/benign/e.png",
+    "test/malignant/f.png",
+    "test/malignant/g.png",
+)
 
 
 def test_discovery_records_the_set_folder(tmp_path, synthetic_cohort):
@@ -117,7 +139,10 @@ def test_folders_split_keeps_the_dataset_sets(tmp_path):
     _touch(tmp_path, *BREAKHIS_LIKE)
     sets, assignment = resolve_split("folders", discover_labelled(tmp_path))
     assert {name: sorted(p.path.name for p in items) for name, items in sets.items()} == {
-        "train": ["a.png", "b.png"], "val": ["c.png", "d.png"], "test": ["e.png", "f.png", "g.png"]}
+        "train": ["a.png", "b.png"],
+        "val": ["c.png", "d.png"],
+        "test": ["e.png", "f.png", "g.png"],
+    }
     assert assignment["malignant"] == "test+train+val"  # no patient ids in these names: recorded as found
 
 
@@ -128,9 +153,14 @@ def test_patient_split_of_folder_data_without_patient_ids_points_at_folders(tmp_
 
 
 def test_patient_split_of_kaggle_patches_in_set_folders_mentions_folders(tmp_path, caplog):
-    _touch(tmp_path, *(f"{set_name}/{pid}/{label}/{pid}_idx5_x1_y1_class{label}.png"
-                       for set_name, pid in (("train", "1001"), ("train", "1002"), ("val", "1003"), ("test", "1004"))
-                       for label in (0, 1)))
+    _touch(
+        tmp_path,
+        *(
+            f"{set_name}/{pid}/{label}/{pid}_idx5_x1_y1_class{label}.png"
+            for set_name, pid in (("train", "1001"), ("train", "1002"), ("val", "1003"), ("test", "1004"))
+            for label in (0, 1)
+        ),
+    )
     with caplog.at_level(logging.WARNING):
         sets, _ = resolve_split("patient", discover_labelled(tmp_path))
     assert "--split folders" in caplog.text
@@ -138,8 +168,13 @@ def test_patient_split_of_kaggle_patches_in_set_folders_mentions_folders(tmp_pat
 
 
 def test_folders_split_warns_about_patients_in_two_folders(tmp_path, caplog):
-    _touch(tmp_path, "train/malignant/SOB_M_DC-14-2523-400-007.png", "test/malignant/SOB_M_DC-14-2523-100-001.png",
-           "train/benign/SOB_B_A-14-22549AB-40-001.png", "loose/benign/x.png")
+    _touch(
+        tmp_path,
+        "train/malignant/SOB_M_DC-14-2523-400-007.png",
+        "test/malignant/SOB_M_DC-14-2523-100-001.png",
+        "train/benign/SOB_B_A-14-22549AB-40-001.png",
+        "loose/benign/x.png",
+    )
     with caplog.at_level(logging.WARNING):
         sets, assignment = resolve_split("folders", discover_labelled(tmp_path))
     assert assignment == {"14-2523": "test+train", "14-22549AB": "train"}

@@ -1,4 +1,5 @@
 """Synthetic cohort -> idc-train -> idc-export -> idc-infer on patients the model never saw."""
+
 import csv
 
 import pytest

@@ -1,4 +1,5 @@
 """idc-eval on synthetic patients: Keras and ONNX judged by the same code, real plots."""
+
 import json
 from pathlib import Path
 
@@ -48,8 +49,16 @@ def test_eval_draws_curves_from_a_given_history(demo_run, demo_onnx, tmp_path):
     from idc_train.cli import eval_main
 
     out = tmp_path / "with-history"
-    args = [str(demo_onnx), _meta(demo_run)["data_dir"], "--out", str(out), "--split", str(demo_run / "split.csv"),
-            "--history", str(demo_run / "history.csv")]
+    args = [
+        str(demo_onnx),
+        _meta(demo_run)["data_dir"],
+        "--out",
+        str(out),
+        "--split",
+        str(demo_run / "split.csv"),
+        "--history",
+        str(demo_run / "history.csv"),
+    ]
     result = CliRunner().invoke(eval_main, args)
     assert result.exit_code == 0, result.output
     image = cv2.imread(str(out / "curves.png"))
@@ -78,11 +87,13 @@ def _scores(tmp_path):
 def _design(tmp_path, scores):
     from idc_train.data import read_sample_design
 
-    uniform = [p for p, pid in zip(scores.paths, scores.patient_ids) if pid == "A"][::10] + \
-        [p for p, pid in zip(scores.paths, scores.patient_ids) if pid != "A"][::8]
+    uniform = [p for p, pid in zip(scores.paths, scores.patient_ids) if pid == "A"][::10] + [
+        p for p, pid in zip(scores.paths, scores.patient_ids) if pid != "A"
+    ][::8]
     rows = ["path,patient_id,uniform_sample"] + [
         f"{Path(p).relative_to(tmp_path).as_posix()},{pid},{int(p in uniform)}"
-        for p, pid in zip(scores.paths, scores.patient_ids)]
+        for p, pid in zip(scores.paths, scores.patient_ids)
+    ]
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "patients.csv").write_text("patient_id,whole_patient\nA,yes\nB,no\nC,no\n")
     return read_sample_design(tmp_path), uniform
@@ -97,8 +108,9 @@ def test_pooled_metrics_on_the_uniform_sample_with_patient_intervals(tmp_path):
     honest = honest_metrics(scores, 0.5, design)
     sample = honest["uniform_sample"]
     pick = [p in uniform for p in scores.paths]
-    expected = classification_metrics([l for l, k in zip(scores.labels, pick) if k],
-                                      [p for p, k in zip(scores.probs, pick) if k], 0.5)
+    expected = classification_metrics(
+        [l for l, k in zip(scores.labels, pick) if k], [p for p, k in zip(scores.probs, pick) if k], 0.5
+    )
     assert sample["n"] == len(uniform) == expected["n"] and sample["roc_auc"] == expected["roc_auc"]
     assert sample["n_patients"] == 3 and honest["all_scored_patches"]["n"] == 180
     for key in ("roc_auc", "balanced_accuracy", "f1", "baseline_darkness_roc_auc"):

@@ -1,4 +1,5 @@
 """Train's TF input pipeline and infer's cv2 decoder give the same tensor on real PNGs."""
+
 import numpy as np
 import pytest
 
@@ -44,7 +45,9 @@ def test_seed_augmentation_moves_pixels_but_keeps_shape_and_range(tmp_path):
 
     paths = [str(p.path) for p in write_patient(tmp_path, "5", seed=2, grid=4, undersized_edge=False)]
     plain = next(make_dataset(paths, [0] * len(paths), Contract(), 16).as_numpy_iterator())[0]
-    moved = next(make_dataset(paths, [0] * len(paths), Contract(), 16, augment_images="seed", seed=3).as_numpy_iterator())[0]
+    moved = next(
+        make_dataset(paths, [0] * len(paths), Contract(), 16, augment_images="seed", seed=3).as_numpy_iterator()
+    )[0]
     assert moved.shape == plain.shape == (16, 48, 48, 3)
     assert 0.0 <= moved.min() and moved.max() <= 1.0
     assert np.abs(moved - plain).mean() > 0.01

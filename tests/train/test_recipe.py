@@ -1,12 +1,13 @@
 """The training recipe's pieces: HED stain jitter, patient weighting, the Adam schedule."""
+
 import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
 
+from idc_infer.contract import Contract  # noqa: E402
 from idc_train.pipeline import hed_jitter, make_dataset  # noqa: E402
 from idc_train.training import patch_weights  # noqa: E402
-from idc_infer.contract import Contract  # noqa: E402
 
 
 def _he_like_patch(seed=0):

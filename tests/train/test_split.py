@@ -1,6 +1,14 @@
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from idc_train.data import apply_split, counts_by_patient, discover_labelled, patient_split, read_split_manifest, write_split_manifest
+from idc_train.data import (
+    apply_split,
+    counts_by_patient,
+    discover_labelled,
+    patient_split,
+    read_split_manifest,
+    write_split_manifest,
+)
 
 counts_strategy = st.dictionaries(
     st.integers(1000, 99999).map(str), st.tuples(st.integers(0, 500), st.integers(0, 500)), min_size=3, max_size=80
@@ -68,13 +76,19 @@ def test_breakhis_names_give_patient_and_label(tmp_path):
     from idc_train.synthetic import write_patient
 
     source = write_patient(tmp_path / "src", "1", grid=2)[0].path
-    for rel in ("train/benign/SOB_B_A-14-22549AB-40-001.png", "train/malignant/SOB_M_DC-14-2523-400-007.png",
-                "test/malignant/SOB_M_DC-14-2523-100-001.png"):
+    for rel in (
+        "train/benign/SOB_B_A-14-22549AB-40-001.png",
+        "train/malignant/SOB_M_DC-14-2523-400-007.png",
+        "test/malignant/SOB_M_DC-14-2523-100-001.png",
+    ):
         (tmp_path / "breakhis" / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(source, tmp_path / "breakhis" / rel)
     found = {(p.path.name, p.patient_id, p.label) for p in discover_labelled(tmp_path / "breakhis")}
-    assert found == {("SOB_B_A-14-22549AB-40-001.png", "14-22549AB", 0),
-                     ("SOB_M_DC-14-2523-400-007.png", "14-2523", 1), ("SOB_M_DC-14-2523-100-001.png", "14-2523", 1)}
+    assert found == {
+        ("SOB_B_A-14-22549AB-40-001.png", "14-22549AB", 0),
+        ("SOB_M_DC-14-2523-400-007.png", "14-2523", 1),
+        ("SOB_M_DC-14-2523-100-001.png", "14-2523", 1),
+    }
 
 
 def _made_up_cohort(n: int, cohort_seed: int) -> dict[str, tuple[int, int]]:

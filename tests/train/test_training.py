@@ -1,4 +1,5 @@
 """Training end to end on synthetic patients, and the collapsed-model check."""
+
 import csv
 import json
 
