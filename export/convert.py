@@ -106,7 +106,7 @@ def load_parity_inputs(contract: Contract, sample_dirs: list[Path], n_random: in
             if path.is_file() and is_candidate_image(path.name):
                 decoded = decode_file(path, contract)
                 if decoded.status == STATUS_OK:
-                    tensors.append(decoded.tensor)
+                    tensors.append(decoded.ok_tensor())
             if len(tensors) >= 512:
                 break
     rng = np.random.default_rng(seed)

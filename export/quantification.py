@@ -13,6 +13,7 @@ import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +32,9 @@ from idc_infer.quantify import (
     patch_mean_colour,
     sigmoid,
 )
+
+if TYPE_CHECKING:
+    from idc_train.data import LabelledPatch, SampleDesign
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ class ValidationScores:
     raw: np.ndarray | None = None
 
 
-def validation_patches(meta: dict | None) -> tuple[list, object]:
+def validation_patches(meta: dict | None) -> tuple[list[LabelledPatch], SampleDesign | None]:
     """The split's validation patches (LabelledPatch) and the data's sample design."""
     from idc_train.data import discover_labelled, read_sample_design
 
@@ -72,8 +76,8 @@ def decode_tensors(patches, contract: Contract):
     for patch in patches:
         decoded = decode_file(patch.path, contract)
         if decoded.status == STATUS_OK:
-            tensors.append(decoded.tensor)
-            colours.append(patch_mean_colour(decoded.rgb))
+            tensors.append(decoded.ok_tensor())
+            colours.append(patch_mean_colour(decoded.ok_rgb()))
             kept.append(patch)
     return np.stack(tensors), kept, np.asarray(colours)
 
@@ -128,16 +132,16 @@ def colour_reference(meta: dict | None, contract: Contract, seed: int = 0) -> di
         for patch in rng.sample(patches, min(COLOUR_PATCHES_PER_PATIENT, len(patches))):
             decoded = decode_file(patch.path, contract)
             if decoded.status == STATUS_OK:
-                colours.append(patch_mean_colour(decoded.rgb))
+                colours.append(patch_mean_colour(decoded.ok_rgb()))
         if colours:
             means.append(np.mean(colours, axis=0))
     if len(means) < 2:
         return None
-    means = np.asarray(means)
+    table = np.asarray(means)
     return {
-        "mean_rgb": means.mean(axis=0).round(5).tolist(),
-        "std_rgb": means.std(axis=0, ddof=1).round(5).tolist(),
-        "n_patients": len(means),
+        "mean_rgb": table.mean(axis=0).round(5).tolist(),
+        "std_rgb": table.std(axis=0, ddof=1).round(5).tolist(),
+        "n_patients": len(table),
         "what": "per-patient mean patch colour (RGB, 0-1) of the training patients",
     }
 
@@ -145,14 +149,16 @@ def colour_reference(meta: dict | None, contract: Contract, seed: int = 0) -> di
 def _fit(scores: ValidationScores, raw_threshold: float, keep: np.ndarray) -> dict:
     """Calibration, calibrated threshold, error rates and per-class mean probabilities from the patches
     where ``keep``."""
+    raw = scores.raw
+    assert raw is not None  # set per file before fitting
     uniform = keep & scores.uniform
     # the uniform sample when it is big enough and holds both classes, else every kept patch
     fit_on = uniform if uniform.sum() >= 50 and len(set(scores.labels[uniform].tolist())) == 2 else keep
-    a, b = fit_platt(scores.raw[fit_on], scores.labels[fit_on])
+    a, b = fit_platt(raw[fit_on], scores.labels[fit_on])
     calibration = {"method": "platt", "a": a, "b": b}
-    probs = apply_calibration(scores.raw, calibration)
+    probs = apply_calibration(raw, calibration)
     threshold = float(sigmoid(a * logit(raw_threshold) + b))
-    preds = scores.raw >= raw_threshold  # the same calls as at the raw threshold (a > 0: monotone)
+    preds = raw >= raw_threshold  # the same calls as at the raw threshold (a > 0: monotone)
     rates = error_rates_record(scores.labels[keep], preds[keep], scores.patient_ids[keep])
     class_means = class_mean_probs(probs[keep], scores.labels[keep], scores.patient_ids[keep])
     return {
@@ -207,7 +213,7 @@ def measure_estimators(scores: ValidationScores, raw_threshold: float) -> dict:
     def summarise(subset: list[dict]) -> dict:
         # every estimator on the same patients: those where all three are defined
         subset = [r for r in subset if not any(math.isnan(r[name]) for name in ESTIMATORS)]
-        out = {"n_patients": len(subset)}
+        out: dict[str, Any] = {"n_patients": len(subset)}
         for name in ESTIMATORS:
             errors = [abs(r[name] - r["true"]) for r in subset]
             with_interval = [r for r in subset if not math.isnan(r[f"{name}_low"])]
@@ -223,7 +229,7 @@ def measure_estimators(scores: ValidationScores, raw_threshold: float) -> dict:
         return out
 
     whole = [r for r in rows if r["whole_patient"]]
-    measured = {
+    measured: dict[str, Any] = {
         "method": "leave one validation patient out: calibration, error rates and per-class mean "
         "probabilities fitted on the other validation patients",
         "patients": rows,
@@ -251,7 +257,7 @@ def measure_estimators(scores: ValidationScores, raw_threshold: float) -> dict:
 def validation_set(meta: dict | None, contract: Contract) -> ValidationScores:
     """Decode the split's validation patches (ValueError when there are none of both classes)."""
     patches, design = validation_patches(meta)
-    if not patches or len({p.label for p in patches}) < 2:
+    if not patches or design is None or len({p.label for p in patches}) < 2:  # design: None only without patches
         raise ValueError("no validation patients of both classes in train_meta.json's split: no calibration")
     tensors, kept, colours = decode_tensors(patches, contract)
     return ValidationScores(

@@ -136,7 +136,7 @@ def decode_patch_set(patches: Sequence, contract: Contract, description: str) ->
         if decoded.status != STATUS_OK:
             failed += 1
             continue
-        tensors.append(decoded.tensor)
+        tensors.append(decoded.ok_tensor())
         labels.append(patch.label)
     if failed:
         log.warning("%d patch(es) of %s could not be decoded and were left out", failed, description)
@@ -603,7 +603,8 @@ def quantize_int8(
         fp32_selection = predict_prob_idc(fp32_path, selection.tensors, pos)
         caches: dict[str, Path] = {}
         tried = []
-        best_bytes, best = None, None
+        best_bytes: bytes | None = None
+        best: tuple[QuantSettings, dict] | None = None
         for i, settings in enumerate(candidates):
             method = settings.calibration_method
             if method not in caches:
@@ -630,6 +631,7 @@ def quantize_int8(
             )
             if best is None or selection_key(result) < selection_key(best[1]):
                 best_bytes, best = data, (settings, result)
+    assert best is not None and best_bytes is not None  # candidates is not empty: one was kept
     settings, best_result = best
     excluded = best_result["nodes_left_in_float"]
     int8_probs = predict_prob_idc(best_bytes, gate.tensors, pos)

@@ -91,7 +91,8 @@ def _announce(model, quiet: bool, precision: dict | None = None) -> None:
         f"idc-infer: model {model.path.name} (sha256 {model.sha256[:12]}), threshold {contract.threshold:.3f}",
         f"idc-infer: trained on {contract.describe_training()}",
     ]
-    rates = (precision or {}).get("patches_per_s")
+    precision = precision or {}
+    rates = precision.get("patches_per_s")
     if rates:
         lines.append(
             f"idc-infer: precision {precision['chosen']}: timed here, fp32 {rates['fp32']:.0f} vs int8 "

@@ -6,12 +6,17 @@ import logging
 import os
 import stat
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any
 
 from .naming import is_candidate_image, is_label_dir, label_from_parent, parse_patch_name, patient_dir_of
+
+if TYPE_CHECKING:
+    from .contract import Contract
+    from .preprocess import Decoded
+    from .quality import QualityControl
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +63,20 @@ class Patient:
         if self.paths is not None:
             yield from self.paths
         else:
+            assert self.root is not None, "a Patient has a root folder or a list of paths"
             yield from _walk_patches(self.root, skipped or SkipCounter(), self.exclude)
 
-    # level-0 pixels per patch pixel of the rows' x, y (a slide's tiles are drawn at the patch scale)
-    frame_scale: ClassVar[float] = 1.0
+    @property
+    def frame_scale(self) -> float:
+        """Level-0 pixels per patch pixel of the rows' x, y (a slide's tiles are drawn at the patch scale)."""
+        return 1.0
 
-    def decoder(self, contract, qc=None):
+    def decoder(self, contract: Contract, qc: QualityControl | None = None) -> Callable[[Any], Decoded]:
         """item -> Decoded for this patient's items (here: patch files; a QuPath tile export is brought to the
         native patch size first, as its region may be of any size)."""
         from .preprocess import decode_file
 
-        def decode(path: Path):
+        def decode(path: Path) -> Decoded:
             region = parse_patch_name(path.name).is_region_export
             return decode_file(path, contract, qc, "QuPath tile" if region else None, defer=True)
 
@@ -84,7 +92,8 @@ class Patient:
                 display = path.relative_to(self.root).as_posix()
             except ValueError:
                 pass
-        extent = (name.width, name.height) if name.is_region_export else None
+        # a QuPath region's size (is_region_export: both are set)
+        extent = (name.width, name.height) if name.width is not None and name.height is not None else None
         return display, name.x, name.y, label, extent
 
     def input_key(self) -> str:

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -116,6 +116,7 @@ class PatientTally:
             self.n_background += status == STATUS_BACKGROUND
             self.n_blurred += status == STATUS_BLURRED
             return
+        assert pred is not None  # a scored patch has a prediction
         self.n_scored += 1
         self.n_idc += pred
         self.sum_prob += prob
@@ -279,7 +280,7 @@ def _score_decoded(model, decoded: list[Decoded]) -> list[float | None]:
     probs: list[float | None] = [None] * len(decoded)
     for start in range(0, len(ok), MODEL_BATCH_MAX):
         part = ok[start : start + MODEL_BATCH_MAX]
-        values = model.predict_prob_idc(np.stack([decoded[i].tensor for i in part])).tolist()
+        values = model.predict_prob_idc(np.stack([decoded[i].ok_tensor() for i in part])).tolist()
         for i, prob in zip(part, values):
             decoded[i].tensor = None  # let the model's input go as soon as it is scored
             if math.isfinite(prob):
@@ -301,7 +302,7 @@ def score_paths(
     pool: ThreadPoolExecutor,
     batch_size: int = 64,
     lookahead: int | None = None,
-    decode: Callable[[object], Decoded] | None = None,
+    decode: Callable[[Any], Decoded] | None = None,
 ) -> Iterator[ScoredPatch]:
     """Yield every item (a patch path, or a slide's tile) with its decode outcome and prob_idc, in input order
     (score_batches, one patch at a time)."""
@@ -316,7 +317,7 @@ def score_batches(
     pool: ThreadPoolExecutor,
     batch_size: int = 64,
     lookahead: int | None = None,
-    decode: Callable[[object], Decoded] | None = None,
+    decode: Callable[[Any], Decoded] | None = None,
     finish: Callable[[list, list, list], object] | None = None,
     qc: QualityControl | None = None,
 ) -> Iterator[tuple[list, list[Decoded], list[float | None], object]]:
@@ -405,8 +406,12 @@ class PatchSink(Protocol):
         """All rows seen: write the outputs (atomically)."""
 
 
-# (patient_id, out_dir, file stem, threshold, frame_scale=level-0 px per patch px of the rows) -> sink
-SinkFactory = Callable[[str, Path, str, float], PatchSink]
+class SinkFactory(Protocol):
+    """(patient_id, out_dir, file stem, threshold, frame_scale=level-0 px per patch px of the rows) -> sink"""
+
+    def __call__(
+        self, patient_id: str, out_dir: Path, stem: str, threshold: float, *, frame_scale: float = ...
+    ) -> PatchSink: ...
 
 
 @dataclass

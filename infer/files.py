@@ -5,17 +5,17 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
-import io
 import json
 import logging
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 # A cell starting with one of these is read as a formula by Excel, LibreOffice and Sheets.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r", "\n")
@@ -61,13 +61,15 @@ def safe_file_stem(name: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(target: Path, mode: str = "w", newline: str | None = None) -> Iterator[io.IOBase]:
+def atomic_path(target: Path, mode: str = "w", newline: str | None = None) -> Iterator[IO[Any]]:
     """Open a temp file beside ``target``; it replaces ``target`` only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     # backslashreplace: a file name that is not valid UTF-8 (possible on Linux) must not crash a report
-    kwargs = {} if "b" in mode else {"encoding": "utf-8", "errors": "backslashreplace", "newline": newline}
+    kwargs: dict[str, Any] = (
+        {} if "b" in mode else {"encoding": "utf-8", "errors": "backslashreplace", "newline": newline}
+    )
     try:
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle
@@ -183,7 +185,7 @@ def folder_lock(folder: Path) -> Iterator[None]:
     handle = open(path, "a+b")
     try:
         try:
-            if os.name == "nt":
+            if sys.platform == "win32":  # os.name "nt", spelled so type checkers know msvcrt is there
                 import msvcrt
 
                 # a byte far past the pid text: Windows byte locks are mandatory, the holder's pid stays readable

@@ -194,8 +194,8 @@ def patient_bootstrap(
             draws.setdefault(key, []).append(value)
     tail = (1.0 - level) / 2 * 100
     intervals = {}
-    for key, values in draws.items():
-        values = np.asarray(values, dtype=float)
+    for key, drawn in draws.items():
+        values = np.asarray(drawn, dtype=float)
         values = values[~np.isnan(values)]
         intervals[key] = (
             (float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))

@@ -6,12 +6,19 @@ import hashlib
 import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
 from .contract import Contract, ContractError, contract_from_metadata
 
 FP32_NAME, INT8_NAME = "cancernet-fp32.onnx", "cancernet-int8.onnx"
+
+
+class InferenceSession(Protocol):
+    """What idc uses of an onnxruntime.InferenceSession (a test or another runtime may stand in)."""
+
+    def run(self, output_names: list[str] | None, input_feed: dict[str, Any]) -> list[Any]: ...
 
 
 class ModelError(ValueError):
@@ -64,7 +71,7 @@ class LoadedModel:
     path: Path
     sha256: str
     contract: Contract
-    session: object  # onnxruntime.InferenceSession
+    session: InferenceSession  # onnxruntime.InferenceSession
     input_name: str
     thread_safe = True  # onnxruntime sessions take concurrent run() calls: engine workers score in parallel
 

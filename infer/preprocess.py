@@ -12,6 +12,7 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import cv2  # the package's __init__ has set OpenCV's decode limit (MAX_DECODE_PIXELS) before this import
 import numpy as np
@@ -59,6 +60,16 @@ class Decoded:
     rgb: np.ndarray | None = None  # the 8-bit RGB patch as read (before resizing), for review images
     colour: tuple[float, float, float] | None = None  # mean R, G, B on [0, 1] of a scored patch
     file_stat: tuple[int, int] | None = None  # (size, mtime_ns) of the file as read, for the resume fingerprint
+
+    def ok_tensor(self) -> np.ndarray:
+        """The model input of a patch decoded ok and not yet scored (every such patch has one)."""
+        assert self.tensor is not None, f"a {self.status} patch has no tensor"
+        return self.tensor
+
+    def ok_rgb(self) -> np.ndarray:
+        """The pixels of a patch decoded ok or left pending (every such patch carries them until it is written)."""
+        assert self.rgb is not None, f"a {self.status} patch has no pixels"
+        return self.rgb
 
 
 def file_stat_of(path) -> tuple[int, int]:
@@ -216,7 +227,9 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
             return None  # not at a marker: a corrupt stream, for cv2 to report
         marker = data[pos + 1]
         if marker == 0xFF:  # fill bytes before a marker: skip the whole run at C speed
-            pos = _JPEG_FILL.match(data, pos).end() - 1
+            fill = _JPEG_FILL.match(data, pos)
+            assert fill is not None  # data[pos] is 0xFF: the pattern matches there
+            pos = fill.end() - 1
             continue
         if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # standalone markers have no length field
             pos += 2
@@ -255,7 +268,7 @@ def tiff_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a TIFF's first image (ImageWidth 256 / ImageLength 257 of the first IFD)."""
     if len(data) < 8 or data[:4] not in (b"II*\x00", b"MM\x00*"):
         return None
-    order = "little" if data[:2] == b"II" else "big"
+    order: Literal["little", "big"] = "little" if data[:2] == b"II" else "big"
     offset = int.from_bytes(data[4:8], order)
     if offset + 2 > len(data):
         return None
@@ -369,12 +382,12 @@ def finish_batch(decoded: list[Decoded], contract: Contract, qc: QualityControl 
     pending = [i for i, d in enumerate(decoded) if d.status == STATUS_PENDING]
     if not pending:
         return
-    pixels = np.stack([decoded[i].rgb for i in pending])
+    pixels = np.stack([decoded[i].ok_rgb() for i in pending])
     keep = np.ones(len(pending), dtype=bool)
     if qc is not None:
         fractions = tissue_fractions(pixels)
         for j, i in enumerate(pending):
-            flagged = qc.check(decoded[i].rgb, fractions[j])
+            flagged = qc.check(decoded[i].ok_rgb(), fractions[j])
             if flagged is not None:
                 d = decoded[i]
                 d.status, d.message = flagged[0], "; ".join(filter(None, [d.message, flagged[1]]))
@@ -421,14 +434,15 @@ def decode_rgb(
         flagged = qc.check(rgb)
         if flagged is not None:
             return Decoded(flagged[0], "; ".join([*notes, flagged[1]]), width_px=width, height_px=height, rgb=original)
-    rgb, refused = _fit_size(rgb, contract, notes)
+    fitted, refused = _fit_size(rgb, contract, notes)
     if refused is not None:
         refused.width_px, refused.height_px = width, height
         return refused
+    assert fitted is not None  # _fit_size gives pixels or why not
     return Decoded(
         STATUS_OK,
         "; ".join(notes),
-        preprocess_rgb(rgb, contract),
+        preprocess_rgb(fitted, contract),
         width,
         height,
         original,
@@ -443,6 +457,10 @@ def decode_file(
     default); ``resample``: why the image is brought to the native patch size first (a tile export);
     ``defer``: leave a full-size patch pending for finish_batch."""
     data, failure, file_stat = _read_bytes(path)
-    decoded = failure if failure is not None else decode_bytes(data, contract, qc, resample, defer)
+    if failure is not None:
+        decoded = failure
+    else:
+        assert data is not None  # _read_bytes gives the bytes or why not
+        decoded = decode_bytes(data, contract, qc, resample, defer)
     decoded.file_stat = file_stat
     return decoded

@@ -108,7 +108,10 @@ class MosaicLayout:
 
     def image_px(self, x: float, y: float, panel: str = "heat") -> tuple[int, int]:
         """Image pixel (col, row) of slide point (x, y) in the ``heat`` or ``truth`` panel."""
-        left, top = self.heat_xy if panel == "heat" else self.truth_xy
+        corner = self.heat_xy if panel == "heat" else self.truth_xy
+        if corner is None:
+            raise ValueError("this mosaic has no ground-truth panel (no patch had a label)")
+        left, top = corner
         return (
             left + slide_to_canvas_px(x, self.scale) - self.origin_px[0],
             top + slide_to_canvas_px(y, self.scale) - self.origin_px[1],
@@ -139,7 +142,7 @@ class MosaicCanvas:
             raise ValueError(f"scale must be positive, got {scale}")
         self.scale = float(scale)
         self._origin = (0, 0)  # absolute grid pixel (col, row) of canvas element [0, 0]
-        self.tissue = np.empty((0, 0, 3), dtype=np.uint8)
+        self.tissue: np.ndarray = np.empty((0, 0, 3), dtype=np.uint8)  # cv2.resize replaces it with its own type
         self.prob = np.empty((0, 0), dtype=np.float32)  # nan: not scored
         self.label = np.empty((0, 0), dtype=np.int8)  # -1: unknown
         self.marks = np.empty((0, 0), dtype=np.uint8)
@@ -250,6 +253,7 @@ class MosaicCanvas:
         self.label[cells] = -1 if label is None else label
 
     def _cropped(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        assert self.bounds is not None  # render checks a patch was drawn
         c0, r0, c1, r1 = self.bounds
         oc, orow = self._origin
         cells = (slice(r0 - orow, r1 - orow), slice(c0 - oc, c1 - oc))
@@ -361,7 +365,7 @@ def compose(
         _put_text(image, line, _PAD_PX, _PAD_PX + _LINE_PX * (i + 1) - 4)
     _put_text(image, heat_title, heat_xy[0], top - 5)
     image[top : top + panel_h, heat_xy[0] : heat_xy[0] + panel_w] = heat
-    if truth is not None:
+    if truth is not None and truth_xy is not None:  # truth_xy is set exactly when there is a truth panel
         _put_text(image, truth_title, truth_xy[0], top - 5)
         image[top : top + panel_h, truth_xy[0] : truth_xy[0] + panel_w] = truth
 

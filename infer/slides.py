@@ -102,8 +102,8 @@ def open_slide(path: Path) -> SlideReader:
     try:
         import tiffslide
     except ImportError:
-        tiffslide = None
-    if tiffslide is not None:
+        pass
+    else:
         readers += 1
         try:
             return SlideReader(tiffslide.TiffSlide(os.fspath(path)), "tiffslide")
@@ -112,8 +112,8 @@ def open_slide(path: Path) -> SlideReader:
     try:
         import openslide
     except (ImportError, OSError):  # OSError: the Python package without its C library
-        openslide = None
-    if openslide is not None:
+        pass
+    else:
         readers += 1
         try:
             return SlideReader(openslide.OpenSlide(os.fspath(path)), "openslide")
@@ -268,6 +268,7 @@ class SlideTiler:
         col_edges = np.clip(np.round(np.array(xs) / ds).astype(int), 0, level_w)
         size0 = round(self.tile0)
         mpp = self.stats.mpp
+        assert mpp is not None  # open() sets it or raises
         for r in range(self.rows):
             top, bottom = ys[r], ys[r + 1]
             band_h = max(1, round((bottom - top) / ds))
@@ -298,19 +299,20 @@ class SlideTiler:
             self.reader = None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SlidePatient(Patient):
-    """A slide scored as one patient: its items are tiles, read in memory."""
+    """A slide scored as one patient: its items are tiles, read in memory. Its own fields are keyword-only
+    (after Patient's defaulted ones): the slide file and the model's patch scale have no default."""
 
-    slide: Path | None = None
-    patch_mpp: float | None = None
+    slide: Path
+    patch_mpp: float
     native_px: int = 50
     mpp_override: float | None = None
     min_tissue: float = DEFAULT_MIN_TISSUE
     stats: SlideStats = field(default_factory=SlideStats)
     _tiler: SlideTiler | None = None
 
-    @property  # type: ignore[override]
+    @property
     def frame_scale(self) -> float:
         """Level-0 pixels per native patch pixel: the mosaic is drawn at the patch scale, not level 0's."""
         tile = self.stats.tile_px_level0
@@ -335,9 +337,10 @@ class SlidePatient(Patient):
 
     def read_tile(self, tile: TileRef) -> np.ndarray:
         """A tile of this slide at the native patch size (while its tiles are being iterated)."""
+        assert self._tiler is not None, "tiles are read only while the slide's tiles are iterated"
         return self._tiler.read_tile(tile)
 
-    def decoder(self, contract: Contract, qc: QualityControl | None) -> Callable[[Any], Decoded]:
+    def decoder(self, contract: Contract, qc: QualityControl | None = None) -> Callable[[Any], Decoded]:
         def decode(item: Any) -> Decoded:
             if isinstance(item, SlideFailure):
                 return Decoded(item.status, item.message)

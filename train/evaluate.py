@@ -14,6 +14,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +50,7 @@ INTERVAL_KEYS = ("roc_auc", "balanced_accuracy", "f1", "sensitivity", "specifici
 class KerasScorer:
     """A Keras model behind the same two attributes score_paths uses on an ONNX model."""
 
-    model: object
+    model: Any  # a keras.Model (keras ships no type information)
     contract: Contract
 
     def predict_prob_idc(self, batch: np.ndarray) -> np.ndarray:
@@ -96,11 +97,12 @@ def score_patches(
             scores.patient_ids.append(patch.patient_id)
             scores.labels.append(patch.label)
             scores.probs.append(scored.prob_idc)
-            scores.darkness.append(1.0 - float(scored.decoded.rgb.mean()) / 255.0)
+            rgb = scored.decoded.ok_rgb()
+            scores.darkness.append(1.0 - float(rgb.mean()) / 255.0)
             pred = int(scored.prob_idc >= threshold)
             kind = ("T" if pred == patch.label else "F") + ("P" if pred else "N")
             if len(scores.examples[kind]) < EXAMPLES_PER_KIND:
-                scores.examples[kind].append(scored.decoded.rgb)
+                scores.examples[kind].append(rgb)
     return scores
 
 
@@ -118,7 +120,7 @@ def pooled_with_intervals(
             "baseline_darkness_roc_auc": roc_auc(labels[index], darkness[index]),
         }
 
-    metrics = classification_metrics(labels, probs, threshold)
+    metrics: dict[str, Any] = classification_metrics(labels, probs, threshold)
     metrics["baseline_darkness_roc_auc"] = roc_auc(labels, darkness)
     metrics["n_patients"] = len(set(patient_ids))
     metrics["interval_95"] = {k: list(v) for k, v in patient_bootstrap(patient_ids, statistic, n_boot).items()}
@@ -217,7 +219,7 @@ def format_report(
     baseline_auc: float,
     patients: list[dict],
     model_name: str,
-    split: str,
+    split: str | None,
     set_name: str,
     failed: int,
     honest: dict | None = None,
@@ -320,7 +322,7 @@ def evaluate(
     with atomic_path(out_dir / "report.txt") as handle:
         handle.write(report)
     mae = float(np.mean([abs(p["predicted_idc_fraction"] - p["true_idc_fraction"]) for p in patients]))
-    payload = {
+    payload: dict[str, Any] = {
         "model": str(model_path),
         "data_dir": str(data_dir),
         "split": split,

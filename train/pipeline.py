@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import tensorflow as tf
 
@@ -136,7 +138,7 @@ def make_dataset(
     augment_images: bool | str = False,
     seed: int = 0,
     cache: bool = True,
-    weights: list[float] | None = None,
+    weights: Sequence[float] | np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """Batched (image, one-hot label[, weight]) dataset; decoded patches cached once, shuffled and augmented
     per epoch. ``weights``: a per-patch training weight (class and patient weighting), yielded third.

@@ -38,7 +38,7 @@ def render_patch(rng: np.random.Generator, label: int, width: int = PATCH_PX, he
     """One H&E-like RGB patch; IDC has many more, larger, darker nuclei."""
     stain = rng.normal(1.0, 0.04, size=3).astype(np.float32)  # slide-to-slide stain variation
     base = STROMA_RGB * stain
-    image = np.empty((height, width, 3), dtype=np.float32)
+    image: np.ndarray = np.empty((height, width, 3), dtype=np.float32)  # cv2 returns its own array type
     image[:] = base
     # pale fat vacuoles, common in healthy breast tissue
     for _ in range(rng.integers(0, 2 if label else 4)):

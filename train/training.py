@@ -83,14 +83,14 @@ def patch_weights(labels: list[int], patient_ids: list[str], patient_weight: str
     """
     if patient_weight not in PATIENT_WEIGHTS:
         raise ValueError(f"unknown patient weighting {patient_weight!r}; choose from {', '.join(PATIENT_WEIGHTS)}")
-    labels = np.asarray(labels)
+    classes = np.asarray(labels)
     ids, index, sizes = np.unique(np.asarray(patient_ids), return_inverse=True, return_counts=True)
     per_patch = {"none": np.ones(len(ids)), "sqrt": 1.0 / np.sqrt(sizes), "equal": 1.0 / sizes}[patient_weight]
     weights = per_patch[index].astype(np.float64)
     for c in (0, 1):  # then each class weighs the same in total (n / 2 n_class per patch for "none")
-        total = weights[labels == c].sum()
+        total = weights[classes == c].sum()
         if total > 0:
-            weights[labels == c] /= total
+            weights[classes == c] /= total
     return weights * (len(weights) / weights.sum())
 
 
@@ -241,7 +241,9 @@ def _strategy(name: str):
 def is_chief(strategy) -> bool:
     """Whether this process writes the run's outputs: always, except on non-chief workers of a cluster."""
     resolver = getattr(strategy, "cluster_resolver", None)
-    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    if resolver is None:
+        return True
+    cluster = resolver.cluster_spec().as_dict()
     if not cluster:
         return True
     if resolver.task_type == "chief":
@@ -338,11 +340,11 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
         log.info("patient %s: %d non-IDC, %d IDC", pid, n0, n1)
     sets, assignment = resolve_split(config.split, patches, config.seed)
     if not assignment:  # random-patch: record each patient's sets so the leak is visible
-        assignment = {}
+        sets_of: dict[str, set[str]] = {}
         for name, items in sets.items():
             for patch in items:
-                assignment.setdefault(patch.patient_id, set()).add(name)
-        assignment = {pid: "+".join(sorted(names)) for pid, names in assignment.items()}
+                sets_of.setdefault(patch.patient_id, set()).add(name)
+        assignment = {pid: "+".join(sorted(names)) for pid, names in sets_of.items()}
     for name in ("train", "val", "test"):
         n1 = sum(p.label for p in sets[name])
         log.info(

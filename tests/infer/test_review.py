@@ -138,6 +138,8 @@ def test_failed_patches_are_crossed_and_unplaced_ones_skipped(tmp_path):
     assert (failed[3, 12] == FAILED_RGB).all()  # the grey fill beside it
     assert sink.layout.panel_size_px == (50, 25)
     assert sink.layout.truth_xy is None  # no labels: no ground-truth panel
+    with pytest.raises(ValueError, match="no ground-truth panel"):
+        sink.layout.image_px(51, 1, "truth")
 
 
 def ink_runs(columns: np.ndarray, min_gap_px: int = 7) -> list[tuple[int, int]]:
