@@ -8,7 +8,7 @@ import os
 MAX_DECODE_PIXELS = 8192 * 8192
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_DECODE_PIXELS))
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def code_version() -> str:

@@ -85,6 +85,27 @@ def _dask_address(_ctx, _param, value):
     return value
 
 
+def _count_in_background(bar, patients) -> None:
+    """Give the progress bar its total once the patients' files are counted (a directory walk, in a daemon
+    thread: scoring starts at once). Slides are left out: their tiles are known only after tissue detection,
+    so a run with slides keeps a bar without a total."""
+    import threading
+
+    from .discover import SkipCounter
+
+    if any(getattr(p, "slide", None) is not None for p in patients):
+        return
+
+    def count() -> None:
+        total = 0
+        for patient in patients:
+            total += sum(1 for _ in patient.iter_paths(SkipCounter()))
+        bar.total = total
+        bar.refresh()
+
+    threading.Thread(target=count, name="count-files", daemon=True).start()
+
+
 def _announce(model, quiet: bool, precision: dict | None = None) -> None:
     contract = model.contract
     lines = [
@@ -409,6 +430,8 @@ def main(
 
     show_bar = not quiet and sys.stderr.isatty()
     bar = tqdm(total=None, unit="patch", disable=not show_bar, file=sys.stderr, dynamic_ncols=True)
+    if show_bar:
+        _count_in_background(bar, patients)
     done = {"patients": 0}
 
     def patient_done(_pid: str) -> None:

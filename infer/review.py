@@ -273,7 +273,7 @@ class MosaicCanvas:
         header = [
             title,
             f"{self.n_scored} scored, {self.n_failed} failed | pred IDC at prob_idc >= {threshold:.3f} "
-            f"(white outline) | scale {self.scale:g}",
+            f"| scale {self.scale:g}",
             RESEARCH_NOTICE.upper(),
         ]
         return compose(
@@ -333,7 +333,8 @@ def compose(
     """Lay out header, panels side by side and the colour bar with its ticks on one image."""
     panel_h, panel_w = heat.shape[:2]
     top = _PAD_PX + _LINE_PX * len(header) + _LINE_PX  # header lines, then one line of panel titles
-    heat_title, truth_title = "model: prob_idc", "ground truth: IDC label"
+    # each panel says what its own white outline marks (the truth panel's is the label, not the prediction)
+    heat_title, truth_title = "model: prob_idc (outline: pred IDC)", "ground truth (outline: IDC label)"
     heat_xy = (_PAD_PX, top)
     # a small patient's panel is narrower than its title: the next panel starts after whichever is wider
     heat_right = heat_xy[0] + max(panel_w, _text_width_px(heat_title))

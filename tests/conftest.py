@@ -65,3 +65,16 @@ def demo_onnx(demo_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo-onnx") / "demo.onnx"
     export_fp32(demo_run / "model.keras", out, [SAMPLE_PATIENT])
     return out
+
+
+def require_module(name: str):
+    """A test dependency (the [test] extra): a lab-side install without it skips these tests with a reason;
+    under CI (CI set, extras installed by .ci/run) a missing one is an error, never a silent skip."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"{name} is not installed (pip install '.[test]')", allow_module_level=True)

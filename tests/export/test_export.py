@@ -5,7 +5,11 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("tf2onnx")
+from idc_infer import __version__
+
+from ..conftest import require_module  # noqa: E402
+
+require_module("tf2onnx")
 
 from idc_export.convert import ParityError, check_parity, load_parity_inputs  # noqa: E402
 from idc_infer.contract import Contract  # noqa: E402
@@ -25,7 +29,7 @@ def test_contract_is_read_back_by_infer(demo_onnx, demo_run):
     export = model.contract.provenance["export"]
     assert export["precision"] == "fp32" and export["tf2onnx"] and export["tensorflow"] and export["opset"] == 17
     assert export["parity"]["max_abs_diff"] <= export["parity"]["tolerance"] == 1e-4
-    assert model.contract.provenance["code_version"].startswith("0.1.0")
+    assert model.contract.provenance["code_version"].startswith(__version__)
 
 
 def test_opset_is_a_choice_recorded_in_the_contract(demo_run, tmp_path):

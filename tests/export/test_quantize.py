@@ -8,8 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-pytest.importorskip("tf2onnx")
-pytest.importorskip("onnxruntime.quantization")
+from ..conftest import require_module  # noqa: E402
+
+require_module("tf2onnx")
+require_module("onnxruntime.quantization")
 
 from click.testing import CliRunner  # noqa: E402
 

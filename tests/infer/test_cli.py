@@ -488,3 +488,22 @@ def test_out_equal_to_the_input_cohort_is_refused(tmp_path):
     shutil.copytree(SAMPLE_PATIENT, tmp_path / "data" / "10253")
     result = run([tmp_path / "data", "--out", tmp_path / "data"])
     assert result.exit_code == 2 and "is an input folder itself" in result.output
+
+
+def test_the_progress_bar_gets_the_total_of_the_files_to_score(tmp_path):
+    """The bar starts at once without a total and gets one when the files are counted (a background walk)."""
+    import threading
+
+    from tqdm import tqdm
+
+    from idc_infer.cli import _count_in_background
+    from idc_infer.discover import patients_from_dirs
+
+    root = tmp_path / "cohort"
+    write_cohort(root, n_patients=2, seed=1, grid=4)
+    bar = tqdm(total=None, disable=True)
+    _count_in_background(bar, patients_from_dirs([root]))
+    for thread in threading.enumerate():
+        if thread.name == "count-files":
+            thread.join(timeout=30)
+    assert bar.total == 2 * 4 * 4

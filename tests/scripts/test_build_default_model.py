@@ -5,11 +5,12 @@ import json
 import shutil
 import sys
 
-import pytest
+from ..conftest import (
+    REPO,
+    require_module,  # noqa: E402
+)
 
-from ..conftest import REPO
-
-pytest.importorskip("tf2onnx")
+require_module("tf2onnx")
 
 
 def _script():

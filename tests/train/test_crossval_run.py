@@ -2,10 +2,11 @@
 
 import json
 
-import pytest
 from click.testing import CliRunner
 
-pytest.importorskip("tensorflow")
+from ..conftest import require_module  # noqa: E402
+
+require_module("tensorflow")
 
 from idc_train.cli import crossval_main  # noqa: E402
 

@@ -2,10 +2,11 @@
 
 import csv
 
-import pytest
 from click.testing import CliRunner
 
-pytest.importorskip("tf2onnx")
+from ..conftest import require_module  # noqa: E402
+
+require_module("tf2onnx")
 
 from idc_infer.metrics import roc_auc  # noqa: E402
 

@@ -7,7 +7,9 @@ import cv2
 import pytest
 from click.testing import CliRunner
 
-pytest.importorskip("tensorflow")
+from ..conftest import require_module  # noqa: E402
+
+require_module("tensorflow")
 
 from idc_train.evaluate import format_report  # noqa: E402
 

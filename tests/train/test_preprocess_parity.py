@@ -1,12 +1,13 @@
 """Train's TF input pipeline and infer's cv2 decoder give the same tensor on real PNGs."""
 
 import numpy as np
-import pytest
 
 from idc_infer.contract import Contract
 from idc_infer.preprocess import decode_file
 
-tf = pytest.importorskip("tensorflow")
+from ..conftest import require_module  # noqa: E402
+
+tf = require_module("tensorflow")
 
 from idc_train.pipeline import decode_and_preprocess  # noqa: E402
 

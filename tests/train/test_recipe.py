@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-tf = pytest.importorskip("tensorflow")
+from ..conftest import require_module  # noqa: E402
+
+tf = require_module("tensorflow")
 
 from idc_infer.contract import Contract  # noqa: E402
 from idc_train.pipeline import hed_jitter, make_dataset  # noqa: E402

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-pytest.importorskip("tensorflow")
+from ..conftest import require_module  # noqa: E402
+
+require_module("tensorflow")
 
 from idc_train.training import CollapsedModelError, check_not_collapsed  # noqa: E402
 
