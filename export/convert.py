@@ -98,7 +98,8 @@ def set_contract(onnx_model, contract: Contract) -> None:
 def load_parity_inputs(contract: Contract, sample_dirs: list[Path], n_random: int = 64, seed: int = 0) -> np.ndarray:
     """Real patches (through the infer-side decoder, as the lab PC will see them) plus noise."""
     from idc_infer.naming import is_candidate_image
-    from idc_infer.preprocess import STATUS_OK, decode_file
+    from idc_infer.preprocess import decode_file
+    from idc_infer.schema import STATUS_OK
 
     tensors = []
     for directory in sample_dirs:

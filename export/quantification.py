@@ -70,7 +70,8 @@ def validation_patches(meta: dict | None) -> tuple[list[LabelledPatch], SampleDe
 
 def decode_tensors(patches, contract: Contract):
     """Decoded tensors (infer-side decoder) of the patches that decode, and those patches."""
-    from idc_infer.preprocess import STATUS_OK, decode_file
+    from idc_infer.preprocess import decode_file
+    from idc_infer.schema import STATUS_OK
 
     tensors, kept, colours = [], [], []
     for patch in patches:
@@ -112,7 +113,8 @@ def colour_reference(meta: dict | None, contract: Contract, seed: int = 0) -> di
     COLOUR_PATCHES_PER_PATIENT patches per patient, seeded."""
     import random
 
-    from idc_infer.preprocess import STATUS_OK, decode_file
+    from idc_infer.preprocess import decode_file
+    from idc_infer.schema import STATUS_OK
     from idc_train.data import discover_labelled
 
     meta = meta or {}

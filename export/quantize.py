@@ -128,7 +128,8 @@ def balanced_sample(
 
 def decode_patch_set(patches: Sequence, contract: Contract, description: str) -> PatchSet:
     """Decode with the infer-side decoder so calibration and gates see exactly what inference sees."""
-    from idc_infer.preprocess import STATUS_OK, decode_file
+    from idc_infer.preprocess import decode_file
+    from idc_infer.schema import STATUS_OK
 
     tensors, labels, failed = [], [], 0
     for patch in patches:

@@ -43,10 +43,10 @@ from .engine import (
 )
 from .files import CsvOut, atomic_path, safe_file_stem
 from .model import LoadedModel, load_model, sha256_of
+from .schema import STATUS_WORKER_FAILED
 
 log = logging.getLogger(__name__)
 
-STATUS_WORKER_FAILED = "worker_failed"
 DASK_EXTRA_HINT = "--dask needs the [dask] extra: pip install 'idc[dask]' (dask[distributed]), here and on every worker"
 TASK_RETRIES = 1  # an exception inside a task is retried once; a worker's death is retried by the scheduler
 

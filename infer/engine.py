@@ -30,44 +30,20 @@ from .discover import STATE_DIR, UNREADABLE_DIRECTORY, Patient, SkipCounter
 from .files import RESEARCH_NOTICE, CsvOut, atomic_path, safe_file_stem, write_csv
 from .metrics import Confusion, safe_ratio, wilson_interval
 from .model import LoadedModel, sha256_of
-from .preprocess import STATUS_OK, Decoded, decode_file, file_stat_of, finish_batch
-from .quality import STATUS_BACKGROUND, STATUS_BLURRED, QualityControl
+from .preprocess import Decoded, decode_file, file_stat_of, finish_batch
+from .quality import QualityControl
 from .quantify import COLOUR_Z_LIMIT, FEW_PATCHES, colour_distance_sd, fraction_estimates
-
-STATUS_MODEL_ERROR = "model_error"
+from .schema import (
+    COHORT_ID,
+    PATCH_COLUMNS,
+    STATUS_BACKGROUND,
+    STATUS_BLURRED,
+    STATUS_MODEL_ERROR,
+    STATUS_OK,
+    SUMMARY_COLUMNS,
+)
 
 log = logging.getLogger(__name__)
-
-PATCH_COLUMNS = ("path", "x", "y", "width_px", "height_px", "prob_idc", "pred", "label", "status", "message")
-SUMMARY_COLUMNS = (
-    "patient_id",
-    "n_patches",
-    "n_scored",
-    "n_failed",
-    "n_background",
-    "n_blurred",
-    "n_idc",
-    "idc_fraction",
-    "idc_fraction_ci95_low",
-    "idc_fraction_ci95_high",
-    "idc_fraction_adjusted",
-    "idc_fraction_adjusted_ci95_low",
-    "idc_fraction_adjusted_ci95_high",
-    "idc_fraction_expected",
-    "idc_fraction_expected_ci95_low",
-    "idc_fraction_expected_ci95_high",
-    "mean_prob_idc",
-    "threshold",
-    "n_labelled",
-    "true_idc_fraction",
-    "sensitivity",
-    "specificity",
-    "balanced_accuracy",
-    "notes",
-    "model_sha256",
-    "notice",
-)
-COHORT_ID = "(cohort)"
 
 
 @dataclass

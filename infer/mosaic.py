@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from .files import RESEARCH_NOTICE, atomic_path
-from .quality import QC_STATUSES
+from .schema import QC_STATUSES
 
 if TYPE_CHECKING:
     pass

@@ -21,6 +21,18 @@ from . import MAX_DECODE_PIXELS
 from .contract import Contract
 from .quality import QualityControl, tissue_fractions
 from .quantify import patch_mean_colour
+from .schema import (
+    STATUS_CORRUPT,
+    STATUS_EMPTY,
+    STATUS_MISSING,
+    STATUS_NOT_IMAGE,
+    STATUS_OK,
+    STATUS_OVERSIZED,
+    STATUS_PENDING,
+    STATUS_UNDERSIZED,
+    STATUS_UNREADABLE,
+    STATUS_UNSUPPORTED,
+)
 
 cv2.setNumThreads(1)  # decode runs in our own worker threads; nested cv2 threads only contend
 try:  # a corrupt file is reported in its row; cv2's own warnings on stderr would only add noise
@@ -34,16 +46,6 @@ JPEG_SIGNATURE = b"\xff\xd8\xff"
 IMAGE_SIGNATURES = (PNG_SIGNATURE[:4], JPEG_SIGNATURE, b"II*\x00", b"MM\x00*", b"BM")
 PNG_COLOUR_TYPE_PALETTE = 3
 
-STATUS_OK = "ok"
-STATUS_EMPTY = "empty_file"
-STATUS_NOT_IMAGE = "not_an_image"
-STATUS_CORRUPT = "corrupt_image"
-STATUS_UNREADABLE = "unreadable"
-STATUS_MISSING = "missing"
-STATUS_UNDERSIZED = "undersized_refused"
-STATUS_OVERSIZED = "oversized_refused"
-STATUS_UNSUPPORTED = "unsupported_pixels"
-STATUS_PENDING = "pending"  # decoded, its quality check and tensor still to come (finish_batch); never in a row
 
 MAX_FILE_BYTES = 16 * 1024 * 1024  # a 50x50 patch is a few kB; anything this big is not a patch
 

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-STATUS_BACKGROUND = "background"
-STATUS_BLURRED = "blurred"
-QC_STATUSES = (STATUS_BACKGROUND, STATUS_BLURRED)
+from .schema import STATUS_BACKGROUND, STATUS_BLURRED
 
 TISSUE_CHROMA_MIN = 10  # 8-bit levels; glass and grey scanner background sit below
 TISSUE_DARK_MAX = 30  # a pixel whose brightest channel is below this is black (slide padding, a dark label)

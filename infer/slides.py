@@ -29,8 +29,9 @@ import numpy as np
 
 from .contract import Contract
 from .discover import Patient, SkipCounter
-from .preprocess import STATUS_UNREADABLE, Decoded, decode_rgb
+from .preprocess import Decoded, decode_rgb
 from .quality import DEFAULT_MIN_TISSUE, QualityControl, tissue_mask
+from .schema import STATUS_NO_MPP, STATUS_SLIDE_UNREADABLE, STATUS_UNREADABLE
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".tif", ".tiff", ".qptiff", ".mrxs", ".vms", ".vmu", ".svslide")
 MPP_PROPERTIES = (("tiffslide.mpp-x", "tiffslide.mpp-y"), ("openslide.mpp-x", "openslide.mpp-y"))
 MASK_PX_PER_TILE = 8  # tissue is judged on about 8x8 low-resolution pixels per tile
-STATUS_SLIDE_UNREADABLE = "slide_unreadable"
-STATUS_NO_MPP = "slide_without_mpp"
 SLIDES_EXTRA_HINT = "reading slides needs the [slides] extra: pip install 'idc[slides]' (tiffslide, imagecodecs)"
 
 

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from idc_infer.cli import main
 from idc_infer.contract import Contract
 from idc_infer.preprocess import decode_file
-from idc_infer.quality import STATUS_BACKGROUND, STATUS_BLURRED, QualityControl
+from idc_infer.quality import QualityControl
+from idc_infer.schema import STATUS_BACKGROUND, STATUS_BLURRED
 
 from ..conftest import SAMPLE_PATIENT
 
