@@ -14,6 +14,7 @@ import numpy as np
 
 from idc_infer import __version__, code_version
 from idc_infer.contract import CONTRACT_KEY, Contract
+from idc_infer.errors import IdcError
 from idc_infer.model import sha256_of
 
 log = logging.getLogger(__name__)
@@ -23,11 +24,11 @@ OPSET_RANGE = (13, 18)  # tested 13 and 17; tf2onnx 1.17 converts up to opset 18
 PARITY_TOLERANCE = 1e-4
 
 
-class ParityError(RuntimeError):
+class ParityError(IdcError, RuntimeError):
     """onnxruntime and Keras disagree on the same inputs beyond tolerance."""
 
 
-class ConversionError(RuntimeError):
+class ConversionError(IdcError, RuntimeError):
     """tf2onnx could not convert the model."""
 
 

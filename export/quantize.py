@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from idc_infer.contract import CONTRACT_KEY, Contract
+from idc_infer.errors import IdcError
 from idc_infer.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ DEFAULT_CALIBRATION_PER_CLASS = 128
 CALIBRATION_BATCH = 32
 
 
-class QuantizationError(RuntimeError):
+class QuantizationError(IdcError, RuntimeError):
     """Quantization cannot run: missing data, no split, or a model onnxruntime cannot quantize."""
 
 

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import IdcError
+
 CONTRACT_KEY = "idc.contract"
 SCHEMA_VERSION = 3
 # 2 added calibration, quantification, training_patients, colour_reference; 3 added patch_mpp
@@ -31,7 +33,7 @@ UNDERSIZED_POLICIES = ("resize", "pad", "refuse")
 OVERSIZED_POLICIES = ("resize", "refuse")
 
 
-class ContractError(ValueError):
+class ContractError(IdcError, ValueError):
     """The model file has no usable contract."""
 
 

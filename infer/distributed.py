@@ -41,6 +41,7 @@ from .engine import (
     worker_threads,
     write_summary,
 )
+from .errors import IdcError
 from .files import CsvOut, atomic_path, safe_file_stem
 from .model import LoadedModel, load_model, sha256_of
 from .schema import STATUS_WORKER_FAILED
@@ -51,11 +52,11 @@ DASK_EXTRA_HINT = "--dask needs the [dask] extra: pip install 'idc[dask]' (dask[
 TASK_RETRIES = 1  # an exception inside a task is retried once; a worker's death is retried by the scheduler
 
 
-class DaskError(RuntimeError):
+class DaskError(IdcError, RuntimeError):
     """The cluster cannot be reached or started."""
 
 
-class WorkerInputError(Exception):
+class WorkerInputError(IdcError):
     """A worker cannot read a patient's inputs or the model: a shared file system is missing."""
 
 

@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import IdcError
+
 # A cell starting with one of these is read as a formula by Excel, LibreOffice and Sheets.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r", "\n")
 RESEARCH_NOTICE = "research use only; not for diagnosis"
@@ -168,7 +170,7 @@ def remove_stale_temp_files(folder: Path) -> int:
     return removed
 
 
-class FolderBusyError(RuntimeError):
+class FolderBusyError(IdcError, RuntimeError):
     """Another idc process is writing the same output folder."""
 
 

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .contract import Contract, ContractError, contract_from_metadata
+from .errors import IdcError
 
 FP32_NAME, INT8_NAME = "cancernet-fp32.onnx", "cancernet-int8.onnx"
 
@@ -21,7 +22,7 @@ class InferenceSession(Protocol):
     def run(self, output_names: list[str] | None, input_feed: dict[str, Any]) -> list[Any]: ...
 
 
-class ModelError(ValueError):
+class ModelError(IdcError, ValueError):
     """The model file cannot be used; the message names the file and why."""
 
 

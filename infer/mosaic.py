@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from .errors import IdcError
 from .files import RESEARCH_NOTICE, atomic_path
 from .schema import QC_STATUSES
 
@@ -102,7 +103,7 @@ def _regrow(array: np.ndarray, fill: Any, shape: tuple[int, int], offset: tuple[
     return grown
 
 
-class MosaicTooLarge(ValueError):
+class MosaicTooLarge(IdcError, ValueError):
     """The patches' coordinates span more than MAX_MOSAIC_SIDE_PX at the output scale."""
 
 

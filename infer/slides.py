@@ -29,6 +29,7 @@ import numpy as np
 
 from .contract import Contract
 from .discover import Patient, SkipCounter
+from .errors import IdcError
 from .preprocess import Decoded, decode_rgb
 from .quality import DEFAULT_MIN_TISSUE, QualityControl, tissue_mask
 from .schema import STATUS_NO_MPP, STATUS_SLIDE_UNREADABLE, STATUS_UNREADABLE
@@ -43,7 +44,7 @@ MASK_PX_PER_TILE = 8  # tissue is judged on about 8x8 low-resolution pixels per 
 SLIDES_EXTRA_HINT = "reading slides needs the [slides] extra: pip install 'idc[slides]' (tiffslide, imagecodecs)"
 
 
-class SlideError(ValueError):
+class SlideError(IdcError, ValueError):
     """A slide that cannot be tiled: unreadable, or its pixel size unknown."""
 
     def __init__(self, message: str, status: str = STATUS_SLIDE_UNREADABLE):

@@ -17,6 +17,7 @@ import numpy as np
 
 from idc_infer import code_version
 from idc_infer.contract import PUBLIC_SET_PATCH_MPP, Contract
+from idc_infer.errors import IdcError
 from idc_infer.files import write_json
 from idc_infer.metrics import best_balanced_threshold, classification_metrics
 
@@ -29,11 +30,11 @@ log = logging.getLogger(__name__)
 COLLAPSE_STD = 1e-3
 
 
-class CollapsedModelError(RuntimeError):
+class CollapsedModelError(IdcError, RuntimeError):
     """The trained model gives (almost) the same output for every patch."""
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(IdcError, ValueError):
     """The data or split cannot train a model (missing class, empty set...)."""
 
 

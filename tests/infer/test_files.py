@@ -103,3 +103,28 @@ def test_temp_files_left_by_a_killed_run_are_removed_under_the_lock(tmp_path):
     with folder_lock(tmp_path):
         pass
     assert not any(p.exists() for p in stale) and (tmp_path / "keep.tmp").exists()
+
+
+def test_idc_errors_share_one_root_and_keep_their_old_bases():
+    """Callers may catch IdcError for everything idc raises on purpose; old handlers (ValueError) still work."""
+    from idc_infer.contract import ContractError
+    from idc_infer.errors import IdcError
+    from idc_infer.files import FolderBusyError
+    from idc_infer.model import ModelError
+    from idc_infer.slides import SlideError
+
+    for error, old_base in (
+        (ModelError, ValueError),
+        (ContractError, ValueError),
+        (SlideError, ValueError),
+        (FolderBusyError, RuntimeError),
+    ):
+        assert issubclass(error, IdcError) and issubclass(error, old_base)
+    try:
+        from idc_infer.model import load_model
+
+        load_model("/nonexistent/model.onnx")
+    except IdcError as exc:
+        assert "does not exist" in str(exc)
+    else:
+        raise AssertionError("a missing model file must raise")
