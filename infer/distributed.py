@@ -220,12 +220,14 @@ def write_failure(out_dir: Path, stem: str, patient: Patient, message: str, thre
     (out_dir / STATE_DIR / f"{stem}.json").unlink(missing_ok=True)
     with atomic_path(out_dir / f"{stem}.csv", newline="") as handle:
         out = CsvOut(handle, PATCH_COLUMNS)
-        try:
-            items = list(patient.iter_paths(SkipCounter()))
-        except OSError:
-            items = []
-        finally:
-            patient.finish()
+        items: list = []
+        if getattr(patient, "slide", None) is None:  # a slide is not read again here: that may be what failed
+            try:
+                items = list(patient.iter_paths(SkipCounter()))
+            except Exception:  # noqa: BLE001 - the one row below says what happened
+                items = []
+            finally:
+                patient.finish()
         for item in items:
             row, _, label = patch_row(
                 ScoredPatch(item, Decoded(STATUS_WORKER_FAILED, message), None), patient, threshold
@@ -264,6 +266,7 @@ def run_patients_on_dask(
         if tally is not None:
             resumed.append(patient.patient_id)
             tallies[index] = tally
+            skipped.counts.update(tally.skipped)
             progress(tally.n_patches)
             on_patient_done(patient.patient_id)
             continue

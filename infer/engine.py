@@ -64,6 +64,7 @@ class PatientTally:
     n_background: int = 0  # quality control: glass or blank, not scored and not failed
     n_blurred: int = 0
     slide_note: str = ""  # a slide's tiling (scale, tissue, glass) or why it could not be read; not merged
+    skipped: dict = field(default_factory=dict)  # files seen but not scored, by reason (kept on --resume)
     tp: int = 0  # plain counters: this runs once per patch
     fp: int = 0
     tn: int = 0
@@ -199,11 +200,18 @@ class PatientTally:
         }
 
     def to_state(self) -> dict:
-        return {name: getattr(self, name) for name in STATE_FIELDS} | {"slide_note": self.slide_note}
+        return {name: getattr(self, name) for name in STATE_FIELDS} | {
+            "slide_note": self.slide_note,
+            "skipped": self.skipped,
+        }
 
     @classmethod
     def from_state(cls, state: dict) -> PatientTally:
-        return cls(**{name: state[name] for name in STATE_FIELDS}, slide_note=state.get("slide_note", ""))
+        return cls(
+            **{name: state[name] for name in STATE_FIELDS},
+            slide_note=state.get("slide_note", ""),
+            skipped=dict(state.get("skipped", {})),
+        )
 
 
 STATE_FIELDS = (
@@ -548,6 +556,7 @@ class PatientOutputs:
         stats = getattr(patient, "stats", None)
         tally.slide_note = stats.note() if stats is not None else ""
         tally.n_unreadable_dirs = self.skipped.counts[UNREADABLE_DIRECTORY]
+        tally.skipped = dict(self.skipped.counts)
         skipped.counts.update(self.skipped.counts)
         for sink in sinks:
             sink.close()
@@ -670,6 +679,7 @@ def _stream_patients(
                     report(block=False)
             else:
                 _, index, tally = entry
+                skipped.counts.update(tally.skipped)  # a kept patient's skipped files are still in run.json
                 on_batch(tally.n_patches)
                 closing.append((index, finished(tally), True))
     except BaseException as exc:

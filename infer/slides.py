@@ -92,7 +92,8 @@ class SlideReader:
         return np.ascontiguousarray(region[:, :, :3], dtype=np.uint8)
 
     def close(self) -> None:
-        self._handle.close()
+        with self._lock:  # never while a worker thread is still reading a region
+            self._handle.close()
 
 
 def open_slide(path: Path) -> SlideReader:
@@ -332,6 +333,13 @@ class SlidePatient(Patient):
         self._tiler = tiler
         try:
             yield from tiler.tiles()
+        except Exception as exc:  # noqa: BLE001 - a damaged slide is its own row; the other patients go on
+            self.stats.error = (
+                f"reading stopped after {self.stats.n_grid_tiles} of {tiler.cols * tiler.rows} tiles "
+                f"({type(exc).__name__}: {exc})"
+            )
+            log.warning("slide %s: %s", self.slide, self.stats.error)
+            yield SlideFailure(STATUS_SLIDE_UNREADABLE, f"{self.slide.name}: {self.stats.error}")
         finally:
             log.info("slide %s: %s", self.slide.name, self.stats.note())
 

@@ -96,14 +96,21 @@ def main(slides, out_dir, model_path, mpp, patch_mpp, min_tissue, overwrite):
         folder.mkdir(parents=True, exist_ok=True)
         for old in folder.glob(f"{patient.patient_id}_idx5_x*_y*.png"):
             old.unlink()
-        written = 0
+        written = unreadable = 0
         try:
             for tile in patient.iter_paths():
                 if isinstance(tile, SlideFailure):  # the slide could not be read
                     failed += 1
                     click.echo(f"idc-tile: {tile.message}", err=True)
                     break
-                rgb = patient.read_tile(tile)
+                try:
+                    rgb = patient.read_tile(tile)
+                except Exception as exc:  # noqa: BLE001 - a damaged tile is skipped and counted, the slide goes on
+                    unreadable += 1
+                    click.echo(
+                        f"idc-tile: {patient.slide.name}: tile x={tile.x} y={tile.y} unreadable ({exc})", err=True
+                    )
+                    continue
                 ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
                 if not ok:
                     raise OSError(f"could not encode a tile of {patient.slide.name}")
@@ -119,10 +126,12 @@ def main(slides, out_dir, model_path, mpp, patch_mpp, min_tissue, overwrite):
         record["slides"][patient.patient_id] = stats.record() | {
             "file": patient.slide.name,
             "tiles_written": written,
+            "tiles_unreadable": unreadable,
             "patch_mpp": patient.patch_mpp,
             "native_patch_px": native,
             "level0_px_per_patch_px": (stats.tile_px_level0 / native) if stats.tile_px_level0 else None,
         }
+        failed += unreadable > 0
         if stats.error is None:
             click.echo(f"{patient.patient_id}\t{written} tiles\t{stats.note()}")
     write_json(out_dir / "idc-tile.json", record)

@@ -507,3 +507,19 @@ def test_the_progress_bar_gets_the_total_of_the_files_to_score(tmp_path):
         if thread.name == "count-files":
             thread.join(timeout=30)
     assert bar.total == 2 * 4 * 4
+
+
+def test_resume_keeps_the_skipped_files_of_kept_patients_in_run_json(tmp_path):
+    root = tmp_path / "cohort"
+    write_cohort(root, n_patients=2, seed=4, grid=3)
+    (root / "90001" / "readme.txt").write_text("notes")
+    (root / "90002" / ".hidden.png").write_bytes(b"x")
+    first = run([root, "--out", tmp_path / "out", "-q"])
+    assert first.exit_code == 0, first.output
+    before = json.loads((tmp_path / "out" / "run.json").read_text())["counts"]
+    resumed = run([root, "--out", tmp_path / "out", "--resume", "-q"])
+    after = json.loads((tmp_path / "out" / "run.json").read_text())["counts"]
+    assert after["patients_resumed"] == 2
+    assert after["skipped_files"] == before["skipped_files"] == 2
+    assert after["skipped_by_reason"] == before["skipped_by_reason"]
+    assert resumed.exit_code == 0

@@ -197,3 +197,39 @@ def test_slide_ids_parse_back_from_tile_names():
         assert slide_id == expected
         parsed = parse_patch_name(tile_name(slide_id, 3, 4, 50))
         assert (parsed.patient_id, parsed.x, parsed.y) == (slide_id, 150, 200)
+
+
+def _damaged_slide(path: Path) -> Path:
+    """A copy of the test slide with a band of its JPEG tiles zeroed: reading them raises in the codec."""
+    import shutil
+
+    import tifffile
+
+    shutil.copyfile(SLIDE, path)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        spans = list(zip(page.dataoffsets, page.databytecounts))
+    with open(path, "r+b") as handle:
+        for offset, count in spans[len(spans) // 2 : len(spans) // 2 + 8]:
+            handle.seek(offset)
+            handle.write(b"\0" * count)
+    return path
+
+
+def test_a_damaged_slide_is_its_own_row_and_the_run_goes_on(tmp_path):
+    from idc_train.synthetic import write_cohort
+
+    write_cohort(tmp_path / "cohort", n_patients=1, seed=2, grid=3)
+    damaged = _damaged_slide(tmp_path / "damaged.svs")
+    result = run(main, [tmp_path / "cohort", damaged, "--out", tmp_path / "out", "-q"])
+    assert result.exit_code == 0, result.output
+    summary = {r["patient_id"]: r for r in read_csv(tmp_path / "out" / "summary.csv")}
+    assert set(summary) == {"90001", "damaged", "(cohort)"}
+    assert summary["90001"]["n_scored"] == "9"  # the patient folder beside it is scored as ever
+    rows = read_csv(tmp_path / "out" / "damaged.csv")
+    assert rows[-1]["status"] == "slide_unreadable" and "reading stopped" in rows[-1]["message"]
+    assert "slide not scored" in summary["damaged"]["notes"]
+    # under Dask the same slide is a row too, not the end of the run
+    result = run(main, [tmp_path / "cohort", damaged, "--out", tmp_path / "out-dask", "--dask", "local:1", "-q"])
+    assert result.exit_code == 0, result.output
+    assert read_csv(tmp_path / "out-dask" / "damaged.csv")[-1]["status"] == "slide_unreadable"
