@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -58,12 +59,39 @@ def demo_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.fixture(scope="session")
-def demo_onnx(demo_run, tmp_path_factory) -> Path:
-    from idc_export.convert import export_fp32
+def tensorflow_available() -> bool:
+    """TensorFlow is installed and not switched off (IDC_TESTS_WITHOUT_TF=1 runs the lab-side path here too)."""
+    import importlib.util
 
+    return importlib.util.find_spec("tensorflow") is not None and not os.environ.get("IDC_TESTS_WITHOUT_TF")
+
+
+@pytest.fixture(scope="session")
+def demo_onnx(request, tmp_path_factory) -> Path:
+    """A demo model. With TensorFlow: a CancerNet trained briefly on synthetic patients and exported. Without
+    (a lab-side install): the shipped graph under a demo contract (metadata edited with onnx), so the infer
+    tests run in seconds with neither TensorFlow nor training."""
     out = tmp_path_factory.mktemp("demo-onnx") / "demo.onnx"
-    export_fp32(demo_run / "model.keras", out, [SAMPLE_PATIENT])
+    if tensorflow_available():
+        from idc_export.convert import export_fp32
+
+        export_fp32(request.getfixturevalue("demo_run") / "model.keras", out, [SAMPLE_PATIENT])
+        return out
+    onnx = require_module("onnx")
+    from idc_infer.contract import CONTRACT_KEY, Contract
+    from idc_infer.model import default_model_path
+
+    proto = onnx.load(str(default_model_path()))
+    shipped = next(json.loads(p.value) for p in proto.metadata_props if p.key == CONTRACT_KEY)
+    demo = Contract(
+        threshold=0.5,
+        patch_mpp=shipped["patch_mpp"],
+        provenance={"demo": True, "training_data": "demo fixture: the shipped graph under a demo contract"},
+    )
+    for prop in proto.metadata_props:
+        if prop.key == CONTRACT_KEY:
+            prop.value = demo.to_json()
+    onnx.save(proto, str(out))
     return out
 
 

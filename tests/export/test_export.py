@@ -17,6 +17,8 @@ from idc_infer.model import load_model  # noqa: E402
 
 from ..conftest import SAMPLE_PATIENT  # noqa: E402
 
+pytestmark = pytest.mark.tf
+
 
 def test_contract_is_read_back_by_infer(demo_onnx, demo_run):
     model = load_model(demo_onnx)

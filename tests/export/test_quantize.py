@@ -45,6 +45,9 @@ FAST = [
 ]
 
 
+pytestmark = pytest.mark.tf
+
+
 def run_export(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 

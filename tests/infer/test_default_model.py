@@ -16,6 +16,9 @@ from ..conftest import REPO
 REQUIRED_METRICS = ("roc_auc", "balanced_accuracy", "f1", "sensitivity", "specificity")
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def shipped():
     return load_model(default_model_path())  # fp32

@@ -16,6 +16,9 @@ from idc_train.synthetic import write_cohort, write_faulty_files
 RUN_SPECIFIC = {"run.json", "report.html", ".idc-lock"}
 
 
+pytestmark = pytest.mark.slow
+
+
 def run(args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 

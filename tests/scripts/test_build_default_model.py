@@ -5,12 +5,17 @@ import json
 import shutil
 import sys
 
+import pytest
+
 from ..conftest import (
     REPO,
     require_module,  # noqa: E402
 )
 
 require_module("tf2onnx")
+
+
+pytestmark = pytest.mark.tf
 
 
 def _script():

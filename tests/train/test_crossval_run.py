@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from ..conftest import require_module  # noqa: E402
@@ -9,6 +10,8 @@ from ..conftest import require_module  # noqa: E402
 require_module("tensorflow")
 
 from idc_train.cli import crossval_main  # noqa: E402
+
+pytestmark = pytest.mark.tf
 
 
 def _cv(cohort, out, *extra):

@@ -205,6 +205,7 @@ def test_commands_on_an_install_without_tensorflow_name_the_extra(monkeypatch, t
     assert result.exit_code == 2 and "pip install 'idc[export]'" in result.output
 
 
+@pytest.mark.tf
 def test_a_full_disk_in_training_is_exit_1_not_a_usage_error(monkeypatch, tmp_path):
     import errno
 

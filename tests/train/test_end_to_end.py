@@ -2,6 +2,7 @@
 
 import csv
 
+import pytest
 from click.testing import CliRunner
 
 from ..conftest import require_module  # noqa: E402
@@ -9,6 +10,8 @@ from ..conftest import require_module  # noqa: E402
 require_module("tf2onnx")
 
 from idc_infer.metrics import roc_auc  # noqa: E402
+
+pytestmark = pytest.mark.tf
 
 
 def test_train_export_infer_beats_chance_on_unseen_patients(demo_onnx, demo_run, tmp_path):

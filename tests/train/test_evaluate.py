@@ -13,6 +13,8 @@ require_module("tensorflow")
 
 from idc_train.evaluate import format_report  # noqa: E402
 
+pytestmark = pytest.mark.tf
+
 
 def _meta(run_dir):
     return json.loads((run_dir / "train_meta.json").read_text())

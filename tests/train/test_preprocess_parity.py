@@ -1,6 +1,7 @@
 """Train's TF input pipeline and infer's cv2 decoder give the same tensor on real PNGs."""
 
 import numpy as np
+import pytest
 
 from idc_infer.contract import Contract
 from idc_infer.preprocess import decode_file
@@ -10,6 +11,8 @@ from ..conftest import require_module  # noqa: E402
 tf = require_module("tensorflow")
 
 from idc_train.pipeline import decode_and_preprocess  # noqa: E402
+
+pytestmark = pytest.mark.tf
 
 
 def _compare(paths, contract):

@@ -11,6 +11,8 @@ from idc_infer.contract import Contract  # noqa: E402
 from idc_train.pipeline import hed_jitter, make_dataset  # noqa: E402
 from idc_train.training import patch_weights  # noqa: E402
 
+pytestmark = pytest.mark.tf
+
 
 def _he_like_patch(seed=0):
     rng = np.random.default_rng(seed)

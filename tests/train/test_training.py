@@ -13,6 +13,8 @@ require_module("tensorflow")
 
 from idc_train.training import CollapsedModelError, check_not_collapsed  # noqa: E402
 
+pytestmark = pytest.mark.tf
+
 
 def test_run_dir_holds_model_split_and_metadata(demo_run):
     assert (demo_run / "model.keras").stat().st_size > 100_000
