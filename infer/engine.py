@@ -280,6 +280,18 @@ def _score_decoded(model, decoded: list[Decoded]) -> list[float | None]:
     return probs
 
 
+def _decode_batch(decode: Callable[[Any], Decoded], chunk: list, contract, qc: QualityControl | None) -> list[Decoded]:
+    decoded = [decode(item) for item in chunk]
+    finish_batch(decoded, contract, qc)  # patches the decoder left pending (full-size ones), all at once
+    return decoded
+
+
+def _decode_and_score(model, decode: Callable[[Any], Decoded], chunk: list, qc: QualityControl | None):
+    """One worker task's work on a batch: decode, finish, score (the same in score_batches and the pipeline)."""
+    decoded = _decode_batch(decode, chunk, model.contract, qc)
+    return decoded, _score_decoded(model, decoded)
+
+
 def score_paths(
     model: LoadedModel,
     paths: Iterable,
@@ -326,11 +338,9 @@ def score_batches(
 
     def task(chunk: list) -> tuple[list[Decoded], list[float | None] | None, object, float]:
         started = time.perf_counter()
-        decoded = [decode(item) for item in chunk]
-        finish_batch(decoded, contract, qc)  # patches the decoder left pending (full-size ones), all at once
         if not in_workers:
-            return decoded, None, None, time.perf_counter() - started
-        probs = _score_decoded(model, decoded)
+            return _decode_batch(decode, chunk, contract, qc), None, None, time.perf_counter() - started
+        decoded, probs = _decode_and_score(model, decode, chunk, qc)
         extra = finish(chunk, decoded, probs) if finish is not None else None
         return decoded, probs, extra, time.perf_counter() - started
 
@@ -608,17 +618,13 @@ def _stream_patients(
     (a patient of 40 patches no longer leaves the cores idle while its reports are written)."""
     workers = max(1, getattr(pool, "_max_workers", 1))
     lookahead = 2 * workers
-    contract = model.contract
-    pending: deque[tuple] = (
-        deque()
-    )  # ("kept", index, tally) | ("batch", outputs, chunk, future) | ("end", index, outputs)
+    # ("kept", index, tally) | ("batch", outputs, chunk, future) | ("end", index, outputs)
+    pending: deque[tuple] = deque()
     in_flight = 0
     open_outputs: list[PatientOutputs] = []
 
     def task(outputs: PatientOutputs, chunk: list):
-        decoded = [outputs.decode(item) for item in chunk]
-        finish_batch(decoded, contract, settings.qc)
-        probs = _score_decoded(model, decoded)
+        decoded, probs = _decode_and_score(model, outputs.decode, chunk, settings.qc)
         return decoded, probs, outputs.rows_of(chunk, decoded, probs)
 
     def batches() -> Iterator[tuple]:

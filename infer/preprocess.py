@@ -182,19 +182,17 @@ def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
 
 
 def resize_nearest(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest-neighbour resize of an HWC image to height x width (the contract's 'nearest')."""
+    """Nearest-neighbour resize of an HWC image (or an NHWC stack) to height x width (the contract's 'nearest')."""
     # two takes of cached indices: 6x faster than fancy indexing with fresh index arrays, the same pixels
-    return rgb.take(nearest_indices(rgb.shape[0], height), axis=0).take(nearest_indices(rgb.shape[1], width), axis=1)
+    rows, cols = nearest_indices(rgb.shape[-3], height), nearest_indices(rgb.shape[-2], width)
+    return rgb.take(rows, axis=-3).take(cols, axis=-2)
 
 
 def preprocess_rgb(rgb: np.ndarray, contract: Contract) -> np.ndarray:
     """Resize and scale an 8-bit RGB image (HWC, or a stack of them, NHWC) to the model's input (float32)."""
     size = (contract.input_height_px, contract.input_width_px)
     if rgb.shape[-3:-1] != size:
-        stacked = rgb.ndim == 4
-        rows = nearest_indices(rgb.shape[-3], size[0])
-        cols = nearest_indices(rgb.shape[-2], size[1])
-        rgb = rgb.take(rows, axis=-3).take(cols, axis=-2) if stacked else resize_nearest(rgb, *size)
+        rgb = resize_nearest(rgb, *size)
     if contract.channel_order == "BGR":
         rgb = rgb[..., ::-1]
     return rgb.astype(np.float32) * np.float32(contract.scale) + np.float32(contract.offset)
@@ -399,10 +397,9 @@ def finish_batch(decoded: list[Decoded], contract: Contract, qc: QualityControl 
         return
     pixels = pixels[keep]
     tensors = preprocess_rgb(pixels, contract)  # the same arithmetic as per patch, on the whole stack
-    colours = pixels.reshape(len(kept), -1, 3).mean(axis=1) / 255.0
     for j, i in enumerate(kept):
         d = decoded[i]
-        d.status, d.tensor, d.colour = STATUS_OK, tensors[j], tuple(colours[j].tolist())
+        d.status, d.tensor, d.colour = STATUS_OK, tensors[j], patch_mean_colour(d.ok_rgb())
 
 
 def resample_to_native(rgb: np.ndarray, contract: Contract, notes: list[str], why: str) -> np.ndarray:
