@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from idc_infer.contract import Contract
+from idc_infer.preprocess import patch_mean_colour
 from idc_infer.quantify import (
     COLOUR_Z_LIMIT,
     apply_calibration,
@@ -29,7 +30,6 @@ from idc_infer.quantify import (
     fit_platt,
     fraction_estimates,
     logit,
-    patch_mean_colour,
     sigmoid,
 )
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .options import DEFAULT_MIN_SHARPNESS, slide_options
 from .precision import PRECISIONS
-from .quality import DEFAULT_MIN_SHARPNESS, DEFAULT_MIN_TISSUE, QualityControl
 from .quantify import ESTIMATOR_COLUMNS, headline_of
 
 log = logging.getLogger("idc_infer")
@@ -228,33 +228,13 @@ def _versions() -> dict:
     show_default=True,
     help="Mosaic pixels per slide pixel (0.25: a 50 px patch becomes 12-13 px).",
 )
-@click.option(
-    "--mpp",
-    type=click.FloatRange(0.01, 100.0),
-    default=None,
-    help="Slides: microns per pixel of the full-resolution scan (overrides what the files record; "
-    "e.g. 0.25 for most 40x scans).",
-)
-@click.option(
-    "--patch-mpp",
-    type=click.FloatRange(0.01, 100.0),
-    default=None,
-    help="Slides: microns per pixel of the model's training patches [default: the model's contract; "
-    "4.0 for the public set].",
-)
+@slide_options
 @click.option(
     "--qc/--no-qc",
     default=True,
     show_default=True,
     help="Quality control: glass/blank patches get status background, out-of-focus ones blurred; "
     "neither is scored nor counted in the fractions.",
-)
-@click.option(
-    "--min-tissue",
-    type=click.FloatRange(0.0, 1.0),
-    default=DEFAULT_MIN_TISSUE,
-    show_default=True,
-    help="Share of tissue pixels below which a patch (or a slide tile) is background.",
 )
 @click.option(
     "--min-sharpness",
@@ -443,6 +423,8 @@ def main(
         from .review import review_sink_factories
 
         sink_factories = review_sink_factories(review_scale, geojson_scale)
+    from .quality import QualityControl
+
     quality = QualityControl(min_tissue, min_sharpness) if qc else None
     settings = RunSettings(
         out_dir,

@@ -87,7 +87,7 @@ class PatientTally:
         colour: tuple[float, float, float] | None = None,
         status: str = STATUS_OK,
     ) -> None:
-        """One patch; ``colour``: its mean R, G, B on [0, 1] (quantify.patch_mean_colour, computed by the decoder)."""
+        """One patch; ``colour``: its mean R, G, B on [0, 1] (preprocess.patch_mean_colour, computed by the decoder)."""
         self.n_patches += 1
         if prob is None:
             self.n_background += status == STATUS_BACKGROUND

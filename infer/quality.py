@@ -19,12 +19,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .options import DEFAULT_MIN_SHARPNESS, DEFAULT_MIN_TISSUE
 from .schema import STATUS_BACKGROUND, STATUS_BLURRED
 
 TISSUE_CHROMA_MIN = 10  # 8-bit levels; glass and grey scanner background sit below
 TISSUE_DARK_MAX = 30  # a pixel whose brightest channel is below this is black (slide padding, a dark label)
-DEFAULT_MIN_TISSUE = 0.05
-DEFAULT_MIN_SHARPNESS = 100.0
 
 
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:

@@ -5,8 +5,8 @@ specificity are below 1: with specificity 0.75 a patient with 8% IDC reads ~30%.
 corrects it (Forman 2008): the adjusted count (q - FPR) / (TPR - FPR), and the probabilistic
 average of calibrated probabilities. Both need the model's own error, measured on validation
 patients and carried in the contract; the intervals here carry it, including how much it varies
-from one patient to the next, not only patch sampling. numpy (and cv2 for a patch's mean colour): shared
-by idc-export (fits) and idc-infer (applies).
+from one patient to the next, not only patch sampling. Pure numpy: shared by
+idc-export (fits) and idc-infer (applies).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import cv2
 import numpy as np
 
 EPS = 1e-6
@@ -23,12 +22,6 @@ FEW_PATCHES = 30  # fewer scored patches than this: the fraction says little (a 
 N_DRAWS = 4000
 MIN_SEPARATION = 0.05  # TPR - FPR below this would divide by ~0: the adjusted count is then undefined
 COLOUR_Z_LIMIT = 3.0  # a patient's mean colour this many training-patient SDs away, in any channel, is flagged
-
-
-def patch_mean_colour(rgb: np.ndarray) -> tuple[float, float, float]:
-    """Mean R, G, B of an 8-bit patch on [0, 1]: what the colour statistics of patients are made of."""
-    r, g, b, _ = cv2.mean(rgb)  # in C: 10x numpy's mean over an axis of a 50x50x3 patch
-    return r / 255.0, g / 255.0, b / 255.0
 
 
 def colour_distance_sd(colour, reference: dict) -> float:

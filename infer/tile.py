@@ -15,6 +15,7 @@ import click
 
 from . import __version__
 from .files import RESEARCH_NOTICE, atomic_path, write_json
+from .options import slide_options
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -38,24 +39,7 @@ def tile_name(slide_id: str, col: int, row: int, native_px: int) -> str:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Model whose contract gives the tile scale [default: the shipped model].",
 )
-@click.option(
-    "--mpp",
-    type=click.FloatRange(0.01, 100.0),
-    default=None,
-    help="Microns per pixel of the full-resolution scan (overrides the file's).",
-)
-@click.option(
-    "--patch-mpp",
-    type=click.FloatRange(0.01, 100.0),
-    default=None,
-    help="Microns per pixel of the tiles [default: the model's contract].",
-)
-@click.option(
-    "--min-tissue",
-    type=click.FloatRange(0.0, 1.0),
-    default=None,
-    help="Share of tissue below which a tile is glass and not written [default: idc-infer's].",
-)
+@slide_options
 @click.option("--overwrite", is_flag=True, help="Replace a slide's tile folder that exists already.")
 @click.version_option(__version__, prog_name="idc-tile")
 def main(slides, out_dir, model_path, mpp, patch_mpp, min_tissue, overwrite):
@@ -64,7 +48,6 @@ def main(slides, out_dir, model_path, mpp, patch_mpp, min_tissue, overwrite):
 
     from .contract import ContractError
     from .model import ModelError, default_model_path, load_model
-    from .quality import DEFAULT_MIN_TISSUE
     from .slides import SLIDE_SUFFIXES, SlideError, SlideFailure, is_slide_path, slide_patients
 
     for path in slides:
@@ -75,9 +58,7 @@ def main(slides, out_dir, model_path, mpp, patch_mpp, min_tissue, overwrite):
     except (ModelError, ContractError, OSError) as exc:
         raise click.BadParameter(str(exc), param_hint="--model") from None
     try:
-        patients = slide_patients(
-            list(slides), contract, mpp, patch_mpp, DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue
-        )
+        patients = slide_patients(list(slides), contract, mpp, patch_mpp, min_tissue)
     except SlideError as exc:
         raise click.BadParameter(str(exc), param_hint="--patch-mpp") from None
     ids = [p.patient_id for p in patients]

@@ -523,3 +523,15 @@ def test_resume_keeps_the_skipped_files_of_kept_patients_in_run_json(tmp_path):
     assert after["skipped_files"] == before["skipped_files"] == 2
     assert after["skipped_by_reason"] == before["skipped_by_reason"]
     assert resumed.exit_code == 0
+
+
+def test_help_starts_without_opencv_numpy_tensorflow_dask_or_slide_readers():
+    """`idc-infer --help` and `idc-tile --help` import click and idc's light modules only (a tenth of a second)."""
+    code = (
+        "import sys\n"
+        "import idc_infer.cli, idc_infer.tile\n"
+        "heavy = ('cv2', 'tensorflow', 'dask', 'distributed', 'tiffslide', 'onnxruntime')\n"
+        "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "LOADED []" in out
