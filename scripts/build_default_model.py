@@ -69,9 +69,17 @@ def main() -> int:
         help="no training or export: write the public set's patch scale (patch_mpp, contract schema 3) "
         "into the shipped files' contracts, and the new sha256 into the report, card and README",
     )
+    parser.add_argument(
+        "--optimize-graph",
+        action="store_true",
+        help="no training or export: apply export/graph.py's CPU rewrites to the shipped files (outputs "
+        "checked bit-identical), and write the new sha256 into the report, card and README",
+    )
     args = parser.parse_args()
     if args.stamp_scale:
         return stamp_scale(args.models_dir, args.readme)
+    if args.optimize_graph:
+        return optimize_graph(args.models_dir, args.readme)
 
     bin_dir = Path(sys.executable).parent
     if not args.export_only:
@@ -166,12 +174,14 @@ def update_readme(readme: Path, block: str) -> None:
     os.replace(tmp, readme)
 
 
-def stamp_scale(models_dir: Path, readme: Path) -> int:
-    """Record the training patches' physical scale in the shipped contracts (models exported before schema 3);
-    the graphs and every fitted number stay as they are."""
-    from idc_export.card import render_model_card
-    from idc_export.quantification import rewrite_contract
-    from idc_infer.contract import PUBLIC_SET_PATCH_MPP, SCHEMA_VERSION
+def refresh_shipped(models_dir: Path, readme: Path, edit, remeasure: bool = False) -> int:
+    """Edit each shipped file in place (``edit(onnx_model, contract) -> contract``: the graph, the contract or
+    both), then write the new sha256 and size (with ``remeasure``, the throughput measured again here, the
+    graph having changed) into the export report, the model card and the README."""
+    import onnx
+
+    from idc_export.card import measure_throughput, render_model_card
+    from idc_export.convert import set_contract
     from idc_infer.files import atomic_path, write_json
     from idc_infer.model import load_model, sha256_of
 
@@ -181,21 +191,72 @@ def stamp_scale(models_dir: Path, readme: Path) -> int:
         path = models_dir / entry["path"]
         if not path.exists():
             continue
-        contract = load_model(path, threads=1).contract.replace(
-            patch_mpp=PUBLIC_SET_PATCH_MPP, schema_version=SCHEMA_VERSION
-        )
-        rewrite_contract(path, contract)
-        entry["sha256"] = sha256_of(path)
-        key = "contract" if precision == "fp32" else None
-        if key:
-            report[key] = json.loads(contract.to_json())
-        print(f"{path.name}: patch_mpp {PUBLIC_SET_PATCH_MPP}, sha256 {entry['sha256'][:12]}")
+        onnx_model = onnx.load(str(path))
+        contract = edit(onnx_model, load_model(path, threads=1).contract)
+        set_contract(onnx_model, contract)
+        with atomic_path(path, mode="wb") as handle:
+            handle.write(onnx_model.SerializeToString())
+        entry["sha256"], entry["size_bytes"] = sha256_of(path), path.stat().st_size
+        if remeasure:
+            entry["throughput_patches_per_s"] = measure_throughput(
+                path, report.get("throughput_batch", 32), report.get("throughput_threads", 2)
+            )
+        if precision == "fp32":
+            report["contract"] = json.loads(contract.to_json())
+        print(f"{path.name}: sha256 {entry['sha256'][:12]}")
+    if remeasure and "machine" in report:  # the same machine kind; the load while measuring is this run's
+        report["machine"]["load_average_1min"] = os.getloadavg()[0]
     write_json(report_path, report)
     with atomic_path(models_dir / "MODEL_CARD.md") as handle:
         handle.write(render_model_card(report))
     if models_dir.resolve() == (REPO / "models").resolve():
         update_readme(readme, readme_block(report))
     return 0
+
+
+def stamp_scale(models_dir: Path, readme: Path) -> int:
+    """Record the training patches' physical scale in the shipped contracts (models exported before schema 3);
+    the graphs and every fitted number stay as they are."""
+    from idc_infer.contract import PUBLIC_SET_PATCH_MPP, SCHEMA_VERSION
+
+    def edit(onnx_model, contract):
+        return contract.replace(patch_mpp=PUBLIC_SET_PATCH_MPP, schema_version=SCHEMA_VERSION)
+
+    return refresh_shipped(models_dir, readme, edit)
+
+
+def sample_inputs(contract, n_random: int = 2048):
+    """The shipped sample patient's real patches (as the decoder gives them) plus uniform noise."""
+    from idc_export.convert import load_parity_inputs
+
+    return load_parity_inputs(contract, [REPO / "samples"], n_random=n_random)
+
+
+def optimize_graph(models_dir: Path, readme: Path) -> int:
+    """Apply export/graph.py's rewrites to the shipped files (exported before them); refuses to write a file
+    whose probabilities are not bit-identical to the old graph's on the sample patches and 2,048 noise inputs."""
+    import onnxruntime as ort
+
+    from idc_export.graph import optimize_for_cpu
+
+    def probabilities(data: bytes, inputs):
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return [session.run(None, {name: inputs[i : i + 16]})[0] for i in range(0, len(inputs), 16)]
+
+    def edit(onnx_model, contract):
+        inputs = sample_inputs(contract)
+        before = probabilities(onnx_model.SerializeToString(), inputs)
+        rewrites = optimize_for_cpu(onnx_model)
+        after = probabilities(onnx_model.SerializeToString(), inputs)
+        if not all((a == b).all() for a, b in zip(before, after)):
+            raise SystemExit("the rewritten graph's outputs differ from the shipped one's: nothing written")
+        print(f"graph rewrites {rewrites}; outputs bit-identical on {len(inputs)} inputs")
+        provenance = dict(contract.provenance)
+        provenance["export"] = {**provenance.get("export", {}), "graph_rewrites": rewrites}
+        return contract.replace(provenance=provenance)
+
+    return refresh_shipped(models_dir, readme, edit, remeasure=True)
 
 
 def export_and_ship(run_dir: Path, models_dir: Path, bin_dir: Path) -> int:

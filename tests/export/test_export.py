@@ -31,6 +31,8 @@ def test_contract_is_read_back_by_infer(demo_onnx, demo_run):
     export = model.contract.provenance["export"]
     assert export["precision"] == "fp32" and export["tf2onnx"] and export["tensorflow"] and export["opset"] == 17
     assert export["parity"]["max_abs_diff"] <= export["parity"]["tolerance"] == 1e-4
+    # CancerNet's six post-ReLU batch norms run as depthwise convs, three of them after the pooling
+    assert export["graph_rewrites"] == {"batchnorm_as_depthwise_conv": 6, "scale_after_maxpool": 3}
     assert model.contract.provenance["code_version"].startswith(__version__)
 
 
