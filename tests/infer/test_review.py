@@ -544,3 +544,38 @@ def test_mosaic_png_filter_changes_bytes_not_pixels(tmp_path):
     assert np.array_equal(decoded, rgb)
     ok, default = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 3])
     assert ok and (tmp_path / "m.png").read_bytes() != default.tobytes()
+
+
+def test_mosaic_drawn_in_batches_has_the_pixels_of_one_patch_at_a_time(tmp_path):
+    """The sink sizes the canvas once per batch of patches (not patch by patch): the image must not change,
+    with overlapping, failed, quality-skipped and far-apart patches among 2,500 arriving in scattered order."""
+    from idc_infer.mosaic import MAX_PENDING_PATCHES, MosaicCanvas
+
+    rng = np.random.default_rng(3)
+    rows, pixels = [], []
+    for i in range(2500):
+        x, y = int(rng.integers(0, 4000)), int(rng.integers(0, 3000))
+        status = ["ok", "ok", "ok", "corrupt", "background"][i % 5]
+        prob = float(rng.random()) if status == "ok" else None
+        rows.append(row_for(x, y, prob, label=int(rng.integers(0, 2)), status=status))
+        pixels.append(rng.integers(0, 256, (50, 50, 3), dtype=np.uint8) if status != "corrupt" else None)
+    assert len(rows) > 2 * MAX_PENDING_PATCHES  # several batches, and a last partial one
+    sink = MosaicSink("p", tmp_path, "p", THRESHOLD, scale=0.25)
+    for row, rgb in zip(rows, pixels):
+        sink.add(row, rgb)
+    sink.close()
+    one_by_one = MosaicCanvas(0.25)
+    for row, rgb in zip(rows, pixels):
+        scored = row["status"] == "ok"
+        one_by_one.add_patch(
+            row["x"],
+            row["y"],
+            50,
+            50,
+            rgb,
+            row["prob_idc"] if scored else None,
+            row["label"],
+            row["status"] != "corrupt" and not scored,
+        )
+    expected, _ = one_by_one.render("patient p", THRESHOLD)
+    assert np.array_equal(read_rgb(tmp_path / "p_mosaic.png"), expected)
