@@ -33,6 +33,7 @@ from .discover import STATE_DIR, Patient, SkipCounter
 from .engine import (
     PATCH_COLUMNS,
     PATIENT_SUFFIXES,
+    PatchRow,
     PatientTally,
     RunResult,
     RunSettings,
@@ -229,14 +230,12 @@ def write_failure(out_dir: Path, stem: str, patient: Patient, message: str, thre
             finally:
                 patient.finish()
         for item in items:
-            row, _, label = patch_row(
-                ScoredPatch(item, Decoded(STATUS_WORKER_FAILED, message), None), patient, threshold
-            )
+            row = patch_row(ScoredPatch(item, Decoded(STATUS_WORKER_FAILED, message), None), patient, threshold)
             out.row(row)
-            tally.add(None, None, label, None, STATUS_WORKER_FAILED)
+            tally.add(None, None, row.label, None, STATUS_WORKER_FAILED)
         if not items:
             where = getattr(patient, "slide", None) or patient.root or "the listed paths"
-            out.row({"path": str(where), "status": STATUS_WORKER_FAILED, "message": message})
+            out.row(PatchRow(str(where), status=STATUS_WORKER_FAILED, message=message))
             tally.add(None, None, None, None, STATUS_WORKER_FAILED)
     return tally
 

@@ -41,6 +41,7 @@ from .schema import (
     STATUS_MODEL_ERROR,
     STATUS_OK,
     SUMMARY_COLUMNS,
+    PatchRow,
 )
 
 log = logging.getLogger(__name__)
@@ -369,31 +370,21 @@ def score_batches(
         yield chunk, decoded, probs, extra
 
 
-def patch_row(scored: ScoredPatch, patient: Patient, threshold: float) -> tuple[dict, int | None, int | None]:
-    """One CSV row for a patch, plus its prediction and label for the tallies. width_px, height_px: the patch's
-    size in the frame of x, y (a patch file's own pixels; a slide tile's or QuPath region's level-0 pixels)."""
+def patch_row(scored: ScoredPatch, patient: Patient, threshold: float) -> PatchRow:
+    """One CSV row for a patch. width_px, height_px: the patch's size in the frame of x, y (a patch file's own
+    pixels; a slide tile's or QuPath region's level-0 pixels)."""
     display, x, y, label, extent = patient.describe(scored.path)
     pred = None if scored.prob_idc is None else int(scored.prob_idc >= threshold)
     width, height = extent if extent is not None else (scored.decoded.width_px, scored.decoded.height_px)
-    row = {
-        "path": display,
-        "x": x,
-        "y": y,
-        "width_px": width,
-        "height_px": height,
-        "prob_idc": scored.prob_idc,
-        "pred": pred,
-        "label": label,
-        "status": scored.decoded.status,
-        "message": scored.decoded.message,
-    }
-    return row, pred, label
+    return PatchRow(
+        display, x, y, width, height, scored.prob_idc, pred, label, scored.decoded.status, scored.decoded.message
+    )
 
 
 class PatchSink(Protocol):
     """Something that consumes a patient's rows as they stream by (review outputs, for example)."""
 
-    def add(self, row: dict, rgb: np.ndarray | None) -> None:
+    def add(self, row: PatchRow, rgb: np.ndarray | None) -> None:
         """One patch: its CSV row and its 8-bit RGB pixels (None when it could not be decoded)."""
 
     def close(self) -> None:
@@ -519,15 +510,15 @@ class PatientOutputs:
     def items(self) -> Iterator:
         return self.patient.iter_paths(self.skipped)
 
-    def rows_of(self, chunk: list, decoded: list[Decoded], probs: list) -> tuple[list, str, bytes]:
+    def rows_of(self, chunk: list, decoded: list[Decoded], probs: list) -> tuple[list[PatchRow], str, bytes]:
         """In the worker: the batch's rows, their CSV text and fingerprint lines (kept off the writing thread)."""
         rows = []
         text = io.StringIO()
         out = CsvOut(text, PATCH_COLUMNS, write_header=False)
         for item, result, prob in zip(chunk, decoded, probs):
-            row, pred, label = patch_row(ScoredPatch(item, result, prob), self.patient, self.settings.threshold)
+            row = patch_row(ScoredPatch(item, result, prob), self.patient, self.settings.threshold)
             out.row(row)
-            rows.append((row, pred, label))
+            rows.append(row)
         lines = b"".join(InputFingerprint.line(item, d.file_stat) for item, d in zip(chunk, decoded))
         return rows, text.getvalue(), lines
 
@@ -546,15 +537,15 @@ class PatientOutputs:
             ]
         return self.sinks
 
-    def add(self, decoded: list[Decoded], probs: list, extra: tuple[list, str, bytes]) -> None:
+    def add(self, decoded: list[Decoded], probs: list, extra: tuple[list[PatchRow], str, bytes]) -> None:
         rows, text, lines = extra
         sinks = self._make_sinks()
         self.handle.write(text)
         self.fingerprint.update(lines)
-        for (row, pred, label), result, prob in zip(rows, decoded, probs):
+        for row, result, prob in zip(rows, decoded, probs):
             for sink in sinks:
                 sink.add(row, result.rgb)
-            self.tally.add(prob, pred, label, result.colour, result.status)
+            self.tally.add(prob, row.pred, row.label, result.colour, result.status)
             result.rgb = None
 
     def close(self, skipped: SkipCounter) -> PatientTally:

@@ -109,9 +109,11 @@ class CsvOut:
         if write_header:
             self._writer.writerow(self.header)
 
-    def row(self, values: dict[str, Any]) -> None:
+    def row(self, values: dict[str, Any] | Any) -> None:
+        """A dict by column name, or a dataclass row (schema.PatchRow) whose fields are the columns."""
         # neutralise text only: a formatted negative number is a number, not a formula
-        cells = [_fmt(neutralise_cell(values.get(key))) for key in self.header]
+        get = values.get if isinstance(values, dict) else lambda key: getattr(values, key, None)
+        cells = [_fmt(neutralise_cell(get(key))) for key in self.header]
         writer = self._quoted if any(isinstance(c, str) and "\r" in c for c in cells) else self._writer
         writer.writerow(cells)
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import IdcError
 from .files import RESEARCH_NOTICE, atomic_path
-from .schema import QC_STATUSES
+from .schema import QC_STATUSES, PatchRow
 
 if TYPE_CHECKING:
     pass
@@ -433,8 +433,8 @@ def write_png(target: Path, rgb: np.ndarray) -> None:
         handle.write(encoded.tobytes())
 
 
-def _patch_size_px(row: dict, scored: bool) -> tuple[int, int]:
-    width, height = row.get("width_px"), row.get("height_px")
+def _patch_size_px(row: PatchRow, scored: bool) -> tuple[int, int]:
+    width, height = row.width_px, row.height_px
     if scored and width and height:
         return int(width), int(height)
     # a failed patch: its own size if plausible, else the nominal one, so it cannot cover neighbours
@@ -462,27 +462,16 @@ class MosaicSink:
         self.layout: MosaicLayout | None = None
         self._pending: list[tuple] = []  # patches not yet drawn: the canvas is sized for a batch at once
 
-    def add(self, row: dict, rgb: np.ndarray | None) -> None:
+    def add(self, row: PatchRow, rgb: np.ndarray | None) -> None:
         if self.canvas is None:
             return  # given up on this patient's mosaic
-        if row.get("x") is None or row.get("y") is None:
+        if row.x is None or row.y is None:
             self.n_without_xy += 1  # no position on the slide: nothing to place
             return
-        scored = row.get("status") == "ok" and row.get("prob_idc") is not None
-        skipped = row.get("status") in QC_STATUSES
+        scored, skipped = row.scored, row.status in QC_STATUSES
         width_px, height_px = _patch_size_px(row, scored or skipped)
-        self._pending.append(
-            (
-                int(row["x"]),
-                int(row["y"]),
-                width_px,
-                height_px,
-                rgb,
-                float(row["prob_idc"]) if scored else None,
-                row.get("label"),
-                skipped,
-            )
-        )
+        prob = float(row.prob_idc) if scored and row.prob_idc is not None else None
+        self._pending.append((int(row.x), int(row.y), width_px, height_px, rgb, prob, row.label, skipped))
         if len(self._pending) >= MAX_PENDING_PATCHES:
             self._flush()
 

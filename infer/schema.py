@@ -1,5 +1,10 @@
-"""What idc-infer's reports are made of, in one place: the status codes of a patch row, the columns of the
-per-patient CSV and of summary.csv, and the id of the cohort's row. Every module takes them from here."""
+"""What idc-infer's reports are made of, in one place: the status codes of a patch row, the per-patient CSV's
+row (PatchRow) and columns, summary.csv's columns, and the id of the cohort's row. Every module takes them
+from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 # status of a patch row: "ok" (scored) or why not
 STATUS_OK = "ok"
@@ -24,8 +29,36 @@ STATUS_SLIDE_UNREADABLE = "slide_unreadable"
 STATUS_NO_MPP = "slide_without_mpp"
 STATUS_WORKER_FAILED = "worker_failed"
 
+
 # the per-patient CSV and summary.csv
-PATCH_COLUMNS = ("path", "x", "y", "width_px", "height_px", "prob_idc", "pred", "label", "status", "message")
+@dataclass(frozen=True, slots=True)
+class PatchRow:
+    """One row of a per-patient CSV, as the CSV writer and the review sinks receive it. x, y, width_px and
+    height_px are in the frame of the patient's coordinates (a patch file's own pixels; a slide tile's or a
+    QuPath region's level-0 pixels); prob_idc and pred are None where the patch was not scored."""
+
+    path: str
+    x: int | None = None
+    y: int | None = None
+    width_px: int | None = None
+    height_px: int | None = None
+    prob_idc: float | None = None
+    pred: int | None = None
+    label: int | None = None
+    status: str = STATUS_OK
+    message: str = ""
+
+    @property
+    def scored(self) -> bool:
+        return self.status == STATUS_OK and self.prob_idc is not None
+
+    @property
+    def placed(self) -> bool:
+        """Has a position on the slide (a mosaic cell, a GeoJSON tile)."""
+        return self.x is not None and self.y is not None
+
+
+PATCH_COLUMNS = tuple(f.name for f in fields(PatchRow))  # the CSV's columns, in this order
 SUMMARY_COLUMNS = (
     "patient_id",
     "n_patches",

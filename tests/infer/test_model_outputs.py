@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-onnx = pytest.importorskip("onnx")
+from ..conftest import require_module  # noqa: E402
+
+onnx = require_module("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from idc_infer.contract import CONTRACT_KEY, Contract  # noqa: E402

@@ -26,9 +26,10 @@ from idc_infer.review import (
     review_sink_factories,
     write_report_html,
 )
+from idc_infer.schema import PatchRow
 from idc_train.synthetic import write_cohort, write_patient
 
-from ..conftest import SAMPLE_PATIENT
+from ..conftest import SAMPLE_PATIENT, require_module
 
 CHROMIUM = Path("/usr/bin/chromium")
 TISSUE_GREY = 200  # uniform patches, so every overlay pixel has one expected value
@@ -36,18 +37,17 @@ THRESHOLD = 0.5
 
 
 def row_for(x, y, prob, label=None, status="ok", width_px=50, height_px=50, path=None):
-    return {
-        "path": path or f"p_idx5_x{x}_y{y}.png",
-        "x": x,
-        "y": y,
-        "width_px": width_px,
-        "height_px": height_px,
-        "prob_idc": prob,
-        "pred": None if prob is None else int(prob >= THRESHOLD),
-        "label": label,
-        "status": status,
-        "message": "",
-    }
+    return PatchRow(
+        path or f"p_idx5_x{x}_y{y}.png",
+        x,
+        y,
+        width_px,
+        height_px,
+        prob,
+        None if prob is None else int(prob >= THRESHOLD),
+        label,
+        status,
+    )
 
 
 def grey_patch(width_px, height_px):
@@ -218,12 +218,12 @@ def test_geojson_has_one_qupath_tile_per_scored_patch(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p_1_.geojson"]  # no temp file left
     collection = json.loads((tmp_path / "p_1_.geojson").read_text(encoding="utf-8"))
     assert collection["type"] == "FeatureCollection"
-    expected = [r for r in rows if r["status"] == "ok" and r["x"] is not None]
+    expected = [r for r in rows if r.status == "ok" and r.x is not None]
     features = collection["features"]
     assert len(features) == len(expected) == 4
     assert len({f["id"] for f in features}) == 4
     for feature, row in zip(features, expected):
-        x, y, w, h = row["x"], row["y"], row["width_px"], row["height_px"]
+        x, y, w, h = row.x, row.y, row.width_px, row.height_px
         assert feature["type"] == "Feature"
         assert feature["geometry"] == {
             "type": "Polygon",
@@ -231,15 +231,15 @@ def test_geojson_has_one_qupath_tile_per_scored_patch(tmp_path):
         }
         props = feature["properties"]
         assert props["objectType"] == "tile"
-        assert props["classification"]["name"] == ("IDC" if row["prob_idc"] >= THRESHOLD else "non-IDC")
+        assert props["classification"]["name"] == ("IDC" if row.prob_idc >= THRESHOLD else "non-IDC")
         colour = props["classification"]["color"]
         assert len(colour) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in colour)
-        assert props["measurements"] == {"prob_idc": row["prob_idc"], "pred": row["pred"], "label": row["label"]}
-        assert props["name"] == row["path"]
+        assert props["measurements"] == {"prob_idc": row.prob_idc, "pred": row.pred, "label": row.label}
+        assert props["name"] == row.path
 
 
 def test_geojson_validates_against_the_spec(tmp_path):
-    geojson_pydantic = pytest.importorskip("geojson_pydantic", reason="geojson-pydantic is in the test extra")
+    geojson_pydantic = require_module("geojson_pydantic")
     sink = GeoJsonSink("p", tmp_path, "p", THRESHOLD)
     for row in scored_rows():
         sink.add(row, None)
@@ -315,7 +315,7 @@ def report_dir(tmp_path):
     sinks = [make(TRICKY_ID, out, stem, THRESHOLD) for make in review_sink_factories(0.25)]
     for row in scored_rows():
         for sink in sinks:
-            sink.add(row, grey_patch(row["width_px"], 50) if row["status"] == "ok" else None)
+            sink.add(row, grey_patch(row.width_px, 50) if row.status == "ok" else None)
     for sink in sinks:
         sink.close()
     for name in (f"{stem}.csv", "plain.csv", "summary.csv", "run.json"):
@@ -502,7 +502,7 @@ def test_the_geojson_template_writes_exactly_what_json_dumps_writes():
             "label": 1,
         },
     ]
-    for row in rows:
+    for row in map(lambda values: PatchRow(**values), rows):
         for scale in (1.0, 16.0, 0.333):
             expected = json.dumps(patch_feature(row, "p1", scale), allow_nan=False, separators=(",", ":"))
             assert patch_feature_json(row, "p1", scale) == expected
@@ -566,16 +566,16 @@ def test_mosaic_drawn_in_batches_has_the_pixels_of_one_patch_at_a_time(tmp_path)
     sink.close()
     one_by_one = MosaicCanvas(0.25)
     for row, rgb in zip(rows, pixels):
-        scored = row["status"] == "ok"
+        scored = row.status == "ok"
         one_by_one.add_patch(
-            row["x"],
-            row["y"],
+            row.x,
+            row.y,
             50,
             50,
             rgb,
-            row["prob_idc"] if scored else None,
-            row["label"],
-            row["status"] != "corrupt" and not scored,
+            row.prob_idc if scored else None,
+            row.label,
+            row.status != "corrupt" and not scored,
         )
     expected, _ = one_by_one.render("patient p", THRESHOLD)
     assert np.array_equal(read_rgb(tmp_path / "p_mosaic.png"), expected)

@@ -8,7 +8,9 @@ import textwrap
 
 import pytest
 
-pytest.importorskip("tensorflow")
+from ..conftest import require_module  # noqa: E402
+
+require_module("tensorflow")
 
 from idc_train.training import TrainConfig, train  # noqa: E402
 
