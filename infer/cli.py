@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,6 @@ import click
 from . import __version__
 from .options import DEFAULT_MIN_SHARPNESS, slide_options
 from .precision import PRECISIONS
-from .quantify import ESTIMATOR_COLUMNS, headline_of
 
 log = logging.getLogger("idc_infer")
 
@@ -137,21 +135,6 @@ def _announce(model, quiet: bool, precision: dict | None = None) -> None:
     for line in lines:
         if not quiet or contract.is_demo or contract.failed_gate:
             click.echo(line, err=True)
-
-
-def _versions() -> dict:
-    import cv2
-    import numpy
-    import onnxruntime
-
-    return {
-        "idc": __version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": numpy.__version__,
-        "opencv": cv2.__version__,
-    }
 
 
 @click.command(epilog=HELP_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -299,8 +282,9 @@ def main(
     """
     from .discover import SkipCounter, duplicate_ids, patients_from_dirs, patients_from_list
     from .engine import RunSettings, clear_previous_run, existing_reports, run_patients
-    from .files import RESEARCH_NOTICE, FolderBusyError, folder_lock, write_json
+    from .files import RESEARCH_NOTICE, FolderBusyError, folder_lock
     from .model import ModelError, load_model
+    from .run_record import console_summary, run_record, write_run_files
     from .slides import SLIDE_SUFFIXES, SlideError, is_slide_path, slide_patients
 
     _setup_logging(verbose, quiet)
@@ -476,66 +460,29 @@ def main(
     finally:
         bar.close()
 
-    cohort = result.cohort
-    skipped = result.skipped.counts + list_skips.counts
-    run_info = {
-        "notice": RESEARCH_NOTICE,
-        "versions": _versions(),
-        "model": {
-            "path": str(model.path),
-            "sha256": model.sha256,
-            "demo": model.contract.is_demo,
-            "trained_on": model.contract.describe_training(),
-            "precision": precision_record,
-            "fraction_headline": headline_of(model.contract, effective_threshold),
-            "fraction_headline_why": (model.contract.quantification or {}).get("headline_why"),
-            "contract": model.contract.__dict__ | {"class_names": list(model.contract.class_names)},
-        },
-        "arguments": {
-            "inputs": [str(p) for p in inputs],
-            "from_list": None if from_list is None else from_list.name,
-            "out": str(out_dir),
-            "threshold": effective_threshold,
-            "batch_size": batch_size,
-            "threads": threads,
-            "resume": resume,
-            "overwrite": overwrite,
-            "strict": strict,
-            "review": review,
-            "review_scale": review_scale if review else None,
-            "geojson_scale": geojson_scale,
-            "mpp": mpp,
-            "patch_mpp": patch_mpp,
-            "quality_control": quality.settings() if quality else None,
-            "dask": dask_address,
-        },
-        "dask": dask_record,
-        "slides": {p.patient_id: p.stats.record() | {"file": p.slide.name} for p in patients if hasattr(p, "stats")},
-        "counts": {
-            "patients": len(patients),
-            "patients_resumed": len(result.resumed),
-            "patches": cohort.n_patches,
-            "scored": cohort.n_scored,
-            "failed": cohort.n_failed,
-            "background": cohort.n_background,
-            "blurred": cohort.n_blurred,
-            "skipped_files": sum(skipped.values()),
-            "skipped_by_reason": dict(sorted(skipped.items())),
-        },
-        "timings": {
-            "started_unix": started,
-            "scoring_elapsed_s": result.elapsed_s,
-            "patches_per_s": (cohort.n_patches / result.elapsed_s) if result.elapsed_s > 0 else None,
-        },
+    arguments = {
+        "inputs": [str(p) for p in inputs],
+        "from_list": None if from_list is None else from_list.name,
+        "out": str(out_dir),
+        "threshold": effective_threshold,
+        "batch_size": batch_size,
+        "threads": threads,
+        "resume": resume,
+        "overwrite": overwrite,
+        "strict": strict,
+        "review": review,
+        "review_scale": review_scale if review else None,
+        "geojson_scale": geojson_scale,
+        "mpp": mpp,
+        "patch_mpp": patch_mpp,
+        "quality_control": quality.settings() if quality else None,
+        "dask": dask_address,
     }
+    record = run_record(
+        model, effective_threshold, precision_record, arguments, patients, result, list_skips, dask_record, started
+    )
     try:
-        write_json(out_dir / "run.json", run_info)
-        if review:
-            from .review import write_report_html
-
-            write_report_html(out_dir, result.summary_rows, run_info)
-        else:  # a report.html of an earlier run would link mosaics --resume has just removed
-            (out_dir / "report.html").unlink(missing_ok=True)
+        write_run_files(out_dir, record, result.summary_rows, review)
     except OSError as exc:  # a full disk, a read-only folder: the patients' reports are written already
         click.echo(
             f"idc-infer: cannot write run.json or report.html in {out_dir}: {exc}; the patients' CSVs and "
@@ -543,22 +490,11 @@ def main(
             err=True,
         )
         sys.exit(EXIT_FAILED_PATCHES)
-
-    headline = headline_of(model.contract, effective_threshold)
-    column = ESTIMATOR_COLUMNS[headline]
-    for row in result.summary_rows:
-        fraction, low, high = (row.get(column + suffix) for suffix in ("", "_ci95_low", "_ci95_high"))
-        shown = (
-            "n/a"
-            if fraction is None or fraction != fraction
-            else f"{fraction:.3f}" + ("" if low is None or low != low else f" [{low:.3f}-{high:.3f}]")
-        )
-        click.echo(
-            f"{row['patient_id']}\tpatches {row['n_patches']}\tfailed {row['n_failed']}\t{column} {shown}"
-            + (f"\t({row['notes']})" if row.get("notes") else "")
-        )
+    for line in console_summary(result.summary_rows, model.contract, effective_threshold):
+        click.echo(line)
     click.echo(f"reports in {out_dir} ({RESEARCH_NOTICE})")
 
+    cohort = result.cohort
     n_failed = cohort.n_failed
     if n_failed:
         click.echo(f"idc-infer: {n_failed} patch(es) could not be scored; see the status column", err=True)

@@ -417,16 +417,16 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_writes(tmp_path
 def test_disk_full_while_writing_run_json_is_an_exit_1_message(tmp_path, monkeypatch):
     import errno
 
-    import idc_infer.files as files
+    import idc_infer.run_record as run_record
 
-    real = files.write_json
+    real = run_record.write_json
 
     def full(target, payload):
         if target.name == "run.json":
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(target, payload)
 
-    monkeypatch.setattr(files, "write_json", full)
+    monkeypatch.setattr(run_record, "write_json", full)
     result = CliRunner().invoke(main, [str(SAMPLE_PATIENT), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "No space left on device" in result.output and "--resume" in result.output
     assert (tmp_path / "o" / "summary.csv").exists()
