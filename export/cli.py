@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from .convert import DEFAULT_OPSET, OPSET_RANGE  # constants only: convert imports TensorFlow inside its functions
+from .quantize import ACTIVATION_TYPES, CALIBRATION_METHODS, HEAD_PRECISIONS, WEIGHT_RANGES
 
 EXIT_OK, EXIT_PARITY, EXIT_USAGE, EXIT_INT8_GATE = 0, 1, 2, 3
 
@@ -131,28 +132,28 @@ def _summarise(report: dict, out_dir: Path) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sample.")
 @click.option(
     "--activation-type",
-    type=click.Choice(["auto", "uint8", "int8"]),
+    type=click.Choice(["auto", *ACTIVATION_TYPES]),
     default="auto",
     show_default=True,
     help="int8 activation type; auto measures both and keeps the more faithful.",
 )
 @click.option(
     "--calibration-method",
-    type=click.Choice(["auto", "minmax", "percentile", "entropy"]),
+    type=click.Choice(["auto", *CALIBRATION_METHODS]),
     default="auto",
     show_default=True,
     help="Calibration method; auto measures all three.",
 )
 @click.option(
     "--weight-range",
-    type=click.Choice(["auto", "full", "reduced"]),
+    type=click.Choice(["auto", *WEIGHT_RANGES]),
     default="auto",
     show_default=True,
     help="int8 weights in 8 bits (full) or 7 (reduced: no saturation on AVX2 CPUs without VNNI); auto measures both.",
 )
 @click.option(
     "--head-precision",
-    type=click.Choice(["auto", "float", "int8"]),
+    type=click.Choice(["auto", *HEAD_PRECISIONS]),
     default="float",
     show_default=True,
     help="Precision of the final Dense layer (Softmax always stays float); auto measures both.",

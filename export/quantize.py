@@ -25,6 +25,8 @@ MAX_BALANCED_ACCURACY_DROP = 0.01
 
 ACTIVATION_TYPES = ("uint8", "int8")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+WEIGHT_RANGES = ("full", "reduced")  # int8 weights in 8 bits, or 7 (no saturation on AVX2 without VNNI)
+HEAD_PRECISIONS = ("float", "int8")  # the final Dense layer's
 DEFAULT_CALIBRATION_PER_CLASS = 128
 CALIBRATION_BATCH = 32
 

@@ -11,6 +11,7 @@ import click
 from idc_infer.contract import PUBLIC_SET_PATCH_MPP
 
 from .options import fail_on_os_error, recipe_options, require
+from .training import DISTRIBUTE, EARLY_STOPPING
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,7 +52,7 @@ from .options import fail_on_os_error, recipe_options, require
 )
 @click.option(
     "--early-stopping",
-    type=click.Choice(["val-auc", "val-loss"]),
+    type=click.Choice(EARLY_STOPPING),
     default="val-auc",
     show_default=True,
     help="What --patience counts and which epoch is kept.",
@@ -59,7 +60,7 @@ from .options import fail_on_os_error, recipe_options, require
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last epoch checkpoint.")
 @click.option(
     "--distribute",
-    type=click.Choice(["none", "mirrored", "multiworker"]),
+    type=click.Choice(DISTRIBUTE),
     default="none",
     show_default=True,
     help="tf.distribute: mirrored = all GPUs of this machine; multiworker = several machines (TF_CONFIG).",

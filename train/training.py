@@ -25,6 +25,9 @@ from .data import counts_by_patient, discover_labelled, resolve_split, write_spl
 from .options import PATIENT_WEIGHTS
 from .synthetic import SYNTHETIC_MARKER
 
+EARLY_STOPPING = ("val-auc", "val-loss")  # what patience counts and which epoch is kept
+DISTRIBUTE = ("none", "mirrored", "multiworker")  # tf.distribute: none, all GPUs of this box, TF_CONFIG's cluster
+
 log = logging.getLogger(__name__)
 
 COLLAPSE_STD = 1e-3
@@ -54,10 +57,10 @@ class TrainConfig:
     patient_weight: str = (
         "none"  # how much each patient weighs: "none" (each patch 1), "sqrt" (1/sqrt n), "equal" (1/n)
     )
-    early_stopping: str = "val-auc"  # what patience counts and which epoch is kept: "val-auc" or "val-loss"
+    early_stopping: str = "val-auc"  # what patience counts and which epoch is kept: one of EARLY_STOPPING
     arch: str = "cancernet"
     resume: bool = False
-    distribute: str = "none"  # "none", "mirrored" (all GPUs of this box) or "multiworker" (TF_CONFIG)
+    distribute: str = "none"  # one of DISTRIBUTE: "mirrored" is all GPUs of this box, "multiworker" TF_CONFIG's
     mixed_precision: bool | None = None  # None: on when a GPU is present
     transfer_weights: str | None = "imagenet"
     patch_mpp: float = PUBLIC_SET_PATCH_MPP  # microns per pixel of the training patches, into the contract
