@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import IdcError
+from .schema import RESEARCH_NOTICE  # noqa: F401 - re-exported: many modules take it from here
 
 # A cell starting with one of these is read as a formula by Excel, LibreOffice and Sheets.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r", "\n")
-RESEARCH_NOTICE = "research use only; not for diagnosis"
 
 
 def _current_umask() -> int:

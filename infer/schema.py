@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+# on every report: CSVs (a column), summary, GeoJSON, mosaic, HTML, run.json
+RESEARCH_NOTICE = "research use only; not for diagnosis"
+
 # status of a patch row: "ok" (scored) or why not
 STATUS_OK = "ok"
 STATUS_EMPTY = "empty_file"
@@ -53,12 +56,17 @@ class PatchRow:
         return self.status == STATUS_OK and self.prob_idc is not None
 
     @property
+    def notice(self) -> str:
+        """The CSV's last column: a per-patient CSV travels alone (mailed, opened in Excel) and says what it is."""
+        return RESEARCH_NOTICE
+
+    @property
     def placed(self) -> bool:
         """Has a position on the slide (a mosaic cell, a GeoJSON tile)."""
         return self.x is not None and self.y is not None
 
 
-PATCH_COLUMNS = tuple(f.name for f in fields(PatchRow))  # the CSV's columns, in this order
+PATCH_COLUMNS = (*(f.name for f in fields(PatchRow)), "notice")  # the CSV's columns, in this order
 SUMMARY_COLUMNS = (
     "patient_id",
     "n_patches",

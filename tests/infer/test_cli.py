@@ -535,3 +535,20 @@ def test_help_starts_without_opencv_numpy_tensorflow_dask_or_slide_readers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "LOADED []" in out
+
+
+def test_every_per_patient_csv_row_says_research_use_only(tmp_path):
+    """A patient's CSV travels alone (mailed, opened in Excel): each row carries the notice, failed ones too."""
+    from idc_infer.files import RESEARCH_NOTICE
+
+    patient = tmp_path / "P1"
+    shutil.copytree(SAMPLE_PATIENT, patient)
+    (patient / "P1_idx5_x1_y1_class0.png").write_bytes(b"not a png")
+    result = CliRunner().invoke(main, [str(patient), "--out", str(tmp_path / "o"), "--no-review"])
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "o" / "P1.csv", newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert reader.fieldnames[-1] == "notice"
+    assert len(rows) == 12 and {row["notice"] for row in rows} == {RESEARCH_NOTICE}
+    assert any(row["status"] != "ok" for row in rows)
