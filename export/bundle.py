@@ -11,11 +11,10 @@ from pathlib import Path
 
 from idc_infer import code_version
 from idc_infer.files import RESEARCH_NOTICE, atomic_path, write_json
+from idc_infer.model import FP32_NAME, INT8_NAME  # the shipped file names, defined once
 
 from .convert import held_out_dirs, read_meta
 
-FP32_NAME = "cancernet-fp32.onnx"
-INT8_NAME = "cancernet-int8.onnx"
 # A gate-failed int8 file keeps a name idc-infer never picks as a default, and says so in its contract.
 INT8_REJECTED_NAME = "cancernet-int8.rejected.onnx"
 REPORT_NAME = "export-report.json"
@@ -71,11 +70,10 @@ def _machine() -> dict:
 
 
 def read_file_contract(path: Path):
-    import onnxruntime as ort
-
     from idc_infer.contract import contract_from_metadata
+    from idc_infer.model import cpu_session
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = cpu_session(path)
     return contract_from_metadata(session.get_modelmeta().custom_metadata_map, str(path))
 
 

@@ -45,13 +45,9 @@ def measure_throughput(
     seed: int = 0,
 ) -> float:
     """Patches per second of one onnxruntime session at a fixed batch size (median of three timed rounds)."""
-    import onnxruntime as ort
+    from idc_infer.model import cpu_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+    session = cpu_session(model_path, threads)
     name = session.get_inputs()[0].name
     batch = np.random.default_rng(seed).uniform(0, 1, (batch_size, *input_hw, 3)).astype(np.float32)
     for _ in range(3):  # first runs allocate and pick kernels

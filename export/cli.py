@@ -9,10 +9,13 @@ from pathlib import Path
 
 import click
 
+from idc_infer.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
 from .convert import DEFAULT_OPSET, OPSET_RANGE  # constants only: convert imports TensorFlow inside its functions
 from .quantize import ACTIVATION_TYPES, CALIBRATION_METHODS, HEAD_PRECISIONS, WEIGHT_RANGES
 
-EXIT_OK, EXIT_PARITY, EXIT_USAGE, EXIT_INT8_GATE = 0, 1, 2, 3
+EXIT_PARITY = EXIT_FAILED  # the fp32 parity gate failed: nothing written
+EXIT_INT8_GATE = 3  # fp32 written, int8 failed its accuracy gate
 
 HELP_EPILOG = f"""\b
 Exit codes:

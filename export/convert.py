@@ -125,9 +125,9 @@ def check_parity(
     keras_model, onnx_bytes: bytes, inputs: np.ndarray, tolerance: float = PARITY_TOLERANCE
 ) -> ParityReport:
     """Compare Keras and onnxruntime outputs on the same inputs; ParityError beyond tolerance."""
-    import onnxruntime as ort
+    from idc_infer.model import cpu_session
 
-    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    session = cpu_session(onnx_bytes)
     name = session.get_inputs()[0].name
     ort_probs = np.concatenate([session.run(None, {name: inputs[i : i + 256]})[0] for i in range(0, len(inputs), 256)])
     keras_probs = keras_model.predict(inputs, batch_size=256, verbose=0)

@@ -424,21 +424,10 @@ def quantize_qdq(
 def predict_prob_idc(
     model: Path | bytes, tensors: np.ndarray, positive_index: int = 1, batch_size: int = 256
 ) -> np.ndarray:
-    """Positive-class probabilities from onnxruntime (the same runtime the lab PC uses)."""
-    import onnxruntime as ort
+    """Positive-class probabilities of a model file or its bytes, from onnxruntime (the lab PC's runtime)."""
+    from idc_infer.model import cpu_session, session_prob_idc
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    source = model if isinstance(model, bytes) else str(model)
-    session = ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    if len(tensors) == 0:
-        return np.zeros(0)
-    out = [
-        session.run(None, {name: tensors[i : i + batch_size]})[0][:, positive_index]
-        for i in range(0, len(tensors), batch_size)
-    ]
-    return np.concatenate(out).astype(np.float64)
+    return session_prob_idc(cpu_session(model), tensors, positive_index, batch_size)
 
 
 # --------------------------------------------------------------------------- gates

@@ -11,12 +11,13 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from .options import DEFAULT_MIN_SHARPNESS, slide_options
 from .precision import PRECISIONS
 
 log = logging.getLogger("idc_infer")
 
-EXIT_OK, EXIT_FAILED_PATCHES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_FAILED_PATCHES = EXIT_FAILED  # --strict and a patch not scored, or reports not written
 
 HELP_EPILOG = f"""\b
 Exit codes:

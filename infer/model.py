@@ -94,23 +94,43 @@ class LoadedModel:
         return out
 
 
-def load_model(path: Path, threads: int = 0, spin: bool | None = None) -> LoadedModel:
-    """Open a model file for inference; ModelError (with the file name) for any unusable file."""
+def cpu_session(source: Path | str | bytes, threads: int = 0, spin: bool | None = None):
+    """The one way idc opens an onnxruntime session (inference, export gates, calibration, benchmarks): the CPU
+    provider, ``threads`` intra-op threads (0: onnxruntime's default, one per core), one inter-op thread,
+    warnings off; ``spin`` sets whether idle threads spin (None: onnxruntime's default)."""
     import onnxruntime as ort
 
-    path = Path(path)
-    if path.is_dir():
-        raise ModelError(f"{path} is a directory, not a model file")
-    if not path.is_file():
-        raise ModelError(f"model file {path} does not exist")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     if spin is not None:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    source = source if isinstance(source, bytes) else str(source)
+    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def session_prob_idc(session, tensors: np.ndarray, positive_index: int = 1, batch_size: int = 256) -> np.ndarray:
+    """Positive-class probabilities of a raw session (no calibration: what the graph itself outputs), float64."""
+    if len(tensors) == 0:
+        return np.zeros(0)
+    name = session.get_inputs()[0].name
+    out = [
+        session.run(None, {name: tensors[i : i + batch_size]})[0][:, positive_index]
+        for i in range(0, len(tensors), batch_size)
+    ]
+    return np.concatenate(out).astype(np.float64)
+
+
+def load_model(path: Path, threads: int = 0, spin: bool | None = None) -> LoadedModel:
+    """Open a model file for inference; ModelError (with the file name) for any unusable file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"{path} is a directory, not a model file")
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        session = cpu_session(path, threads, spin)
     except Exception as exc:  # onnxruntime raises its own exception types for every bad file
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path} is not a loadable ONNX model: {first_line[:200]}") from exc

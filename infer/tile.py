@@ -14,10 +14,9 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .errors import EXIT_FAILED
 from .files import RESEARCH_NOTICE, atomic_path, write_json
 from .options import slide_options
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def tile_name(slide_id: str, col: int, row: int, native_px: int) -> str:

@@ -235,12 +235,11 @@ def sample_inputs(contract, n_random: int = 2048):
 def optimize_graph(models_dir: Path, readme: Path) -> int:
     """Apply export/graph.py's rewrites to the shipped files (exported before them); refuses to write a file
     whose probabilities are not bit-identical to the old graph's on the sample patches and 2,048 noise inputs."""
-    import onnxruntime as ort
-
     from idc_export.graph import optimize_for_cpu
+    from idc_infer.model import cpu_session
 
     def probabilities(data: bytes, inputs):
-        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        session = cpu_session(data)
         name = session.get_inputs()[0].name
         return [session.run(None, {name: inputs[i : i + 16]})[0] for i in range(0, len(inputs), 16)]
 
@@ -275,14 +274,16 @@ def export_and_ship(run_dir: Path, models_dir: Path, bin_dir: Path) -> int:
     status = subprocess.run(export).returncode
     if status not in (0, EXIT_INT8_GATE):
         return status
-    report = json.loads((export_dir / "export-report.json").read_text())
-    shipped = ["cancernet-fp32.onnx", "export-report.json", "MODEL_CARD.md"]
+    from idc_export.bundle import CARD_NAME, FP32_NAME, INT8_NAME, REPORT_NAME
+
+    report = json.loads((export_dir / REPORT_NAME).read_text())
+    shipped = [FP32_NAME, REPORT_NAME, CARD_NAME]
     if report["int8_usable"]:
-        shipped.append("cancernet-int8.onnx")
+        shipped.append(INT8_NAME)
     else:
         print("int8 failed its accuracy gate: shipping fp32 only (see MODEL_CARD.md)", file=sys.stderr)
     models_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("cancernet-int8.onnx", "MODEL_CARD.json"):  # stale files of an earlier build
+    for name in (INT8_NAME, "MODEL_CARD.json"):  # stale files of an earlier build
         if name not in shipped and (models_dir / name).exists():
             (models_dir / name).unlink()
     for name in shipped:

@@ -9,8 +9,10 @@ from pathlib import Path
 import click
 
 from idc_infer.contract import PUBLIC_SET_PATCH_MPP
+from idc_infer.model import ModelError
 
-from .options import fail_on_os_error, recipe_options, require
+from .data import TrainingDataError
+from .options import EXIT_COLLAPSED, fail_on_os_error, recipe_options, require
 from .training import DISTRIBUTE, EARLY_STOPPING
 
 
@@ -104,7 +106,7 @@ def main(
 
     try:
         check_split(split)
-    except ValueError as exc:
+    except TrainingDataError as exc:
         raise click.BadParameter(str(exc), param_hint="--split") from None
     from .architectures import default_learning_rate
     from .training import CollapsedModelError, TrainConfig, train
@@ -132,13 +134,13 @@ def main(
     )
     try:
         meta = train(config)
-    except ValueError as exc:  # TrainingDataError, a bad manifest, ids that match no split...
+    except TrainingDataError as exc:  # a bad manifest, ids that match no split, a missing class...
         raise click.UsageError(str(exc)) from None
     except OSError as exc:
         fail_on_os_error("idc-train", exc)
     except CollapsedModelError as exc:
         click.echo(f"idc-train: FAILED: {exc}", err=True)
-        sys.exit(3)
+        sys.exit(EXIT_COLLAPSED)
     for name, m in meta["metrics"].items():
         click.echo(
             f"{name}: n={m['n']} ROC-AUC={m['roc_auc']:.3f} balanced_accuracy={m['balanced_accuracy']:.3f} "
@@ -184,7 +186,7 @@ def eval_main(model_path, data_dir, out_dir, split, set_name, threshold, seed, h
     if split is not None:
         try:
             check_split(split)
-        except ValueError as exc:
+        except TrainingDataError as exc:
             raise click.BadParameter(str(exc), param_hint="--split") from None
     try:
         evaluate(
@@ -197,7 +199,7 @@ def eval_main(model_path, data_dir, out_dir, split, set_name, threshold, seed, h
             seed=seed,
             history_csv=history_csv,
         )
-    except ValueError as exc:
+    except (TrainingDataError, ModelError) as exc:  # no labelled patches, a file that is no model...
         raise click.UsageError(str(exc)) from None
     except OSError as exc:
         fail_on_os_error("idc-eval", exc)
@@ -248,11 +250,11 @@ def crossval_main(
     )
     try:
         result = cross_validate(base, folds, out_dir, resume=resume)
-    except ValueError as exc:
+    except TrainingDataError as exc:
         raise click.UsageError(str(exc)) from None
     except CollapsedModelError as exc:
         click.echo(f"idc-crossval: FAILED: {exc} (finished folds are kept for --resume)", err=True)
-        sys.exit(3)
+        sys.exit(EXIT_COLLAPSED)
     m = result["pooled_out_of_fold"]
     click.echo(
         f"{folds}-fold patient CV, pooled out-of-fold (n={m['n']}): ROC-AUC {m['roc_auc']:.3f}, balanced accuracy "

@@ -18,7 +18,7 @@ import numpy as np
 from idc_infer.files import write_csv, write_json
 from idc_infer.metrics import Confusion, roc_auc
 
-from .data import counts_by_patient, discover_labelled
+from .data import TrainingDataError, counts_by_patient, discover_labelled
 from .training import TrainConfig, config_record, train
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 def assign_folds(patient_counts: dict[str, tuple[int, int]], k: int) -> dict[str, int]:
     """Deal patients, sorted by IDC ratio, round-robin into k folds: each fold spans the ratios."""
     if k < 3:
-        raise ValueError("cross-validation needs at least 3 folds (test, validation, training)")
+        raise TrainingDataError("cross-validation needs at least 3 folds (test, validation, training)")
     if len(patient_counts) < k:
-        raise ValueError(f"{len(patient_counts)} patients cannot fill {k} folds")
+        raise TrainingDataError(f"{len(patient_counts)} patients cannot fill {k} folds")
     order = sorted(patient_counts, key=lambda p: (patient_counts[p][1] / max(1, sum(patient_counts[p])), p))
     return {pid: i % k for i, pid in enumerate(order)}
 
@@ -41,11 +41,11 @@ def fold_split(folds: dict[str, int], fold: int, k: int) -> dict[str, str]:
 
 def _check_same_folds(folds_csv: Path, folds: dict[str, int]) -> None:
     if not folds_csv.exists():
-        raise ValueError(f"{folds_csv.parent} holds no cross-validation to resume (no folds.csv)")
+        raise TrainingDataError(f"{folds_csv.parent} holds no cross-validation to resume (no folds.csv)")
     with open(folds_csv, newline="", encoding="utf-8") as handle:
         previous = {row["patient_id"]: int(row["fold"]) for row in csv.DictReader(handle)}
     if previous != folds:
-        raise ValueError(
+        raise TrainingDataError(
             f"{folds_csv} assigns patients to other folds than this data and --folds give; start a new --out"
         )
 
@@ -94,12 +94,12 @@ def _finished_meta(run_dir: Path, base: TrainConfig, test_patients: set[str]) ->
     wanted = {key: v for key, v in recipe_of(base).items() if key != "data_dir"}
     if recorded != wanted:
         changed = sorted(key for key in set(recorded) | set(wanted) if recorded.get(key) != wanted.get(key))
-        raise ValueError(
+        raise TrainingDataError(
             f"{run_dir} was trained with a different recipe ({', '.join(changed)}); "
             "resume with the same options or start a new --out"
         )
     if set(meta.get("split", {}).get("test", ())) != test_patients:
-        raise ValueError(f"{run_dir} tested other patients than this fold; the data changed, start a new --out")
+        raise TrainingDataError(f"{run_dir} tested other patients than this fold; the data changed, start a new --out")
     return meta
 
 

@@ -11,7 +11,14 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from idc_infer.errors import IdcError
 from idc_infer.naming import LABEL_DIRS, is_candidate_image, parse_patch_name
+
+
+class TrainingDataError(IdcError, ValueError):
+    """The data, split or manifest cannot train a model (missing class, empty set, unreadable manifest...):
+    the commands turn it into a usage error; any other ValueError is a bug and keeps its traceback."""
+
 
 log = logging.getLogger(__name__)
 
@@ -168,29 +175,29 @@ def read_split_manifest(path: Path) -> dict[str, str]:
             reader = csv.DictReader(handle)
             columns = [name.strip() for name in reader.fieldnames or ()]
             if not {"patient_id", "set"} <= set(columns):
-                raise ValueError(f"{path}: {expected}; its columns are {','.join(columns) or '(none)'}")
+                raise TrainingDataError(f"{path}: {expected}; its columns are {','.join(columns) or '(none)'}")
             reader.fieldnames = columns  # " set" and "set" alike
             assignment: dict[str, str] = {}
             for row in reader:
                 pid = (row.get("patient_id") or "").strip()
                 set_name = (row.get("set") or "").strip().lower()
                 if not pid:
-                    raise ValueError(f"{path}, line {reader.line_num}: no patient_id; {expected}")
+                    raise TrainingDataError(f"{path}, line {reader.line_num}: no patient_id; {expected}")
                 if set_name not in SET_NAMES:
-                    raise ValueError(
+                    raise TrainingDataError(
                         f"{path}, line {reader.line_num}: set {row.get('set')!r} of patient {pid} is "
                         f"not one of {', '.join(SET_NAMES)}"
                     )
                 if assignment.get(pid, set_name) != set_name:
-                    raise ValueError(
+                    raise TrainingDataError(
                         f"{path}, line {reader.line_num}: patient {pid} is in both {assignment[pid]} and "
                         f"{set_name}; a patient belongs to one set"
                     )
                 assignment[pid] = set_name
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not a UTF-8 text file ({exc.reason}); {expected}") from None
+        raise TrainingDataError(f"{path}: not a UTF-8 text file ({exc.reason}); {expected}") from None
     except csv.Error as exc:
-        raise ValueError(f"{path}: not a readable CSV ({exc}); {expected}") from None
+        raise TrainingDataError(f"{path}: not a readable CSV ({exc}); {expected}") from None
     return assignment
 
 
@@ -224,7 +231,7 @@ def apply_split(
     data_pids = {patch.patient_id for patch in patches}
     if not data_pids & set(assignment):
         split_example = f"e.g. {_examples(assignment, 3)}" if assignment else "it lists no patients"
-        raise ValueError(
+        raise TrainingDataError(
             f"the data's patient ids do not match {split_name}: none of the {len(data_pids)} patients in "
             f"the data (e.g. {_examples(data_pids, 3)}) is among its {len(assignment)} ({split_example})"
         )
@@ -274,7 +281,7 @@ def folder_split(patches: list[LabelledPatch]) -> tuple[dict[str, list[LabelledP
     sets: dict[str, list[LabelledPatch]] = {name: [] for name in SET_NAMES}
     outside = [patch for patch in patches if patch.set_folder is None]
     if len(outside) == len(patches):
-        raise ValueError(
+        raise TrainingDataError(
             "--split folders needs the data in train/, val/ and test/ folders (each holding class "
             "folders or Kaggle-named patches); this data has none: use --split patient"
         )
@@ -306,7 +313,7 @@ def folder_split(patches: list[LabelledPatch]) -> tuple[dict[str, list[LabelledP
 def published_split(name: str) -> dict[str, str]:
     """A published patient split shipped with idc (train.txt/val.txt/test.txt of patient ids)."""
     if name not in PUBLISHED_SPLITS:
-        raise ValueError(f"unknown published split {name!r}; known: {', '.join(PUBLISHED_SPLITS)}")
+        raise TrainingDataError(f"unknown published split {name!r}; known: {', '.join(PUBLISHED_SPLITS)}")
     folder = importlib.resources.files("idc_train") / "splits" / name
     assignment = {}
     for set_name in SET_NAMES:
@@ -335,7 +342,7 @@ def random_patch_split(
 def check_split(split: str) -> None:
     """ValueError unless ``split`` is a known method or an existing manifest file."""
     if split not in SPLIT_METHODS and not Path(split).is_file():
-        raise ValueError(
+        raise TrainingDataError(
             f"--split {split!r} is neither a split method nor an existing manifest file; choose {SPLIT_CHOICES_TEXT}"
         )
 
@@ -352,7 +359,7 @@ def resolve_split(
     if split == "patient":
         if any(patch.set_folder for patch in patches):
             if all(is_class_folder_id(patch.patient_id) for patch in patches):
-                raise ValueError(
+                raise TrainingDataError(
                     "--split patient needs patient ids, and the file names of this data carry none (they "
                     "lie in train/val/test and class folders): use --split folders to keep the dataset's "
                     "own sets"

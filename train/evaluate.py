@@ -27,6 +27,7 @@ from .data import (
     LEAKY_WARNING,
     LabelledPatch,
     SampleDesign,
+    TrainingDataError,
     discover_labelled,
     published_split,
     read_sample_design,
@@ -68,7 +69,13 @@ def load_scorer(model_path: Path, threads: int = 2):
 
     meta_file = model_path.parent / "train_meta.json"
     threshold = json.loads(meta_file.read_text())["threshold"] if meta_file.exists() else 0.5
-    return KerasScorer(keras.models.load_model(model_path, compile=False), Contract(threshold=threshold))
+    try:
+        model = keras.models.load_model(model_path, compile=False)
+    except (ValueError, OSError) as exc:  # keras says ValueError for a file that is not a Keras model
+        from idc_infer.model import ModelError
+
+        raise ModelError(f"{model_path} is not a loadable Keras model: {str(exc).splitlines()[0][:200]}") from exc
+    return KerasScorer(model, Contract(threshold=threshold))
 
 
 @dataclass
@@ -292,7 +299,7 @@ def evaluate(
             sets, _ = resolve_split(split, patches, seed)
             patches = sets[set_name]
     if not patches:
-        raise ValueError(f"no labelled patches to evaluate under {data_dir} (split {split}, set {set_name})")
+        raise TrainingDataError(f"no labelled patches to evaluate under {data_dir} (split {split}, set {set_name})")
     scorer = load_scorer(model_path)
     threshold = scorer.contract.threshold if threshold is None else threshold
     scores = score_patches(scorer, patches, threshold)

@@ -8,6 +8,8 @@ import sys
 
 import click
 
+from idc_infer.errors import EXIT_FAILED
+
 ARCHITECTURES = ("cancernet", "simple-cnn", "transfer")
 AUGMENTATIONS = ("idc", "hed", "seed", "both", "none")
 OPTIMIZERS = ("seed", "adam-cosine")
@@ -57,7 +59,8 @@ def recipe_options(function):
     return function
 
 
-EXIT_WRITE_FAILED = 1
+EXIT_WRITE_FAILED = EXIT_FAILED
+EXIT_COLLAPSED = 3  # training finished but the model outputs (almost) one value for every patch
 
 
 def require(command: str, extra: str, *modules: str) -> None:

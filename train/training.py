@@ -21,7 +21,7 @@ from idc_infer.errors import IdcError
 from idc_infer.files import write_json
 from idc_infer.metrics import best_balanced_threshold, classification_metrics
 
-from .data import counts_by_patient, discover_labelled, resolve_split, write_split_manifest
+from .data import TrainingDataError, counts_by_patient, discover_labelled, resolve_split, write_split_manifest
 from .options import PATIENT_WEIGHTS
 from .synthetic import SYNTHETIC_MARKER
 
@@ -35,10 +35,6 @@ COLLAPSE_STD = 1e-3
 
 class CollapsedModelError(IdcError, RuntimeError):
     """The trained model gives (almost) the same output for every patch."""
-
-
-class TrainingDataError(IdcError, ValueError):
-    """The data or split cannot train a model (missing class, empty set...)."""
 
 
 @dataclass

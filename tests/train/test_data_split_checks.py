@@ -15,6 +15,8 @@ from idc_train.data import (
     resolve_split,
 )
 
+from ..conftest import SAMPLE_PATIENT, require_module
+
 
 def _patches(*pids: str) -> list[LabelledPatch]:
     return [
@@ -220,3 +222,41 @@ def test_a_full_disk_in_training_is_exit_1_not_a_usage_error(monkeypatch, tmp_pa
     monkeypatch.setattr(training, "train", full)
     result = CliRunner().invoke(train_main, [str(tmp_path), "--out", str(tmp_path / "run")])
     assert result.exit_code == 1 and "No space left on device" in result.output
+
+
+@pytest.mark.tf
+def test_a_bug_in_training_keeps_its_traceback_while_bad_data_is_a_usage_error(monkeypatch, tmp_path):
+    """Only idc's own data errors become 'usage error' (exit 2): a ValueError from a bug is not the user's."""
+    from click.testing import CliRunner
+
+    import idc_train.training as training
+    from idc_train.cli import main as train_main
+    from idc_train.data import TrainingDataError
+
+    def bug(config):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(training, "train", bug)
+    result = CliRunner().invoke(train_main, [str(tmp_path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and isinstance(result.exception, ValueError) and "Usage" not in result.output
+
+    def bad_data(config):
+        raise TrainingDataError("the validation set has no IDC patch")
+
+    monkeypatch.setattr(training, "train", bad_data)
+    result = CliRunner().invoke(train_main, [str(tmp_path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "the validation set has no IDC patch" in result.output
+
+
+@pytest.mark.tf
+def test_idc_eval_on_a_file_that_is_no_model_is_a_usage_error(tmp_path):
+    from click.testing import CliRunner
+
+    from idc_train.cli import eval_main
+
+    require_module("keras")
+    (tmp_path / "model.keras").write_bytes(b"not a keras file")
+    result = CliRunner().invoke(
+        eval_main, [str(tmp_path / "model.keras"), str(SAMPLE_PATIENT.parent), "--out", str(tmp_path / "e")]
+    )
+    assert result.exit_code == 2 and "not a loadable Keras model" in result.output
