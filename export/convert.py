@@ -183,7 +183,13 @@ def contract_for(keras_path: Path, meta: dict | None, opset: int) -> Contract:
         "export": export_settings(opset),
         "arch": meta.get("arch", "cancernet"),
     }
-    return Contract(threshold=float(meta.get("threshold", 0.5)), provenance=provenance, patch_mpp=meta.get("patch_mpp"))
+    trained = meta.get("contract")
+    if trained is None:  # a run of idc 0.1 (or no train_meta.json): the defaults it trained with
+        log.warning("train_meta.json records no contract (an older run): the default preprocessing is assumed")
+        return Contract(
+            threshold=float(meta.get("threshold", 0.5)), provenance=provenance, patch_mpp=meta.get("patch_mpp")
+        )
+    return Contract.from_json(json.dumps(trained | {"provenance": provenance}))
 
 
 def export_fp32(keras_path: Path, out_path: Path, sample_dirs: list[Path], opset: int = DEFAULT_OPSET) -> dict:

@@ -94,9 +94,34 @@ def patch_weights(labels: list[int], patient_ids: list[str], patient_weight: str
     return weights * (len(weights) / weights.sum())
 
 
-def predict_prob_idc(model, dataset) -> np.ndarray:
+TRAINED_CONTRACT_FIELDS = (
+    "input_height_px",
+    "input_width_px",
+    "layout",
+    "channel_order",
+    "scale",
+    "offset",
+    "resize_method",
+    "native_patch_px",
+    "undersized_policy",
+    "oversized_policy",
+    "class_names",
+    "positive_class_index",
+)
+
+
+def training_contract(contract: Contract, threshold: float, patch_mpp: float | None) -> dict:
+    """What train_meta.json records of the contract the patches were trained through: every preprocessing
+    field, the threshold chosen on the validation patients and the patches' scale."""
+    record = {name: getattr(contract, name) for name in TRAINED_CONTRACT_FIELDS}
+    record["class_names"] = list(contract.class_names)
+    return record | {"threshold": float(threshold), "patch_mpp": patch_mpp}
+
+
+def predict_prob_idc(model, dataset, positive_index: int = 1) -> np.ndarray:
+    """The positive (IDC) class's column of a Keras model's output on a dataset, float64."""
     probs = model.predict(dataset, verbose=0)
-    return probs[:, 1].astype(np.float64)
+    return probs[:, positive_index].astype(np.float64)
 
 
 def check_not_collapsed(probs: np.ndarray, where: str) -> None:
@@ -142,7 +167,15 @@ def validation_loss(labels, probs_idc) -> float:
 
 
 def _make_auc_callback(
-    val_ds, val_labels, bn_ds, patience: int, min_epochs: int, state_dir: Path, resume: bool, monitor: str = "val-auc"
+    val_ds,
+    val_labels,
+    bn_ds,
+    patience: int,
+    min_epochs: int,
+    state_dir: Path,
+    resume: bool,
+    monitor: str = "val-auc",
+    positive_index: int = 1,
 ):
     import json
 
@@ -173,7 +206,7 @@ def _make_auc_callback(
 
         def on_epoch_end(self, epoch, logs=None):
             recalibrate_batchnorm(self.model, bn_ds)
-            probs = predict_prob_idc(self.model, val_ds)
+            probs = predict_prob_idc(self.model, val_ds, positive_index)
             auc = roc_auc(val_labels, probs)
             spread = float(np.std(probs))
             if logs is not None:
@@ -422,6 +455,7 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
         state_dir,
         config.resume,
         monitor=config.early_stopping,
+        positive_index=contract.positive_class_index,
     )
     callbacks = [
         keras.callbacks.BackupAndRestore(str(state_dir / "backup"), delete_checkpoint=False),  # every epoch
@@ -458,13 +492,15 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
         )
         model.set_weights(weights)
 
-    val_probs = predict_prob_idc(model, val_ds)
+    val_probs = predict_prob_idc(model, val_ds, contract.positive_class_index)
     check_not_collapsed(val_probs, "the validation patients")
     threshold = best_balanced_threshold(val_labels, val_probs)
     metrics = {"val": classification_metrics(val_labels, val_probs, threshold)}
     if sets["test"]:
         test_paths, test_labels = arrays("test")
-        test_probs = predict_prob_idc(model, make_dataset(test_paths, test_labels, contract, 256))
+        test_probs = predict_prob_idc(
+            model, make_dataset(test_paths, test_labels, contract, 256), contract.positive_class_index
+        )
         check_not_collapsed(test_probs, "the test patients")
         metrics["test"] = classification_metrics(test_labels, test_probs, threshold)
         metrics["test_at_0.5"] = classification_metrics(test_labels, test_probs, 0.5)
@@ -487,6 +523,8 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
         "config": record,
         "arch": config.arch,
         "patch_mpp": config.patch_mpp,
+        # the preprocessing the model was trained with: idc-export starts the exported contract from it
+        "contract": training_contract(contract, threshold, config.patch_mpp),
         "early_stopping": (
             f"{config.early_stopping}, patience {config.patience}" if config.patience else "off: the last epoch is kept"
         ),

@@ -87,3 +87,27 @@ def test_parity_gate_catches_broken_preprocessing(demo_run, demo_onnx):
 
     with pytest.raises(ParityError):
         check_parity(SwappedChannels(), demo_onnx.read_bytes(), inputs)
+
+
+def test_export_starts_from_the_contract_training_recorded(demo_run, tmp_path, caplog):
+    """The exported file's preprocessing is what train_meta.json says the model trained with, not defaults."""
+    import shutil
+
+    from idc_export.convert import export_fp32
+
+    meta = json.loads((demo_run / "train_meta.json").read_text())
+    trained = meta["contract"]
+    assert trained["positive_class_index"] == 1 and trained["undersized_policy"] == "resize"
+    assert trained["threshold"] == pytest.approx(meta["threshold"])
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    meta["contract"] = trained | {"undersized_policy": "pad"}  # as a run trained under that policy records it
+    (run / "train_meta.json").write_text(json.dumps(meta))
+    export_fp32(run / "model.keras", tmp_path / "m.onnx", [SAMPLE_PATIENT])
+    contract = load_model(tmp_path / "m.onnx").contract
+    assert contract.undersized_policy == "pad" and contract.threshold == pytest.approx(meta["threshold"])
+    del meta["contract"]  # a run of idc 0.1: the defaults, said out loud
+    (run / "train_meta.json").write_text(json.dumps(meta))
+    export_fp32(run / "model.keras", tmp_path / "old.onnx", [SAMPLE_PATIENT])
+    assert load_model(tmp_path / "old.onnx").contract.undersized_policy == "resize"
+    assert "records no contract" in caplog.text

@@ -75,3 +75,47 @@ def test_idc_augmentation_draws_per_image_and_stays_in_range(tmp_path):
     assert not np.allclose(out, next(dataset.as_numpy_iterator())[0])  # fresh draws every epoch (new iterator)
     again = make_dataset([path] * 32, [0] * 32, Contract(), 32, augment_images="idc")
     np.testing.assert_array_equal(next(again.as_numpy_iterator())[0], out)  # same seed, same run
+
+
+def test_tf_and_cv2_agree_when_the_contract_pads_undersized_patches(real_data):
+    """A contract that zero-pads short edge patches: training must pad them as idc-infer does, not stretch."""
+    import csv
+
+    rows = list(csv.DictReader(open(real_data / "manifest.csv")))
+    small = [real_data / r["path"] for r in rows if (r["width"], r["height"]) != ("50", "50")][:40]
+    contract = Contract(undersized_policy="pad")
+    _compare(small, contract)
+    stretched = decode_and_preprocess(tf.constant(str(small[0])), Contract()).numpy()
+    assert not np.array_equal(stretched, decode_file(small[0], contract).tensor)  # the policy made a difference
+
+
+def test_training_leaves_out_the_patches_the_contract_refuses(tmp_path):
+    """idc-infer refuses a patch larger than 50 px (and, under 'refuse', a short one): training must not learn
+    from pixels inference never scores."""
+    import cv2
+
+    from idc_train.pipeline import fits_contract, make_dataset
+
+    sizes = {"big.png": (60, 60), "short.png": (32, 50), "ok.png": (50, 50)}
+    for name, (w, h) in sizes.items():
+        cv2.imwrite(str(tmp_path / name), np.full((h, w, 3), 128, dtype=np.uint8))
+    paths = [str(tmp_path / name) for name in sizes]
+    assert [fits_contract(p, Contract()) for p in paths] == [False, True, True]
+    strict = Contract(undersized_policy="refuse")
+    assert [fits_contract(p, strict) for p in paths] == [False, False, True]
+    batches = list(make_dataset(paths, [0, 1, 1], strict, 8, cache=False).as_numpy_iterator())
+    assert sum(len(b[0]) for b in batches) == 1
+
+
+def test_the_one_hot_label_follows_the_contracts_positive_class(tmp_path):
+    import cv2
+
+    from idc_train.pipeline import make_dataset
+
+    path = tmp_path / "p.png"
+    cv2.imwrite(str(path), np.full((50, 50, 3), 128, dtype=np.uint8))
+    for positive, expected in ((1, [[0, 1], [1, 0]]), (0, [[1, 0], [0, 1]])):
+        contract = Contract(class_names=("IDC", "non-IDC") if positive == 0 else ("non-IDC", "IDC"))
+        contract = contract.replace(positive_class_index=positive)
+        _, onehot = next(make_dataset([str(path)] * 2, [1, 0], contract, 2, cache=False).as_numpy_iterator())
+        assert onehot.tolist() == expected  # label 1 (IDC) sits in the positive class's column
