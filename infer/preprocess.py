@@ -10,6 +10,8 @@ import functools
 import os
 import re
 import stat
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -210,6 +212,44 @@ def png_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+# ancillary PNG chunks that change what cv2 decodes (transparency); every other ancillary chunk (text, time,
+# ICC profile, gamma, physical size...) is ignored by cv2's decoder but is what libpng warns about
+_PNG_KEPT_ANCILLARY = frozenset({b"tRNS"})
+_PNG_CHUNK_HEAD, _PNG_CRC = struct.Struct(">I4s"), struct.Struct(">I")
+
+
+def png_without_ancillary(data: bytes) -> tuple[bytes, list[str]]:
+    """The PNG with only the chunks cv2's decode depends on (critical ones and tRNS), and notes on what was
+    wrong in those dropped. libpng prints warnings about ancillary chunks (a bad CRC, a malformed ICC
+    profile or text) straight to the process's stderr, where no file is named and -q cannot silence them;
+    cv2 ignores those chunks anyway, so the pixels are the same (checked on every idc-real patch) and the
+    row's message names the problem instead. Anything that is not a well-formed chunk list is returned
+    unchanged, for the decoder to judge."""
+    if not data.startswith(PNG_SIGNATURE):
+        return data, []
+    kept = [data[:8]]
+    notes: list[str] = []
+    offset, end, dropped = 8, len(data), False
+    view = memoryview(data)
+    while offset + 12 <= end:
+        length, kind = _PNG_CHUNK_HEAD.unpack_from(data, offset)
+        chunk_end = offset + 12 + length
+        if chunk_end > end or not kind.isalpha():
+            return data, []  # truncated, or not a chunk: the decoder's verdict (corrupt_image) stands
+        if 97 <= kind[0] <= 122:  # ancillary (bit 5 of the first byte): libpng may skip it, and warns instead
+            bad_crc = zlib.crc32(view[offset + 4 : chunk_end - 4]) != _PNG_CRC.unpack_from(data, chunk_end - 4)[0]
+            if bad_crc:
+                notes.append(f"PNG {kind.decode('ascii')} chunk has a bad checksum: ignored")
+            if bad_crc or kind not in _PNG_KEPT_ANCILLARY:
+                offset, dropped = chunk_end, True
+                continue
+        kept.append(data[offset:chunk_end])
+        offset = chunk_end
+        if kind == b"IEND":
+            break
+    return (b"".join(kept) if dropped else data), notes
+
+
 def _is_sof(marker: int) -> bool:
     # SOF0-SOF15 carry the frame size; C4 (DHT), C8 (reserved) and CC (DAC) share the range but do not
     return 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)
@@ -345,6 +385,7 @@ def decode_bytes(
             return refused
     if len(data) > MAX_FILE_BYTES:
         return Decoded(STATUS_OVERSIZED, f"file over {MAX_FILE_BYTES // 2**20} MiB is far too large for a patch")
+    data, chunk_notes = png_without_ancillary(data)
     buffer = np.frombuffer(data, dtype=np.uint8)
     try:
         image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
@@ -363,7 +404,7 @@ def decode_bytes(
             return Decoded(STATUS_CORRUPT, ("image data is truncated or corrupt " + detail).strip())
         return Decoded(STATUS_NOT_IMAGE, "content is not an image")
     height, width = image.shape[:2]
-    notes = _source_notes(data)
+    notes = _source_notes(data) + chunk_notes
     rgb = _to_rgb8(image, notes)
     if rgb is None:
         return Decoded(

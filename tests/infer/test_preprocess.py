@@ -252,3 +252,84 @@ def test_a_text_file_starting_with_bm_is_not_taken_for_a_bitmap(tmp_path):
     path.write_bytes(b"BM: meeting notes about the slides, nothing like a bitmap header at all\n" * 3)
     decoded = decode_file(path, CONTRACT)  # "BM" is the bitmap signature: a broken image, never "oversized"
     assert decoded.status == "corrupt_image" and "px" not in decoded.message
+
+
+def png_chunk(kind: bytes, body: bytes, crc: int | None = None) -> bytes:
+    import zlib
+
+    crc = zlib.crc32(kind + body) if crc is None else crc
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+
+def with_chunk_after_ihdr(png: bytes, chunk: bytes) -> bytes:
+    return png[:33] + chunk + png[33:]  # signature (8) + IHDR (25)
+
+
+@pytest.fixture
+def real_png():
+    from ..conftest import SAMPLE_PATIENT
+
+    return sorted(SAMPLE_PATIENT.rglob("*.png"))[0].read_bytes()
+
+
+def test_png_ancillary_chunks_are_dropped_before_decoding_with_the_pixels_unchanged(real_png):
+    import zlib
+
+    from idc_infer.preprocess import png_without_ancillary
+
+    bad_text = with_chunk_after_ihdr(real_png, png_chunk(b"tEXt", b"k\x00v", crc=0))
+    bad_icc = with_chunk_after_ihdr(real_png, png_chunk(b"iCCP", b"p\x00\x00" + zlib.compress(b"not a profile")))
+    clean, notes = png_without_ancillary(bad_text)
+    assert notes == ["PNG tEXt chunk has a bad checksum: ignored"]
+    assert np.array_equal(
+        cv2.imdecode(np.frombuffer(clean, np.uint8), -1), cv2.imdecode(np.frombuffer(real_png, np.uint8), -1)
+    )
+    assert png_without_ancillary(bad_icc)[1] == []  # a valid chunk cv2 ignores anyway: dropped without a note
+    truncated = bad_text[:40]
+    assert png_without_ancillary(truncated) == (truncated, [])  # the decoder judges what is not a chunk list
+
+
+def test_png_transparency_survives_the_chunk_filter(tmp_path):
+    """tRNS changes what cv2 decodes (a palette PNG with transparency gains alpha): it is kept."""
+    from idc_infer.preprocess import png_without_ancillary
+
+    from ..conftest import require_module
+
+    Image = require_module("PIL.Image")  # noqa: N806 - the module, as PIL names it
+    palette = tmp_path / "p.png"
+
+    image = Image.new("P", (50, 50), 1)
+    image.putpalette([255, 0, 0, 0, 128, 255] + [0] * 762)
+    image.save(palette, transparency=0)
+    data = palette.read_bytes()
+    assert b"tRNS" in data
+    clean, _ = png_without_ancillary(data)
+    assert np.array_equal(
+        cv2.imdecode(np.frombuffer(clean, np.uint8), -1), cv2.imdecode(np.frombuffer(data, np.uint8), -1)
+    )
+
+
+def test_libpng_warnings_do_not_reach_stderr_under_quiet_and_the_row_names_the_file(tmp_path, real_png):
+    """libpng printed 'libpng warning: tEXt: CRC error' to stderr, under -q too, naming no file."""
+    import csv
+    import zlib
+
+    patient = tmp_path / "P1"
+    patient.mkdir()
+    (patient / "P1_idx5_x0_y0_class0.png").write_bytes(real_png)
+    (patient / "P1_idx5_x50_y0_class0.png").write_bytes(
+        with_chunk_after_ihdr(real_png, png_chunk(b"tEXt", b"k\x00v", 0))
+    )
+    icc = png_chunk(b"iCCP", b"p\x00\x00" + zlib.compress(b"not a profile"))
+    (patient / "P1_idx5_x100_y0_class0.png").write_bytes(with_chunk_after_ihdr(real_png, icc))
+    done = subprocess.run(
+        [sys.executable, "-m", "idc_infer", str(patient), "--out", str(tmp_path / "o"), "-q", "--no-review"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "libpng" not in done.stderr
+    rows = {r["path"]: r for r in csv.DictReader(open(tmp_path / "o" / "P1.csv", encoding="utf-8"))}
+    assert "tEXt chunk has a bad checksum" in rows["P1_idx5_x50_y0_class0.png"]["message"]
+    assert {r["status"] for r in rows.values()} == {"ok"}
+    assert len({r["prob_idc"] for r in rows.values()}) == 1  # the same pixels, the same score
