@@ -561,6 +561,21 @@ def int8_contract(
         }
     )
     provenance["export"] = export
+    # the metrics a lab PC announces for this file are this file's, measured by the gate; the fp32 file's
+    # (training's held-out evaluation) are kept under their own name
+    numbers = gate.as_dict()
+    provenance["fp32_metrics"] = provenance.pop("metrics", {})
+    provenance["fp32_metrics_on"] = provenance.pop("metrics_on", None)
+    if "all_metrics" in provenance:
+        provenance["fp32_all_metrics"] = provenance.pop("all_metrics")
+    provenance["metrics"] = {
+        "roc_auc": numbers["int8_roc_auc"],
+        "balanced_accuracy": numbers["int8_balanced_accuracy"],
+        "n": numbers["n_patches"],
+        "n_idc": numbers["n_idc"],
+        "threshold": numbers["threshold"],
+    }
+    provenance["metrics_on"] = "this int8 file, on its accuracy gate's patches (validation patients)"
     provenance["quantization_gate"] = "passed" if gate.passed else "failed"
     provenance["quantization_gate_results"] = gate.as_dict()
     return fp32_contract.replace(provenance=provenance)

@@ -118,14 +118,9 @@ def _announce(model, quiet: bool, precision: dict | None = None) -> None:
             f"idc-infer: precision {precision['chosen']}: timed here, fp32 {rates['fp32']:.0f} vs int8 "
             f"{rates['int8']:.0f} patches/s{' (cached)' if precision.get('cached') else ''}"
         )
-    if contract.is_demo:
+    if contract.demo_warning:
         lines.insert(0, "!" * 72)
-        lines.insert(
-            1,
-            "!! DEMO MODEL: trained on synthetic data. Its outputs say nothing about real tissue."
-            if contract.provenance
-            else "!! UNVERIFIED MODEL: its contract says nothing of its training data or how it was evaluated.",
-        )
+        lines.insert(1, f"!! {contract.demo_warning}")
         lines.append("!" * 72)
     if contract.failed_gate:
         lines.append(

@@ -114,6 +114,16 @@ class Contract:
         return bool(self.provenance.get("demo", True))
 
     @property
+    def demo_warning(self) -> str | None:
+        """What a reader must be told first about a model not trained and evaluated on real data (None: it was):
+        a synthetic demo, or a contract that says nothing of its training at all."""
+        if not self.is_demo:
+            return None
+        if self.provenance:
+            return "DEMO MODEL: trained on synthetic data. Its outputs say nothing about real tissue."
+        return "UNVERIFIED MODEL: its contract says nothing of its training data or how it was evaluated."
+
+    @property
     def failed_gate(self) -> bool:
         """An int8 file written although it failed its accuracy gate at export."""
         return self.provenance.get("quantization_gate") == "failed"
@@ -124,9 +134,11 @@ class Contract:
         metrics = self.provenance.get("metrics", {})
         bits = [data]
         if metrics.get("roc_auc") is not None:
+            bacc = metrics.get("balanced_accuracy")
             bits.append(
-                f"held-out ROC-AUC {metrics['roc_auc']:.3f}, "
-                f"balanced accuracy {metrics.get('balanced_accuracy', float('nan')):.3f}"
+                f"ROC-AUC {metrics['roc_auc']:.3f}, balanced accuracy "
+                f"{'n/a' if bacc is None else format(bacc, '.3f')} on "
+                f"{self.provenance.get('metrics_on') or 'held-out patients'}"
             )
         return "; ".join(bits)
 

@@ -235,15 +235,23 @@ def _is_class_folder(entry: os.DirEntry, exclude: frozenset[Path]) -> bool:
     return entry.name in ("0", "1") or _holds_patches(entry.path, exclude)
 
 
-def _first_image_patient(directory: str) -> str | None:
-    """The Kaggle patient id of the first image directly in ``directory`` (one directory read, stops early)."""
+def _first_image_patient(directory: str, depth: int = 2) -> str | None:
+    """The Kaggle patient id of the first image in ``directory``, or else in its class folders (0/, 1/,
+    benign/...: 8863/tiles/1/8863_idx5_...), ``depth`` levels down at most; a few directory reads."""
     try:
-        with os.scandir(directory) as entries:
-            for entry in sorted(entries, key=lambda e: e.name)[:64]:  # sorted: the same answer on every file system
-                if not _is_hidden(entry) and is_candidate_image(entry.name):
-                    return parse_patch_name(entry.name).patient_id
+        with os.scandir(directory) as scanned:
+            entries = sorted(scanned, key=lambda e: e.name)[:64]  # sorted: the same answer on every file system
     except OSError:
-        pass
+        return None
+    for entry in entries:
+        if not _is_hidden(entry) and is_candidate_image(entry.name):
+            return parse_patch_name(entry.name).patient_id
+    if depth > 1:
+        for entry in entries:
+            if _is_dir(entry) and not _is_hidden(entry) and is_label_dir(entry.name):
+                found = _first_image_patient(entry.path, depth - 1)
+                if found is not None:
+                    return found
     return None
 
 

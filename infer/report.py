@@ -167,6 +167,20 @@ def _counted(n: Any, one: str, many: str | None = None) -> str:
     return f"{n} {one}" if n == 1 else f"{'?' if n is None else n} {many or one + 's'}"
 
 
+def _demo_warning(model: dict) -> str | None:
+    """run.json's warning about a demo or unverified model (runs of 0.1 recorded only the flag)."""
+    if not model.get("demo"):
+        return None
+    return (
+        model.get("demo_warning") or "DEMO MODEL: trained on synthetic data. Its outputs say nothing about real tissue."
+    )
+
+
+def _demo_tag(model: dict) -> str | None:
+    warning = _demo_warning(model)
+    return None if warning is None else warning.split(" ", 1)[0]  # "DEMO" or "UNVERIFIED"
+
+
 def _run_meta(out_dir: Path, run_info: dict, summary_rows: list[dict]) -> list[tuple[str, str]]:
     """(label, escaped html) pairs describing the model and the run."""
     model = run_info.get("model", {})
@@ -180,7 +194,7 @@ def _run_meta(out_dir: Path, run_info: dict, summary_rows: list[dict]) -> list[t
         (
             "Model",
             _esc(Path(str(model.get("path", "unknown"))).name)
-            + (" <strong>(DEMO)</strong>" if model.get("demo") else ""),
+            + (f" <strong>({_esc(_demo_tag(model))})</strong>" if _demo_tag(model) else ""),
         ),
         ("Model sha256", _esc(model.get("sha256", "unknown"))),
         ("Trained on", _esc(model.get("trained_on", "unknown"))),
@@ -232,7 +246,7 @@ def report_html(out_dir: Path, summary_rows: list[dict], run_info: dict) -> str:
     patients = [r for r in summary_rows if r.get("patient_id") != COHORT_ID]
     cohort = [r for r in summary_rows if r.get("patient_id") == COHORT_ID]
     labelled = any((_number(r.get("n_labelled")) or 0) > 0 for r in summary_rows)
-    demo = bool(run_info.get("model", {}).get("demo"))
+    warning = _demo_warning(run_info.get("model", {}))
     headline = run_info.get("model", {}).get("fraction_headline", "counted")
     headline = headline if headline in ESTIMATOR_COLUMNS else "counted"
     headline_why = (
@@ -262,11 +276,7 @@ def report_html(out_dir: Path, summary_rows: list[dict], run_info: dict) -> str:
     body = "\n".join(_patient_row(out_dir, r, labelled, False, headline) for r in patients)
     foot = "\n".join(_patient_row(out_dir, r, labelled, True, headline) for r in cohort)
     meta = "\n".join(f"<dt>{label}</dt><dd>{value}</dd>" for label, value in _run_meta(out_dir, run_info, summary_rows))
-    demo_banner = (
-        ('<p class="demo">DEMO MODEL: trained on synthetic data. Its outputs say nothing about real tissue.</p>')
-        if demo
-        else ""
-    )
+    demo_banner = f'<p class="demo">{_esc(warning)}</p>' if warning else ""
     # no network: the policy allows only this page's own script and style, and images from disk
     csp = (
         f"default-src 'none'; img-src 'self' file: data:; style-src {_csp_hash(_REPORT_CSS)}; "

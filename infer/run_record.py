@@ -56,6 +56,7 @@ def run_record(
             "path": str(model.path),
             "sha256": model.sha256,
             "demo": contract.is_demo,
+            "demo_warning": contract.demo_warning,
             "trained_on": contract.describe_training(),
             "precision": precision,
             "fraction_headline": headline_of(contract, threshold),

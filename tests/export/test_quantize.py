@@ -141,7 +141,12 @@ def test_contract_survives_quantization_and_is_read_by_infer(good_export):
     prov = int8.provenance
     assert prov["quantization_gate"] == "passed"
     assert prov["source_model_sha256"] == fp32.provenance["source_model_sha256"]
-    assert prov["metrics"] == fp32.provenance["metrics"]
+    # the int8 file announces its own gate-measured metrics, not the fp32 file's (defect 15)
+    assert prov["fp32_metrics"] == fp32.provenance["metrics"]
+    gate = prov["quantization_gate_results"]
+    assert prov["metrics"]["roc_auc"] == gate["int8_roc_auc"] != fp32.provenance["metrics"]["roc_auc"]
+    assert prov["metrics"]["balanced_accuracy"] == gate["int8_balanced_accuracy"]
+    assert "int8" in int8.describe_training() and f"{gate['int8_roc_auc']:.3f}" in int8.describe_training()
     export = prov["export"]
     assert export["precision"] == "int8" and fp32.provenance["export"]["precision"] == "fp32"
     assert (export["activation_type"], export["calibration_method"], export["reduce_range"]) == (

@@ -211,6 +211,19 @@ def test_patches_in_a_subfolder_named_after_the_patient_stay_that_patient(tmp_pa
     assert set(found(patients_from_dirs([tmp_path / "cohort"]), SkipCounter())) == {"90001", "90002"}
 
 
+def test_patches_in_class_folders_of_a_subfolder_stay_that_patient(tmp_path):
+    """8863/tiles/0/ and 8863/tiles/1/ holding 8863_idx5_... files: still patient 8863, labels kept."""
+    written = write_patient(tmp_path / "nested", "8863", grid=3)
+    patient_dir = tmp_path / "nested" / "8863"
+    for label_dir in ("0", "1"):
+        if (patient_dir / label_dir).is_dir():
+            (patient_dir / "tiles").mkdir(exist_ok=True)
+            (patient_dir / label_dir).rename(patient_dir / "tiles" / label_dir)
+    [patient] = patients_from_dirs([patient_dir])
+    assert patient.patient_id == "8863"
+    assert found([patient], SkipCounter()) == {"8863": len(written)}
+
+
 def test_a_cohort_folder_named_like_a_class_is_still_a_cohort(tmp_path):
     """datasets/idc/<patients>: a folder named idc without images of its own is not the IDC class folder."""
     written = write_cohort(tmp_path / "datasets" / "idc", n_patients=2, grid=3)

@@ -2,6 +2,7 @@
 non-finite output on one patch makes that patch's row model_error, never ok."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -103,8 +104,10 @@ def test_a_contract_without_provenance_is_announced_as_unverified_not_synthetic(
     from idc_infer.cli import main
 
     path = _tiny_model(tmp_path / "bare.onnx", "softmax", provenance={})
-    result = CliRunner().invoke(
-        main, [str(shared_sample), "--model", str(path), "--out", str(tmp_path / "o"), "--no-review"]
-    )
+    result = CliRunner().invoke(main, [str(shared_sample), "--model", str(path), "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     assert "UNVERIFIED MODEL" in result.output and "synthetic" not in result.output
+    html = (tmp_path / "o" / "report.html").read_text(encoding="utf-8")  # the report says the same
+    assert "UNVERIFIED MODEL" in html and "(UNVERIFIED)" in html and "synthetic" not in html
+    run = json.loads((tmp_path / "o" / "run.json").read_text(encoding="utf-8"))
+    assert run["model"]["demo_warning"].startswith("UNVERIFIED MODEL")
