@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -48,8 +47,9 @@ def _export_single_file(keras_model: Path, out_path: Path, parity_dirs, opset: i
     )
     if report["contract"]["provenance"]["demo"]:
         click.echo("idc-export: this is a DEMO model (synthetic or unknown training data)", err=True)
-    report_path = Path(out_path).with_suffix(".export.json")
-    report_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    from idc_infer.files import write_json
+
+    write_json(Path(out_path).with_suffix(".export.json"), report)  # atomic, and strict JSON (no NaN)
 
 
 def _summarise(report: dict, out_dir: Path) -> None:

@@ -40,6 +40,9 @@ MARK_RGB = (255, 255, 255)
 TEXT_RGB = (235, 235, 235)
 CANVAS_RGB = (12, 12, 12)  # around the panels
 MOSAIC_SUFFIX = "_mosaic.png"
+# each panel says what its own white outline marks: the heat panel's is the prediction, the truth panel's the label
+HEAT_TITLE = "model: prob_idc (outline: pred IDC)"
+TRUTH_TITLE = "ground truth (outline: IDC label)"
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _FONT_SCALE = 0.4
@@ -362,7 +365,7 @@ def compose(
     panel_h, panel_w = heat.shape[:2]
     top = _PAD_PX + _LINE_PX * len(header) + _LINE_PX  # header lines, then one line of panel titles
     # each panel says what its own white outline marks (the truth panel's is the label, not the prediction)
-    heat_title, truth_title = "model: prob_idc (outline: pred IDC)", "ground truth (outline: IDC label)"
+    heat_title, truth_title = HEAT_TITLE, TRUTH_TITLE
     heat_xy = (_PAD_PX, top)
     # a small patient's panel is narrower than its title: the next panel starts after whichever is wider
     heat_right = heat_xy[0] + max(panel_w, _text_width_px(heat_title))

@@ -383,6 +383,47 @@ def test_resume_rescores_a_patient_whose_files_changed(tmp_path, caplog):
     assert any("20000" in r.message and "input files unchanged" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("change", ["mtime", "size, same mtime", "idc version"])
+def test_resume_rescores_a_patient_touched_rewritten_or_scored_by_another_idc(tmp_path, caplog, change, monkeypatch):
+    """The fingerprint covers each file's time and size, and the idc version that wrote the state."""
+    import os
+
+    import idc_infer.engine as engine
+
+    patient = tmp_path / "10253"
+    shutil.copytree(SAMPLE_PATIENT, patient)
+    out = tmp_path / "out"
+    assert run([patient, "--out", out, "--no-review"]).exit_code == 0
+    target = sorted(patient.rglob("*.png"))[0]
+    info = target.stat()
+    if change == "mtime":
+        os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
+    elif change == "size, same mtime":
+        target.write_bytes(target.read_bytes() + b"\0")  # a trailing byte PNG readers ignore
+        os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
+    else:
+        monkeypatch.setattr(engine, "__version__", "9.9.9")
+    with caplog.at_level("INFO", logger="idc_infer.engine"):
+        result = CliRunner().invoke(main, [str(patient), "--out", str(out), "--no-review", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert any("scoring it again" in r.getMessage() for r in caplog.records)
+    assert not any("already done" in r.getMessage() for r in caplog.records)
+
+
+def test_disk_full_while_writing_report_html_is_an_exit_1_message(tmp_path, monkeypatch):
+    import errno
+
+    import idc_infer.report as report
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "write_report_html", full)
+    result = CliRunner().invoke(main, [str(SAMPLE_PATIENT), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "No space left on device" in result.output and "--resume" in result.output
+    assert (tmp_path / "o" / "summary.csv").exists() and (tmp_path / "o" / "run.json").exists()
+
+
 def test_a_second_run_on_the_same_out_is_refused_while_the_first_writes(tmp_path):
     """Two runs into one --out would leave reports that disagree; the second is a usage error, and once
     the first is done (its lock goes with it) the folder is usable again."""

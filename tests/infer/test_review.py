@@ -579,3 +579,18 @@ def test_mosaic_drawn_in_batches_has_the_pixels_of_one_patch_at_a_time(tmp_path)
         )
     expected, _ = one_by_one.render("patient p", THRESHOLD)
     assert np.array_equal(read_rgb(tmp_path / "p_mosaic.png"), expected)
+
+
+def test_the_ground_truth_caption_names_the_label_not_the_prediction():
+    """The truth panel's white outline is the label; its caption said 'white outline = pred IDC'."""
+    from idc_infer.mosaic import HEAT_TITLE, TRUTH_TITLE
+
+    assert "label" in TRUTH_TITLE and "pred" not in TRUTH_TITLE
+    assert "pred" in HEAT_TITLE
+
+
+def test_report_of_one_patient_says_patient_not_patients(tmp_path):
+    result = CliRunner().invoke(main, [str(SAMPLE_PATIENT), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "o" / "report.html").read_text(encoding="utf-8")
+    assert "1 patient," in html and "1 patients" not in html
