@@ -24,9 +24,31 @@ def test_name_round_trip(pid, x, y, label):
 
 
 @given(st.text(max_size=40))
-def test_parser_never_raises(text):
+def test_any_text_parses_to_all_fields_or_none_and_only_from_what_it_says(text):
+    """Arbitrary names (a stray export, a typo) never raise; a parsed name's fields come from the text itself:
+    the patient id and coordinates are written in it, and no coordinates come without a patient."""
     name = parse_patch_name(text)
-    assert name.patient_id is None or name.x is not None
+    if name.patient_id is None:
+        assert (name.x, name.y, name.label, name.width) == (None, None, None, None)
+    else:
+        assert name.x is not None and name.y is not None and name.x >= 0 and name.y >= 0
+        assert name.patient_id in text and f"x{name.x}" in text.replace("x=", "x")
+        assert name.label in (None, 0, 1)
+
+
+@given(
+    pid=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,12}", fullmatch=True),
+    x=st.integers(0, 10**6),
+    y=st.integers(0, 10**6),
+    noise=st.sampled_from(["", "_class2", "_classX", " copy", "_x1"]),
+)
+def test_a_damaged_kaggle_name_is_not_half_parsed(pid, x, y, noise):
+    """A name with something after the coordinates that is not a label is not taken for a labelled patch."""
+    name = parse_patch_name(f"{pid}_idx5_x{x}_y{y}{noise}.png")
+    if noise == "":
+        assert name.patient_id is not None and name.label is None
+    else:
+        assert name.patient_id is None
 
 
 def test_label_folders_and_patient_dir():
