@@ -68,7 +68,7 @@ def main() -> int:
     import onnxruntime
 
     from idc_export.card import INT8_CPU_FLAGS, cpu_info, measure_throughput
-    from idc_export.quantize import accuracy_gate, decode_patch_set, predict_prob_idc
+    from idc_export.quantize import accuracy_gate, decode_patch_set, file_prob_idc
     from idc_infer.model import load_model
 
     files = pick_files(args.export_dir)
@@ -103,7 +103,7 @@ def main() -> int:
         print(f"\n(no accuracy deltas: none of patients {patients} in {args.data})")
         return 0
     held = decode_patch_set(patches, contract, f"patients {', '.join(patients)} of {args.data}")
-    probs = {name: predict_prob_idc(path, held.tensors, contract.positive_class_index) for name, path in files.items()}
+    probs = {name: file_prob_idc(path, held.tensors, contract.positive_class_index) for name, path in files.items()}
     gate = accuracy_gate(held.labels, probs["fp32"], probs["int8"], contract.threshold).numbers
     print(
         f"\nAccuracy on {len(held)} patches ({gate['n_idc']} IDC) of held-out {held.description}, "

@@ -421,7 +421,7 @@ def quantize_qdq(
     )
 
 
-def predict_prob_idc(
+def file_prob_idc(
     model: Path | bytes, tensors: np.ndarray, positive_index: int = 1, batch_size: int = 256
 ) -> np.ndarray:
     """Positive-class probabilities of a model file or its bytes, from onnxruntime (the lab PC's runtime)."""
@@ -608,7 +608,7 @@ def quantize_int8(
     with tempfile.TemporaryDirectory(prefix="idc-quant-", dir=work_dir) as tmp:
         pre = Path(tmp) / "pre.onnx"
         preprocess_for_quantization(fp32_path, pre)
-        fp32_selection = predict_prob_idc(fp32_path, selection.tensors, pos)
+        fp32_selection = file_prob_idc(fp32_path, selection.tensors, pos)
         caches: dict[str, Path] = {}
         tried = []
         best_bytes: bytes | None = None
@@ -626,7 +626,7 @@ def quantize_int8(
                 **settings.as_dict(),
                 "nodes_left_in_float": excluded,
                 "size_bytes": len(data),
-                **fidelity(fp32_selection, predict_prob_idc(data, selection.tensors, pos), contract.threshold),
+                **fidelity(fp32_selection, file_prob_idc(data, selection.tensors, pos), contract.threshold),
             }
             tried.append(result)
             log.info(
@@ -642,8 +642,8 @@ def quantize_int8(
     assert best is not None and best_bytes is not None  # candidates is not empty: one was kept
     settings, best_result = best
     excluded = best_result["nodes_left_in_float"]
-    int8_probs = predict_prob_idc(best_bytes, gate.tensors, pos)
-    fp32_probs = predict_prob_idc(fp32_path, gate.tensors, pos)
+    int8_probs = file_prob_idc(best_bytes, gate.tensors, pos)
+    fp32_probs = file_prob_idc(fp32_path, gate.tensors, pos)
     verdict = accuracy_gate(gate.labels, fp32_probs, int8_probs, contract.threshold)
     chosen_by = (
         f"smallest mean |prob diff| vs fp32, then fewest label flips, on {len(selection)} patches "

@@ -118,7 +118,7 @@ def training_contract(contract: Contract, threshold: float, patch_mpp: float | N
     return record | {"threshold": float(threshold), "patch_mpp": patch_mpp}
 
 
-def predict_prob_idc(model, dataset, positive_index: int = 1) -> np.ndarray:
+def keras_prob_idc(model, dataset, positive_index: int = 1) -> np.ndarray:
     """The positive (IDC) class's column of a Keras model's output on a dataset, float64."""
     probs = model.predict(dataset, verbose=0)
     return probs[:, positive_index].astype(np.float64)
@@ -206,7 +206,7 @@ def _make_auc_callback(
 
         def on_epoch_end(self, epoch, logs=None):
             recalibrate_batchnorm(self.model, bn_ds)
-            probs = predict_prob_idc(self.model, val_ds, positive_index)
+            probs = keras_prob_idc(self.model, val_ds, positive_index)
             auc = roc_auc(val_labels, probs)
             spread = float(np.std(probs))
             if logs is not None:
@@ -492,13 +492,13 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
         )
         model.set_weights(weights)
 
-    val_probs = predict_prob_idc(model, val_ds, contract.positive_class_index)
+    val_probs = keras_prob_idc(model, val_ds, contract.positive_class_index)
     check_not_collapsed(val_probs, "the validation patients")
     threshold = best_balanced_threshold(val_labels, val_probs)
     metrics = {"val": classification_metrics(val_labels, val_probs, threshold)}
     if sets["test"]:
         test_paths, test_labels = arrays("test")
-        test_probs = predict_prob_idc(
+        test_probs = keras_prob_idc(
             model, make_dataset(test_paths, test_labels, contract, 256), contract.positive_class_index
         )
         check_not_collapsed(test_probs, "the test patients")
