@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from idc_infer.contract import PUBLIC_SET_PATCH_MPP
-from idc_infer.model import ModelError
+from idc_infer.errors import IdcError
 
 from .data import TrainingDataError
 from .options import EXIT_COLLAPSED, fail_on_os_error, recipe_options, require
@@ -134,13 +134,13 @@ def main(
     )
     try:
         meta = train(config)
-    except TrainingDataError as exc:  # a bad manifest, ids that match no split, a missing class...
+    except CollapsedModelError as exc:  # one of idc's own errors, but a failed run, not a usage error
+        click.echo(f"idc-train: FAILED: {exc}", err=True)
+        sys.exit(EXIT_COLLAPSED)
+    except IdcError as exc:  # a bad manifest, ids that match no split, a missing class, a bad contract...
         raise click.UsageError(str(exc)) from None
     except OSError as exc:
         fail_on_os_error("idc-train", exc)
-    except CollapsedModelError as exc:
-        click.echo(f"idc-train: FAILED: {exc}", err=True)
-        sys.exit(EXIT_COLLAPSED)
     for name, m in meta["metrics"].items():
         click.echo(
             f"{name}: n={m['n']} ROC-AUC={m['roc_auc']:.3f} balanced_accuracy={m['balanced_accuracy']:.3f} "
@@ -199,7 +199,7 @@ def eval_main(model_path, data_dir, out_dir, split, set_name, threshold, seed, h
             seed=seed,
             history_csv=history_csv,
         )
-    except (TrainingDataError, ModelError) as exc:  # no labelled patches, a file that is no model...
+    except IdcError as exc:  # no labelled patches, a file that is no model, a damaged train_meta.json...
         raise click.UsageError(str(exc)) from None
     except OSError as exc:
         fail_on_os_error("idc-eval", exc)
@@ -250,11 +250,11 @@ def crossval_main(
     )
     try:
         result = cross_validate(base, folds, out_dir, resume=resume)
-    except TrainingDataError as exc:
-        raise click.UsageError(str(exc)) from None
     except CollapsedModelError as exc:
         click.echo(f"idc-crossval: FAILED: {exc} (finished folds are kept for --resume)", err=True)
         sys.exit(EXIT_COLLAPSED)
+    except IdcError as exc:
+        raise click.UsageError(str(exc)) from None
     m = result["pooled_out_of_fold"]
     click.echo(
         f"{folds}-fold patient CV, pooled out-of-fold (n={m['n']}): ROC-AUC {m['roc_auc']:.3f}, balanced accuracy "

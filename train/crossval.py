@@ -42,8 +42,11 @@ def fold_split(folds: dict[str, int], fold: int, k: int) -> dict[str, str]:
 def _check_same_folds(folds_csv: Path, folds: dict[str, int]) -> None:
     if not folds_csv.exists():
         raise TrainingDataError(f"{folds_csv.parent} holds no cross-validation to resume (no folds.csv)")
-    with open(folds_csv, newline="", encoding="utf-8") as handle:
-        previous = {row["patient_id"]: int(row["fold"]) for row in csv.DictReader(handle)}
+    try:
+        with open(folds_csv, newline="", encoding="utf-8") as handle:
+            previous = {row["patient_id"]: int(row["fold"]) for row in csv.DictReader(handle)}
+    except (ValueError, KeyError, TypeError) as exc:  # a hand-edited or damaged folds.csv
+        raise TrainingDataError(f"{folds_csv} is not a folds file this run wrote ({exc}); start a new --out") from None
     if previous != folds:
         raise TrainingDataError(
             f"{folds_csv} assigns patients to other folds than this data and --folds give; start a new --out"

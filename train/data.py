@@ -413,3 +413,39 @@ def read_sample_design(data_dir: Path) -> SampleDesign:
                 if (row.get("whole_patient") or "").strip().lower() == "yes" and row.get("patient_id"):
                     whole.add(row["patient_id"].strip())
     return SampleDesign(frozenset(uniform), frozenset(whole))
+
+
+def fits_contract(path: str | Path, contract) -> bool:
+    """Whether idc-infer would score this file's size under the contract's refuse policies, from its header
+    (a file whose header does not tell its size is kept: idc-infer decodes it and judges then)."""
+    from idc_infer.preprocess import header_size
+
+    try:
+        with open(path, "rb") as handle:
+            size = header_size(handle.read(64 * 1024))
+    except OSError:
+        return True  # unreadable: TF's decode will say so, as before
+    if size is None:
+        return True
+    native = contract.native_patch_px
+    if max(size) > native and contract.oversized_policy == "refuse":
+        return False
+    return not (min(size) < native and contract.undersized_policy == "refuse")
+
+
+def drop_refused_sizes(sets: dict[str, list[LabelledPatch]], contract) -> dict[str, list[LabelledPatch]]:
+    """Each set without the patches idc-infer would refuse for their size (a 60x60 crop under oversized
+    'refuse'): the model is neither trained nor judged on pixels inference never scores. Done once, before
+    labels, weights and class checks are derived; the count is logged."""
+    if contract.undersized_policy != "refuse" and contract.oversized_policy != "refuse":
+        return sets
+    kept = {name: [p for p in patches if fits_contract(p.path, contract)] for name, patches in sets.items()}
+    for name in sets:
+        if len(kept[name]) < len(sets[name]):
+            log.warning(
+                "%s set: %d of %d patches left out, their size refused by the contract (as idc-infer refuses them)",
+                name,
+                len(sets[name]) - len(kept[name]),
+                len(sets[name]),
+            )
+    return kept

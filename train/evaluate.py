@@ -68,14 +68,23 @@ def load_scorer(model_path: Path, threads: int = 2):
     import keras
 
     meta_file = model_path.parent / "train_meta.json"
-    threshold = json.loads(meta_file.read_text())["threshold"] if meta_file.exists() else 0.5
+    try:  # the contract the model trained with (runs since 0.2 record it), else the defaults
+        meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else {}
+        recorded = meta.get("contract")
+        contract = (
+            Contract.from_json(json.dumps(recorded))
+            if recorded
+            else Contract(threshold=float(meta.get("threshold", 0.5)))
+        )
+    except (ValueError, TypeError, AttributeError) as exc:  # a damaged train_meta.json, an invalid contract
+        raise TrainingDataError(f"{meta_file} cannot be read as a training record: {exc}") from None
     try:
         model = keras.models.load_model(model_path, compile=False)
     except (ValueError, OSError) as exc:  # keras says ValueError for a file that is not a Keras model
         from idc_infer.model import ModelError
 
         raise ModelError(f"{model_path} is not a loadable Keras model: {str(exc).splitlines()[0][:200]}") from exc
-    return KerasScorer(model, Contract(threshold=threshold))
+    return KerasScorer(model, contract)
 
 
 @dataclass

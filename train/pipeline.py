@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,7 +12,6 @@ from idc_infer.contract import Contract
 from .options import AUGMENTATIONS
 
 AUTOTUNE = tf.data.AUTOTUNE
-log = logging.getLogger(__name__)
 
 
 def decode_resized(path: tf.Tensor, contract: Contract) -> tf.Tensor:
@@ -31,21 +29,6 @@ def decode_resized(path: tf.Tensor, contract: Contract) -> tf.Tensor:
     image = tf.gather(image, _nearest_indices(tf.shape(image)[1], size[1]), axis=1)
     image.set_shape((*size, 3))
     return image
-
-
-def fits_contract(path: str, contract: Contract) -> bool:
-    """Whether idc-infer would score this file's size under the contract's refuse policies (from the header;
-    a file whose size the header does not tell is kept, as idc-infer decodes it)."""
-    from idc_infer.preprocess import header_size
-
-    with open(path, "rb") as handle:
-        size = header_size(handle.read(64 * 1024))
-    if size is None:
-        return True
-    native = contract.native_patch_px
-    if max(size) > native and contract.oversized_policy == "refuse":
-        return False
-    return not (min(size) < native and contract.undersized_policy == "refuse")
 
 
 def _nearest_indices(in_size: tf.Tensor, out_size: int) -> tf.Tensor:
@@ -178,16 +161,6 @@ def make_dataset(
         paths, labels = [paths[i] for i in order], [labels[i] for i in order]
         weights = None if weights is None else [weights[i] for i in order]
     n_classes = len(contract.class_names)
-    if contract.undersized_policy == "refuse" or contract.oversized_policy == "refuse":
-        keep = [i for i, path in enumerate(paths) if fits_contract(path, contract)]
-        if len(keep) < len(paths):
-            log.warning(
-                "%d of %d patches left out: their size is refused by the contract (as idc-infer refuses them)",
-                len(paths) - len(keep),
-                len(paths),
-            )
-            paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
-            weights = None if weights is None else [weights[i] for i in keep]
     # the label (1: IDC) is the one-hot column of the contract's positive class
     positive = contract.positive_class_index
     labels = [positive if y == 1 else 1 - positive for y in labels] if positive != 1 else labels

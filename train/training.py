@@ -21,7 +21,14 @@ from idc_infer.errors import IdcError
 from idc_infer.files import write_json
 from idc_infer.metrics import best_balanced_threshold, classification_metrics
 
-from .data import TrainingDataError, counts_by_patient, discover_labelled, resolve_split, write_split_manifest
+from .data import (
+    TrainingDataError,
+    counts_by_patient,
+    discover_labelled,
+    drop_refused_sizes,
+    resolve_split,
+    write_split_manifest,
+)
 from .options import PATIENT_WEIGHTS
 from .synthetic import SYNTHETIC_MARKER
 
@@ -372,6 +379,7 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
     for pid, (n0, n1) in counts.items():
         log.info("patient %s: %d non-IDC, %d IDC", pid, n0, n1)
     sets, assignment = resolve_split(config.split, patches, config.seed)
+    sets = drop_refused_sizes(sets, contract)  # before any count, weight or class check is made of them
     if not assignment:  # random-patch: record each patient's sets so the leak is visible
         sets_of: dict[str, set[str]] = {}
         for name, items in sets.items():
@@ -542,6 +550,10 @@ def train(config: TrainConfig, contract: Contract | None = None) -> dict:
     # evaluation below is interrupted (idc-crossval --resume would take it for this model's)
     shutil.rmtree(run_dir / "eval-test", ignore_errors=True)
     from .evaluate import evaluate
+
+    # written first: the evaluations below load the model with this run's contract and threshold (they read
+    # train_meta.json beside it), not an earlier run's or the defaults
+    write_json(run_dir / "train_meta.json", meta)
 
     # the validation patients judged as a reader should judge them: uniform-sample pooled metrics with
     # patient-bootstrap intervals, whole-patient fraction errors, the darkness baseline (eval-val/)

@@ -7,7 +7,7 @@ import cv2
 import pytest
 from click.testing import CliRunner
 
-from ..conftest import require_module  # noqa: E402
+from ..conftest import SAMPLE_PATIENT, require_module  # noqa: E402
 
 require_module("tensorflow")
 
@@ -146,3 +146,47 @@ def test_janowczyk_split_ships_with_the_package():
     values = list(assignment.values())
     assert (values.count("train"), values.count("val"), values.count("test")) == (84, 29, 49)
     assert assignment["8865"] == "train" and assignment["8867"] == "val" and "8863" not in assignment
+
+
+def test_a_keras_model_is_evaluated_through_the_contract_it_trained_with(demo_run, tmp_path):
+    """idc-eval (and train's own validation evaluation) read the contract train_meta.json records, not defaults."""
+    import shutil
+
+    from idc_infer.contract import Contract
+    from idc_train.evaluate import load_scorer
+
+    meta = json.loads((demo_run / "train_meta.json").read_text())
+    assert load_scorer(demo_run / "model.keras").contract == Contract.from_json(json.dumps(meta["contract"]))
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    (run / "train_meta.json").write_text(
+        json.dumps(meta | {"contract": meta["contract"] | {"undersized_policy": "pad"}})
+    )
+    assert load_scorer(run / "model.keras").contract.undersized_policy == "pad"
+
+
+def test_idc_eval_with_a_damaged_training_record_is_a_usage_error(demo_run, tmp_path):
+    import shutil
+
+    from idc_train.cli import eval_main
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    (run / "train_meta.json").write_text("{not json")
+    result = CliRunner().invoke(
+        eval_main, [str(run / "model.keras"), str(SAMPLE_PATIENT.parent), "--out", str(tmp_path / "e")]
+    )
+    assert result.exit_code == 2 and "train_meta.json cannot be read" in result.output
+
+
+def test_crossval_resume_with_a_damaged_folds_file_is_a_usage_error(tmp_path):
+    from idc_train.cli import crossval_main
+    from idc_train.synthetic import write_cohort
+
+    data = tmp_path / "data"
+    write_cohort(data, n_patients=3, seed=1, grid=3)
+    out = tmp_path / "cv"
+    out.mkdir()
+    (out / "folds.csv").write_text("patient_id,fold\n90001,x\n", encoding="utf-8")
+    result = CliRunner().invoke(crossval_main, [str(data), "--out", str(out), "--folds", "3", "--resume"])
+    assert result.exit_code == 2 and "folds.csv is not a folds file" in result.output, result.output

@@ -91,20 +91,48 @@ def test_tf_and_cv2_agree_when_the_contract_pads_undersized_patches(real_data):
 
 def test_training_leaves_out_the_patches_the_contract_refuses(tmp_path):
     """idc-infer refuses a patch larger than 50 px (and, under 'refuse', a short one): training must not learn
-    from pixels inference never scores."""
+    from, or be judged on, pixels inference never scores; the sets are filtered once, before labels are taken."""
     import cv2
 
-    from idc_train.pipeline import fits_contract, make_dataset
+    from idc_train.data import LabelledPatch, drop_refused_sizes, fits_contract
 
     sizes = {"big.png": (60, 60), "short.png": (32, 50), "ok.png": (50, 50)}
     for name, (w, h) in sizes.items():
         cv2.imwrite(str(tmp_path / name), np.full((h, w, 3), 128, dtype=np.uint8))
-    paths = [str(tmp_path / name) for name in sizes]
+    paths = [tmp_path / name for name in sizes]
     assert [fits_contract(p, Contract()) for p in paths] == [False, True, True]
     strict = Contract(undersized_policy="refuse")
     assert [fits_contract(p, strict) for p in paths] == [False, False, True]
-    batches = list(make_dataset(paths, [0, 1, 1], strict, 8, cache=False).as_numpy_iterator())
-    assert sum(len(b[0]) for b in batches) == 1
+    sets = {"val": [LabelledPatch(p, "P1", 1) for p in paths]}
+    assert [p.path.name for p in drop_refused_sizes(sets, strict)["val"]] == ["ok.png"]
+    assert drop_refused_sizes(sets, Contract(oversized_policy="resize")) is sets  # nothing refused: untouched
+
+
+@pytest.mark.slow
+def test_training_with_oversized_patches_in_every_set_runs_and_leaves_them_out(tmp_path, caplog):
+    """The review's crash: a 60x60 patch per class per patient made validation labels and probabilities differ in
+    length (make_dataset dropped them, train() did not)."""
+    import cv2
+
+    from idc_train.synthetic import write_cohort
+    from idc_train.training import TrainConfig, train
+
+    data = tmp_path / "data"
+    write_cohort(data, n_patients=6, seed=3, grid=5)
+    for patient in sorted(p for p in data.iterdir() if p.is_dir()):
+        for label in ("0", "1"):
+            (patient / label).mkdir(exist_ok=True)
+            big = np.full((60, 60, 3), 150 + 40 * int(label), dtype=np.uint8)
+            cv2.imwrite(str(patient / label / f"{patient.name}_idx5_x9000_y9000_class{label}.png"), big)
+    with caplog.at_level("WARNING"):
+        meta = train(TrainConfig(data, tmp_path / "run", epochs=1, batch_size=16, seed=0, patience=0))
+    assert "left out, their size refused" in caplog.text
+    import csv
+
+    split = list(csv.DictReader(open(tmp_path / "run" / "split.csv", encoding="utf-8")))
+    val = [row["patient_id"] for row in split if row["set"] == "val"]
+    fitting = sum(1 for pid in val for path in (data / pid).rglob("*.png") if "x9000" not in path.name)
+    assert meta["metrics"]["val"]["n"] == fitting  # scored on exactly the patches idc-infer would score
 
 
 def test_the_one_hot_label_follows_the_contracts_positive_class(tmp_path):
