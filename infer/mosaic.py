@@ -31,6 +31,8 @@ MAX_MOSAIC_AREA_PX = 4_000_000
 MIN_PATCH_CANVAS_PX = 2
 # patches a mosaic sink holds (their 8-bit pixels: ~7.5 kB each at 50 px) before drawing them at once
 MAX_PENDING_PATCHES = 1024
+# ...and at most this many bytes of them: a contract that resizes oversized images keeps their full pixels
+MAX_PENDING_BYTES = 16 * 2**20
 _GROWTH_SLACK_MAX_PX = 1024  # canvas growth is amortised, but never by more than this per side
 HEAT_ALPHA = 0.45  # heat colour weight; the tissue under it must stay readable
 HEAT_COLORMAP = cv2.COLORMAP_JET  # blue (0) -> red (1), the heat scale readers already know
@@ -207,46 +209,66 @@ class MosaicCanvas:
         blurred), which is drawn as tissue without a heat colour or a failure mark."""
         self.add_patches([(x, y, width_px, height_px, rgb, prob_idc, label, skipped)])
 
+    def _cells(self, x: int, y: int, width_px: int, height_px: int) -> tuple[int, int, int, int] | None:
+        """A patch's (c0, r0, c1, r1) on the absolute grid at the current scale; None for a sliver thinner than
+        one output pixel."""
+        c0, r0 = slide_to_canvas_px(x, self.scale), slide_to_canvas_px(y, self.scale)
+        c1, r1 = slide_to_canvas_px(x + width_px, self.scale), slide_to_canvas_px(y + height_px, self.scale)
+        return None if c1 <= c0 or r1 <= r0 else (c0, r0, c1, r1)
+
     def _extent(self, patches: list[tuple]) -> tuple[int, int, int, int] | None:
         """Bounds of what is drawn once ``patches`` are, at the current scale (None: all slivers, none yet)."""
         bounds = self.bounds
-        for x, y, width_px, height_px, *_ in patches:
-            c0, r0 = slide_to_canvas_px(x, self.scale), slide_to_canvas_px(y, self.scale)
-            c1, r1 = slide_to_canvas_px(x + width_px, self.scale), slide_to_canvas_px(y + height_px, self.scale)
-            if c1 <= c0 or r1 <= r0:
+        for patch in patches:
+            cells = self._cells(*patch[:4])
+            if cells is None:
                 continue
-            b = bounds
-            bounds = (c0, r0, c1, r1) if b is None else (min(b[0], c0), min(b[1], r0), max(b[2], c1), max(b[3], r1))
+            b, (c0, r0, c1, r1) = bounds, cells
+            bounds = cells if b is None else (min(b[0], c0), min(b[1], r0), max(b[2], c1), max(b[3], r1))
         return bounds
 
+    @staticmethod
+    def _too_large(bounds: tuple[int, int, int, int]) -> bool:
+        width, height = bounds[2] - bounds[0], bounds[3] - bounds[1]
+        return max(width, height) > MAX_MOSAIC_SIDE_PX or width * height > MAX_MOSAIC_AREA_PX
+
     def add_patches(self, patches: list[tuple]) -> None:
-        """Draw patches of (x, y, width_px, height_px, rgb, prob_idc, label, skipped) as add_patch, in order: the
-        canvas is sized once for all of them (growing it patch by patch copied it every few patches: most of
-        the time of a sparse patient's mosaic), then each is drawn."""
-        if not patches:
+        """Draw patches of (x, y, width_px, height_px, rgb, prob_idc, label, skipped) as add_patch would one by
+        one, with the same pixels. Where they fit at the current scale (the usual case) the canvas is sized once
+        for all of them: growing it patch by patch copied it every few patches, most of the time of a sparse
+        patient's mosaic. Patches spread too far go one at a time, halving the scale exactly as before."""
+        bounds = self._extent(patches)
+        if bounds is not None and not self._too_large(bounds):
+            self._ensure(*bounds)
+            self.bounds = bounds
+            for patch in patches:
+                self._draw(*patch)
             return
-        smallest = min(min(p[2], p[3]) for p in patches)
+        for patch in patches:
+            self._add_one(patch)
+
+    def _add_one(self, patch: tuple) -> None:
+        width_px, height_px = patch[2], patch[3]
         while True:
-            bounds = self._extent(patches)
-            if bounds is None:
-                return  # slivers thinner than one output pixel at this scale
+            cells = self._cells(*patch[:4])
+            if cells is None:
+                self._draw(*patch)  # counted; nothing to draw at this scale
+                return
+            bounds = self._extent([patch])
+            assert bounds is not None  # the patch itself is drawn
             area = (bounds[2] - bounds[0]) * (bounds[3] - bounds[1])
-            if area <= MAX_MOSAIC_AREA_PX or self.scale * smallest / 2 < MIN_PATCH_CANVAS_PX:
+            if area <= MAX_MOSAIC_AREA_PX or self.scale * min(width_px, height_px) / 2 < MIN_PATCH_CANVAS_PX:
                 break
             self._halve()  # patches spread far apart: a coarser mosaic, not unbounded memory
             log.info("mosaic drawn at scale %g to stay within %d pixels", self.scale, MAX_MOSAIC_AREA_PX)
-        if (
-            max(bounds[2] - bounds[0], bounds[3] - bounds[1]) > MAX_MOSAIC_SIDE_PX
-            or (bounds[2] - bounds[0]) * (bounds[3] - bounds[1]) > MAX_MOSAIC_AREA_PX
-        ):
+        if self._too_large(bounds):
             raise MosaicTooLarge(
                 f"patch coordinates span {bounds[2] - bounds[0]}x{bounds[3] - bounds[1]} px at scale {self.scale:g}, "
                 f"more than {MAX_MOSAIC_SIDE_PX} px a side or {MAX_MOSAIC_AREA_PX} px in all"
             )
         self._ensure(*bounds)
         self.bounds = bounds
-        for patch in patches:
-            self._draw(*patch)
+        self._draw(*patch)
 
     def _draw(
         self,
@@ -263,10 +285,10 @@ class MosaicCanvas:
         failed = prob_idc is None and not skipped
         self.n_failed += failed
         self.n_scored += prob_idc is not None
-        c0, r0 = slide_to_canvas_px(x, self.scale), slide_to_canvas_px(y, self.scale)
-        c1, r1 = slide_to_canvas_px(x + width_px, self.scale), slide_to_canvas_px(y + height_px, self.scale)
-        if c1 <= c0 or r1 <= r0:
+        drawn = self._cells(x, y, width_px, height_px)
+        if drawn is None:
             return  # a sliver thinner than one output pixel at this scale
+        c0, r0, c1, r1 = drawn
         cells = (slice(r0 - self._origin[1], r1 - self._origin[1]), slice(c0 - self._origin[0], c1 - self._origin[0]))
         size = (c1 - c0, r1 - r0)
         if failed:
@@ -464,6 +486,7 @@ class MosaicSink:
         self.n_without_xy = 0
         self.layout: MosaicLayout | None = None
         self._pending: list[tuple] = []  # patches not yet drawn: the canvas is sized for a batch at once
+        self._pending_bytes = 0
 
     def add(self, row: PatchRow, rgb: np.ndarray | None) -> None:
         if self.canvas is None:
@@ -475,11 +498,12 @@ class MosaicSink:
         width_px, height_px = _patch_size_px(row, scored or skipped)
         prob = float(row.prob_idc) if scored and row.prob_idc is not None else None
         self._pending.append((int(row.x), int(row.y), width_px, height_px, rgb, prob, row.label, skipped))
-        if len(self._pending) >= MAX_PENDING_PATCHES:
+        self._pending_bytes += 0 if rgb is None else rgb.nbytes
+        if len(self._pending) >= MAX_PENDING_PATCHES or self._pending_bytes >= MAX_PENDING_BYTES:
             self._flush()
 
     def _flush(self) -> None:
-        pending, self._pending = self._pending, []
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
         if self.canvas is None:
             return
         try:

@@ -594,3 +594,50 @@ def test_report_of_one_patient_says_patient_not_patients(tmp_path):
     assert result.exit_code == 0, result.output
     html = (tmp_path / "o" / "report.html").read_text(encoding="utf-8")
     assert "1 patient," in html and "1 patients" not in html
+
+
+@pytest.mark.parametrize("layout", ["far patch last", "far patch first", "narrow edge patch", "slivers only"])
+def test_batched_mosaic_equals_one_patch_at_a_time_when_the_scale_halves(tmp_path, layout):
+    """Patches spread beyond the canvas limit halve the scale mid-patient: the batched sink must draw the same
+    pixels and counts as one patch at a time (and must not give up where that draws a mosaic)."""
+    from idc_infer.mosaic import MosaicCanvas
+
+    rng = np.random.default_rng(5)
+    rows = [row_for(1 + 50 * (i % 20), 1 + 50 * (i // 20), float(rng.random())) for i in range(400)]
+    far = row_for(15_000, 15_000, 0.9)
+    if layout == "far patch last":
+        rows.append(far)
+    elif layout == "far patch first":
+        rows.insert(0, far)
+    elif layout == "narrow edge patch":  # a 3 px wide edge patch must not stop the halving of the whole batch
+        rows += [row_for(1001, 1, 0.4, width_px=3), row_for(4000, 2500, 0.7)]
+    else:
+        rows = [row_for(1 + 50 * i, 1, 0.5, width_px=2, height_px=2) for i in range(5)] + rows[:3]
+    scale = 1.0 if layout == "narrow edge patch" else 0.25
+    pixels = [rng.integers(0, 256, (r.height_px, r.width_px, 3), dtype=np.uint8) for r in rows]
+    sink = MosaicSink("p", tmp_path, "p", THRESHOLD, scale=scale)
+    for row, rgb in zip(rows, pixels):
+        sink.add(row, rgb)
+    sink.close()
+    one_by_one = MosaicCanvas(scale)
+    for row, rgb in zip(rows, pixels):
+        one_by_one.add_patch(row.x, row.y, row.width_px, row.height_px, rgb, row.prob_idc, row.label)
+    expected, _ = one_by_one.render("patient p", THRESHOLD)
+    assert (tmp_path / "p_mosaic.png").exists(), "the batched sink gave up on a mosaic drawn one at a time"
+    assert np.array_equal(read_rgb(tmp_path / "p_mosaic.png"), expected)
+    assert (sink.canvas.n_scored, sink.canvas.n_failed) == (one_by_one.n_scored, one_by_one.n_failed)
+
+
+def test_a_mosaic_sink_holds_a_bounded_number_of_bytes_of_pending_pixels(tmp_path):
+    """Under a contract that resizes oversized images the rows carry their full pixels: the sink draws before
+    holding more than MAX_PENDING_BYTES of them (1,024 images of 700x460 had taken 1.2 GB)."""
+    from idc_infer.mosaic import MAX_PENDING_BYTES
+
+    sink = MosaicSink("p", tmp_path, "p", THRESHOLD, scale=0.05)
+    big = np.zeros((460, 700, 3), dtype=np.uint8)
+    most = 0
+    for i in range(200):
+        sink.add(row_for(700 * (i % 10), 460 * (i // 10), 0.5, width_px=700, height_px=460), big)
+        most = max(most, sum(p[4].nbytes for p in sink._pending))
+    sink.close()
+    assert most <= MAX_PENDING_BYTES + big.nbytes and (tmp_path / "p_mosaic.png").exists()
