@@ -230,19 +230,30 @@ def png_without_ancillary(data: bytes) -> tuple[bytes, list[str]]:
     kept = [data[:8]]
     notes: list[str] = []
     offset, end, dropped = 8, len(data), False
+    seen_ihdr = seen_idat = dropped_after_idat = False
     view = memoryview(data)
     while offset + 12 <= end:
         length, kind = _PNG_CHUNK_HEAD.unpack_from(data, offset)
         chunk_end = offset + 12 + length
-        if chunk_end > end or not kind.isalpha():
-            return data, []  # truncated, or not a chunk: the decoder's verdict (corrupt_image) stands
+        if chunk_end > end or not kind.isalpha() or kind == b"acTL":
+            # truncated, not a chunk, or an animated PNG (cv2 decodes its first frame, not the default image
+            # its IDAT holds, and needs the animation chunks for that): left to the decoder as it is
+            return data, []
         if 97 <= kind[0] <= 122:  # ancillary (bit 5 of the first byte): libpng may skip it, and warns instead
+            if not seen_ihdr:
+                return data, []  # a chunk before IHDR makes the file corrupt: the decoder must see it
             bad_crc = zlib.crc32(view[offset + 4 : chunk_end - 4]) != _PNG_CRC.unpack_from(data, chunk_end - 4)[0]
             if bad_crc:
                 notes.append(f"PNG {kind.decode('ascii')} chunk has a bad checksum: ignored")
             if bad_crc or kind not in _PNG_KEPT_ANCILLARY:
                 offset, dropped = chunk_end, True
+                dropped_after_idat |= seen_idat
                 continue
+        elif kind == b"IDAT":
+            if dropped_after_idat:
+                return data, []  # a chunk between two IDATs breaks the image data: the decoder must see it
+            seen_idat = True
+        seen_ihdr |= kind == b"IHDR"
         kept.append(data[offset:chunk_end])
         offset = chunk_end
         if kind == b"IEND":

@@ -3,6 +3,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import cv2
 import numpy as np
@@ -333,3 +334,46 @@ def test_libpng_warnings_do_not_reach_stderr_under_quiet_and_the_row_names_the_f
     assert "tEXt chunk has a bad checksum" in rows["P1_idx5_x50_y0_class0.png"]["message"]
     assert {r["status"] for r in rows.values()} == {"ok"}
     assert len({r["prob_idc"] for r in rows.values()}) == 1  # the same pixels, the same score
+
+
+def _split_idat(png: bytes) -> tuple[bytes, bytes, bytes]:
+    """(everything before IDAT, IDAT chunk, everything after) of a PNG with one IDAT."""
+    start = png.index(b"IDAT") - 4
+    length = struct.unpack(">I", png[start : start + 4])[0]
+    return png[:start], png[start : start + 12 + length], png[start + 12 + length :]
+
+
+def test_the_chunk_filter_never_turns_a_corrupt_png_into_a_good_one(tmp_path, real_png):
+    """An ancillary chunk before IHDR, or between two IDATs, makes libpng refuse the file: it stays corrupt."""
+    head, idat, tail = _split_idat(real_png)
+    body = idat[8:-4]
+    half = len(body) // 2
+    first = struct.pack(">I", half) + b"IDAT" + body[:half] + struct.pack(">I", zlib.crc32(b"IDAT" + body[:half]))
+    rest = body[half:]
+    second = struct.pack(">I", len(rest)) + b"IDAT" + rest + struct.pack(">I", zlib.crc32(b"IDAT" + rest))
+    cases = {
+        "text_before_ihdr.png": real_png[:8] + png_chunk(b"tEXt", b"k\x00v") + real_png[8:],
+        "text_between_idats.png": head + first + png_chunk(b"tEXt", b"k\x00v") + second + tail,
+        "split_idat.png": head + first + second + tail,  # a valid file: stays ok
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        decoded = decode_file(tmp_path / name, Contract())
+        assert (decoded.status == "ok") == (raw is not None), name
+    assert decode_file(tmp_path / "split_idat.png", Contract()).status == "ok"
+
+
+def test_an_animated_png_decodes_as_cv2_decodes_it(tmp_path):
+    """cv2 reads an APNG's first frame, not the default image its IDAT holds: the filter leaves APNGs alone."""
+    from ..conftest import require_module
+
+    Image = require_module("PIL.Image")  # noqa: N806 - the module, as PIL names it
+    frames = [Image.new("RGB", (50, 50), colour) for colour in ((200, 100, 150), (20, 200, 40), (90, 90, 250))]
+    path = tmp_path / "anim.png"
+    frames[0].save(path, save_all=True, append_images=frames[1:], default_image=True)
+    data = path.read_bytes()
+    assert b"acTL" in data
+    raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    decoded = decode_file(path, Contract())
+    assert decoded.status == "ok" and np.array_equal(decoded.rgb, raw[..., ::-1][..., :3])
