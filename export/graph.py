@@ -22,6 +22,26 @@ BN_AS_CONV = "batchnorm_as_depthwise_conv"
 SCALE_AFTER_POOL = "scale_after_maxpool"
 
 
+def _rewritable(onnx_model) -> bool:
+    """Only a flat graph of IR 4 or later is rewritten: a node with a subgraph (If, Loop, Scan) may read the
+    tensors renamed here, and before IR 4 every initializer must also be a graph input."""
+    from onnx import AttributeProto
+
+    if onnx_model.ir_version < 4:
+        return False
+    return not any(
+        attribute.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS)
+        for node in onnx_model.graph.node
+        for attribute in node.attribute
+    )
+
+
+def _drop_value_info(graph, names: set[str]) -> None:
+    """Shape annotations of tensors a rewrite gave another meaning (or removed): stale ones mislead checkers."""
+    for value in [v for v in graph.value_info if v.name in names]:
+        graph.value_info.remove(value)
+
+
 def _per_channel(array: np.ndarray, channels: int) -> np.ndarray | None:
     """The values of a constant that broadcasts per channel over an NCHW tensor of ``channels`` channels."""
     if array.shape in ((1, channels, 1, 1), (channels, 1, 1)):
@@ -36,6 +56,8 @@ def batchnorm_as_depthwise_conv(onnx_model) -> int:
     import onnx
     from onnx import helper, numpy_helper
 
+    if not _rewritable(onnx_model):
+        return 0
     graph = onnx_model.graph
     inferred = onnx.shape_inference.infer_shapes(onnx_model).graph
     ranks = {}
@@ -49,6 +71,9 @@ def batchnorm_as_depthwise_conv(onnx_model) -> int:
 
     replaced: dict[int, object] = {}  # id(Add node) -> Conv node
     dropped: set[int] = set()  # id(Mul node)
+    taken = {init.name for init in graph.initializer} | {name for node in graph.node for name in node.output}
+    old_constants: set[str] = set()  # the scale and shift constants replaced: removed if nothing else uses them
+    gone: set[str] = set()  # the Muls' outputs
     for add in graph.node:
         if add.op_type != "Add" or len(add.input) != 2:
             continue
@@ -67,14 +92,20 @@ def batchnorm_as_depthwise_conv(onnx_model) -> int:
         bias = _per_channel(numpy_helper.to_array(constants[bias_name]), channels)
         if scale is None or bias is None or scale.dtype != np.float32 or bias.dtype != np.float32:
             continue
-        weight = numpy_helper.from_array(scale.reshape(channels, 1, 1, 1), f"{mul.name}/{BN_AS_CONV}/weight")
-        conv_bias = numpy_helper.from_array(bias.copy(), f"{mul.name}/{BN_AS_CONV}/bias")
+        stem = f"{add.output[0]}/{BN_AS_CONV}"  # tensor names are unique; node names need not be
+        while f"{stem}/weight" in taken or f"{stem}/bias" in taken:
+            stem += "_"
+        taken |= {f"{stem}/weight", f"{stem}/bias"}
+        weight = numpy_helper.from_array(scale.reshape(channels, 1, 1, 1), f"{stem}/weight")
+        conv_bias = numpy_helper.from_array(bias.copy(), f"{stem}/bias")
+        old_constants |= {scale_name, bias_name}
+        gone.add(mul.output[0])
         graph.initializer.extend([weight, conv_bias])
         replaced[id(add)] = helper.make_node(
             "Conv",
             [data, weight.name, conv_bias.name],
             [add.output[0]],
-            name=f"{mul.name}/{BN_AS_CONV}",
+            name=stem,
             group=channels,
             kernel_shape=[1, 1],
         )
@@ -84,10 +115,11 @@ def batchnorm_as_depthwise_conv(onnx_model) -> int:
     nodes = [replaced.get(id(node), node) for node in graph.node if id(node) not in dropped]
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    unused = [init for init in graph.initializer if init.name not in used]
+    used = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
+    unused = [init for init in graph.initializer if init.name in old_constants and init.name not in used]
     for init in unused:  # the old scale and shift constants: onnxruntime warns about each one left behind
         graph.initializer.remove(init)
+    _drop_value_info(graph, gone)
     onnx.checker.check_model(onnx_model)
     return len(replaced)
 
@@ -100,6 +132,8 @@ def scale_after_maxpool(onnx_model) -> int:
     thread (batch 16, the machine above), bit-identical."""
     from onnx import numpy_helper
 
+    if not _rewritable(onnx_model):
+        return 0
     graph = onnx_model.graph
     constants = {init.name: init for init in graph.initializer}
     consumers: dict[str, list] = {}
@@ -109,6 +143,7 @@ def scale_after_maxpool(onnx_model) -> int:
     outputs = {value.name for value in graph.output}
     nodes = list(graph.node)
     moved = 0
+    renamed: set[str] = set()
     for i, conv in enumerate(nodes):
         attributes = {a.name: a for a in conv.attribute}
         if conv.op_type != "Conv" or len(conv.input) != 3 or conv.input[1] not in constants:
@@ -137,10 +172,12 @@ def scale_after_maxpool(onnx_model) -> int:
         pool.input[0], pool.output[0] = conv.input[0], pooled
         conv.input[0], conv.output[0] = pooled, result
         nodes[i], nodes[j] = pool, conv  # the pooling now runs first, where the conv ran
+        renamed.add(pooled)  # now the pooling's output, of another shape
         moved += 1
     if moved:
         del graph.node[:]
         graph.node.extend(nodes)
+        _drop_value_info(graph, renamed)
         import onnx
 
         onnx.checker.check_model(onnx_model)

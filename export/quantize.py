@@ -533,6 +533,7 @@ def int8_contract(
     excluded: list[str],
     fp32_sha256: str,
     chosen_by: str,
+    gate_description: str = "validation patients",
 ) -> Contract:
     """The fp32 contract with the int8 export settings and gate results added to its provenance."""
     import onnxruntime
@@ -575,7 +576,7 @@ def int8_contract(
         "n_idc": numbers["n_idc"],
         "threshold": numbers["threshold"],
     }
-    provenance["metrics_on"] = "this int8 file, on its accuracy gate's patches (validation patients)"
+    provenance["metrics_on"] = f"this int8 file, on its accuracy gate's patches ({gate_description})"
     provenance["quantization_gate"] = "passed" if gate.passed else "failed"
     provenance["quantization_gate_results"] = gate.as_dict()
     return fp32_contract.replace(provenance=provenance)
@@ -650,7 +651,9 @@ def quantize_int8(
         f"({selection.description}), among {len(tried)} recipe(s)"
     )
     int8_model = onnx.load_from_string(best_bytes)
-    new_contract = int8_contract(contract, settings, calibration, verdict, excluded, fp32_sha, chosen_by)
+    new_contract = int8_contract(
+        contract, settings, calibration, verdict, excluded, fp32_sha, chosen_by, gate.description
+    )
     set_contract(int8_model, new_contract)
     data = int8_model.SerializeToString()
     report = {

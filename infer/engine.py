@@ -472,6 +472,7 @@ def _completed_tally(settings: RunSettings, stem: str, patient: Patient, model: 
             "output settings": state.get("output_settings", {}) == settings.output_settings,
             "CSV unchanged": state.get("csv_sha256") == sha256_of(csv_file),
             "idc version": state.get("idc_version") == __version__,
+            "CSV columns": state.get("csv_columns") == list(PATCH_COLUMNS),  # a CSV of another layout is stale
         }
         if all(checks.values()):  # only then walk the patient's files again
             checks["input files unchanged"] = state.get("inputs_sha256") == input_fingerprint(patient)
@@ -569,6 +570,7 @@ class PatientOutputs:
             "output_settings": settings.output_settings,
             "inputs_sha256": self.fingerprint.hexdigest(),
             "idc_version": __version__,
+            "csv_columns": list(PATCH_COLUMNS),
             "tally": tally.to_state(),
         }
         with atomic_path(_state_path(settings.out_dir, self.stem)) as handle:

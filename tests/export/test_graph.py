@@ -118,3 +118,45 @@ def test_the_shipped_model_still_scores_the_sample_patient_as_before_the_rewrite
     model = load_model(default_model_path(), threads=1)
     probs = model.predict_prob_idc(load_parity_inputs(model.contract, [SAMPLE_PATIENT], n_random=0))
     assert probs.tolist() == pytest.approx(BEFORE_REWRITES, rel=1e-6, abs=1e-9)
+
+
+def test_unnamed_nodes_get_unique_constants(inputs):
+    """tf2onnx names its nodes, other exporters need not: two unnamed batch norms must not clash."""
+    model = block_model()
+    graph = model.graph
+    conv2 = next(node for node in graph.node if node.output[0] == "y")
+    conv2.output[0] = "c2"
+    extra = [
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Mul", ["r2", "s2"], ["m2"]),
+        helper.make_node("Add", ["m2", "t2"], ["y"]),
+    ]
+    graph.node.extend(extra)
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.full((1, 4, 1, 1), 1.5, np.float32), "s2"),
+            numpy_helper.from_array(np.full((1, 4, 1, 1), 0.25, np.float32), "t2"),
+        ]
+    )
+    for node in graph.node:
+        node.name = ""
+    before = run(model, inputs)
+    assert optimize_for_cpu(model)["batchnorm_as_depthwise_conv"] == 2
+    assert len({init.name for init in model.graph.initializer}) == len(model.graph.initializer)
+    assert all(np.array_equal(a, b) for a, b in zip(before, run(model, inputs)))
+
+
+def test_graphs_with_subgraphs_or_an_old_ir_are_left_alone():
+    """A branch of an If may read a tensor renamed here; before IR 4 initializers are graph inputs too."""
+    old = block_model()
+    old.ir_version = 3
+    assert optimize_for_cpu(old) == {"batchnorm_as_depthwise_conv": 0, "scale_after_maxpool": 0}
+    branching = block_model()
+    then = helper.make_graph(
+        [helper.make_node("Identity", ["m1"], ["branch_out"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("branch_out", TensorProto.FLOAT, None)],
+    )
+    branching.graph.node.append(helper.make_node("If", ["cond"], ["picked"], then_branch=then, else_branch=then))
+    assert optimize_for_cpu(branching) == {"batchnorm_as_depthwise_conv": 0, "scale_after_maxpool": 0}

@@ -383,7 +383,7 @@ def test_resume_rescores_a_patient_whose_files_changed(tmp_path, caplog):
     assert any("20000" in r.message and "input files unchanged" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("change", ["mtime", "size, same mtime", "idc version"])
+@pytest.mark.parametrize("change", ["mtime", "size, same mtime", "idc version", "CSV columns"])
 def test_resume_rescores_a_patient_touched_rewritten_or_scored_by_another_idc(tmp_path, caplog, change, monkeypatch):
     """The fingerprint covers each file's time and size, and the idc version that wrote the state."""
     import os
@@ -401,8 +401,10 @@ def test_resume_rescores_a_patient_touched_rewritten_or_scored_by_another_idc(tm
     elif change == "size, same mtime":
         target.write_bytes(target.read_bytes() + b"\0")  # a trailing byte PNG readers ignore
         os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
-    else:
+    elif change == "idc version":
         monkeypatch.setattr(engine, "__version__", "9.9.9")
+    else:  # a CSV written before the notice column: stale, whatever version wrote it
+        monkeypatch.setattr(engine, "PATCH_COLUMNS", engine.PATCH_COLUMNS[:-1])
     with caplog.at_level("INFO", logger="idc_infer.engine"):
         result = CliRunner().invoke(main, [str(patient), "--out", str(out), "--no-review", "--resume"])
     assert result.exit_code == 0, result.output
