@@ -119,8 +119,9 @@ class Contract:
         a synthetic demo, or a contract that says nothing of its training at all."""
         if not self.is_demo:
             return None
-        if self.provenance:
+        if self.provenance.get("demo") is True and "synthetic" in str(self.provenance.get("training_data", "")).lower():
             return "DEMO MODEL: trained on synthetic data. Its outputs say nothing about real tissue."
+        # no provenance, no demo flag, or an export without its training record: nothing is known, not "synthetic"
         return "UNVERIFIED MODEL: its contract says nothing of its training data or how it was evaluated."
 
     @property

@@ -86,7 +86,7 @@ def demo_onnx(request, tmp_path_factory) -> Path:
     demo = Contract(
         threshold=0.5,
         patch_mpp=shipped["patch_mpp"],
-        provenance={"demo": True, "training_data": "demo fixture: the shipped graph under a demo contract"},
+        provenance={"demo": True, "training_data": "synthetic demo (test fixture: the shipped graph, demo contract)"},
     )
     for prop in proto.metadata_props:
         if prop.key == CONTRACT_KEY:

@@ -111,3 +111,13 @@ def test_a_contract_without_provenance_is_announced_as_unverified_not_synthetic(
     assert "UNVERIFIED MODEL" in html and "(UNVERIFIED)" in html and "synthetic" not in html
     run = json.loads((tmp_path / "o" / "run.json").read_text(encoding="utf-8"))
     assert run["model"]["demo_warning"].startswith("UNVERIFIED MODEL")
+
+
+def test_an_export_without_its_training_record_is_unverified_not_synthetic():
+    """demo=True with 'unknown' training data (idc-export without train_meta.json) claims nothing about it."""
+    from idc_infer.contract import Contract
+
+    unknown = Contract(provenance={"demo": True, "training_data": "unknown (no train_meta.json next to the model)"})
+    synthetic = Contract(provenance={"demo": True, "training_data": "SYNTHETIC patches (demo) from d: 6 patients"})
+    assert unknown.demo_warning.startswith("UNVERIFIED") and synthetic.demo_warning.startswith("DEMO")
+    assert Contract(provenance={"demo": False}).demo_warning is None
