@@ -215,7 +215,8 @@ def png_size(data: bytes) -> tuple[int, int] | None:
 # ancillary PNG chunks that change what cv2 decodes (transparency); every other ancillary chunk (text, time,
 # ICC profile, gamma, physical size...) is ignored by cv2's decoder but is what libpng warns about
 _PNG_KEPT_ANCILLARY = frozenset({b"tRNS"})
-_PNG_CHUNK_HEAD, _PNG_CRC = struct.Struct(">I4s"), struct.Struct(">I")
+_PNG_CHUNK_HEAD = struct.Struct(">I4s")
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the only IEND there is: no data, a fixed checksum
 
 
 def png_without_ancillary(data: bytes) -> tuple[bytes, list[str]]:
@@ -231,18 +232,18 @@ def png_without_ancillary(data: bytes) -> tuple[bytes, list[str]]:
     notes: list[str] = []
     offset, end, dropped = 8, len(data), False
     seen_ihdr = seen_idat = dropped_after_idat = False
-    view = memoryview(data)
+    head, crc32 = _PNG_CHUNK_HEAD.unpack_from, zlib.crc32  # this runs for every patch: locals, few calls
     while offset + 12 <= end:
-        length, kind = _PNG_CHUNK_HEAD.unpack_from(data, offset)
+        length, kind = head(data, offset)
         chunk_end = offset + 12 + length
         if chunk_end > end or not kind.isalpha() or kind == b"acTL":
             # truncated, not a chunk, or an animated PNG (cv2 decodes its first frame, not the default image
             # its IDAT holds, and needs the animation chunks for that): left to the decoder as it is
             return data, []
-        if 97 <= kind[0] <= 122:  # ancillary (bit 5 of the first byte): libpng may skip it, and warns instead
+        if kind[0] & 0x20:  # ancillary (bit 5 of the first byte): libpng may skip it, and warns instead
             if not seen_ihdr:
                 return data, []  # a chunk before IHDR makes the file corrupt: the decoder must see it
-            bad_crc = zlib.crc32(view[offset + 4 : chunk_end - 4]) != _PNG_CRC.unpack_from(data, chunk_end - 4)[0]
+            bad_crc = crc32(data[offset + 4 : chunk_end - 4]) != int.from_bytes(data[chunk_end - 4 : chunk_end], "big")
             if bad_crc:
                 notes.append(f"PNG {kind.decode('ascii')} chunk has a bad checksum: ignored")
             if bad_crc or kind not in _PNG_KEPT_ANCILLARY:
@@ -252,8 +253,12 @@ def png_without_ancillary(data: bytes) -> tuple[bytes, list[str]]:
         elif kind == b"IDAT":
             if dropped_after_idat:
                 return data, []  # a chunk between two IDATs breaks the image data: the decoder must see it
+            if not seen_idat and chunk_end == end - 12 and data.endswith(_PNG_IEND):
+                kept.append(data[offset:])  # one IDAT, then IEND: the usual end of a patch, taken whole
+                break
             seen_idat = True
-        seen_ihdr |= kind == b"IHDR"
+        elif kind == b"IHDR":
+            seen_ihdr = True
         kept.append(data[offset:chunk_end])
         offset = chunk_end
         if kind == b"IEND":
