@@ -93,6 +93,24 @@ def seed_style_baseline(paths: list[Path], keras_model: Path, batch_size: int) -
     return len(paths) / (time.perf_counter() - start)
 
 
+def untrained_cancernet(workdir: Path) -> Path | None:
+    """A .keras CancerNet of the shipped architecture (48x48x3, 2 classes) with fresh weights, for the seed-style
+    row where no trained .keras file is at hand: model.predict takes as long whatever the weights. None
+    without TensorFlow."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is None:
+        return None
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from idc_train.architectures import build_model
+
+    path = workdir / "cancernet-untrained.keras"
+    if not path.exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        build_model("cancernet", 48, 48, 2).save(path)
+    return path
+
+
 def slide_reading(slide: Path, model_path: Path, min_seconds: float = 2.0) -> tuple[float, float, int]:
     """(tissue detection s, tiles read/s at the model's scale, tiles): tiffslide read + area resize to 50 px,
     no model; the slide's tissue tiles are read again until ``min_seconds`` have passed."""
@@ -137,7 +155,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--model", type=Path, default=None, help="ONNX model [default: the shipped one]")
-    parser.add_argument("--keras-model", type=Path, default=None, help=".keras model for the seed-style baseline")
+    parser.add_argument(
+        "--keras-model",
+        type=Path,
+        default=None,
+        help=".keras model for the seed-style baseline [default where TensorFlow is installed: a CancerNet of "
+        "the shipped architecture with untrained weights, built here (its speed is the same; its outputs are "
+        "not looked at)]",
+    )
     parser.add_argument("--baseline-patches", type=int, default=3000)
     parser.add_argument(
         "--slide",
@@ -203,14 +228,26 @@ def main() -> None:
         rate_row("idc-infer, default (review outputs on)", wall_default, rss_default, "start-up included"),
         rate_row("idc-infer --no-review (CSV, summary, run.json)", wall_noreview, rss_noreview, "start-up included"),
     ]
-    if args.keras_model:
-        baseline = seed_style_baseline(paths[: args.baseline_patches], args.keras_model, 32)
+    # every subprocess before TensorFlow is loaded here: a child forked from a process holding it starts with
+    # its ~700 MB resident, which its peak RSS then reports
+    startup = help_startup_s()
+    slide = None
+    if args.slide and args.slide.exists():
+        detect, tile_rate, n_tiles = slide_reading(args.slide, model_path)
+        wall_slide, rss_slide = run_cli([str(args.slide), "--out", str(args.workdir / "out-slide"), *common])
+        slide = (detect, tile_rate, n_tiles, wall_slide, rss_slide)
+    keras_model, keras_note = args.keras_model, ""
+    if keras_model is None:
+        keras_model = untrained_cancernet(args.workdir)
+        keras_note = "; CancerNet, untrained weights (speed only)"
+    if keras_model is not None:
+        baseline = seed_style_baseline(paths[: args.baseline_patches], keras_model, 32)
         rows.append(
             rate_row(
                 "Keras model.predict, seed-style (imread per file)",
                 None,
                 None,
-                f"{args.baseline_patches:,} patches",
+                f"{args.baseline_patches:,} patches{keras_note}",
                 rate=baseline,
             )
         )
@@ -245,10 +282,9 @@ def main() -> None:
     print("| run | patches/s | vs plain loop | peak RSS | note |\n|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    print(f"\n`idc-infer --help` start-up: {help_startup_s():.2f} s (best of 5)")
-    if args.slide and args.slide.exists():
-        detect, tile_rate, n_tiles = slide_reading(args.slide, model_path)
-        wall_slide, rss_slide = run_cli([str(args.slide), "--out", str(args.workdir / "out-slide"), *common])
+    print(f"\n`idc-infer --help` start-up: {startup:.2f} s (best of 5)")
+    if slide is not None:
+        detect, tile_rate, n_tiles, wall_slide, rss_slide = slide
         print(
             f"slide {args.slide.name}: tissue detection and tile list {detect * 1e3:,.0f} ms ({n_tiles} tissue tiles "
             f"at the model's scale); tile reading {tile_rate:,.0f} tiles/s on one thread; idc-infer SLIDE end to "
