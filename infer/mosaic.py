@@ -7,7 +7,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -124,6 +124,20 @@ class MosaicTooLarge(IdcError, ValueError):
     """The patches' coordinates span more than MAX_MOSAIC_SIDE_PX at the output scale."""
 
 
+class CanvasPatch(NamedTuple):
+    """One patch to draw: where (x, y, width_px, height_px in the rows' frame), its pixels (None when it could
+    not be decoded), prob_idc (None: failed, unless ``skipped`` by quality control) and its label."""
+
+    x: int
+    y: int
+    width_px: int
+    height_px: int
+    rgb: np.ndarray | None
+    prob_idc: float | None
+    label: int | None
+    skipped: bool = False
+
+
 class MosaicCanvas:
     """Tissue, prob_idc, labels and failure marks at the output scale, grown as patches arrive.
 
@@ -207,7 +221,7 @@ class MosaicCanvas:
     ) -> None:
         """Draw one patch; ``prob_idc`` None marks it failed, unless ``skipped`` (quality control: glass or
         blurred), which is drawn as tissue without a heat colour or a failure mark."""
-        self.add_patches([(x, y, width_px, height_px, rgb, prob_idc, label, skipped)])
+        self.add_patches([CanvasPatch(x, y, width_px, height_px, rgb, prob_idc, label, skipped)])
 
     def _cells(self, x: int, y: int, width_px: int, height_px: int) -> tuple[int, int, int, int] | None:
         """A patch's (c0, r0, c1, r1) on the absolute grid at the current scale; None for a sliver thinner than
@@ -216,7 +230,7 @@ class MosaicCanvas:
         c1, r1 = slide_to_canvas_px(x + width_px, self.scale), slide_to_canvas_px(y + height_px, self.scale)
         return None if c1 <= c0 or r1 <= r0 else (c0, r0, c1, r1)
 
-    def _extent(self, patches: list[tuple]) -> tuple[int, int, int, int] | None:
+    def _extent(self, patches: list[CanvasPatch]) -> tuple[int, int, int, int] | None:
         """Bounds of what is drawn once ``patches`` are, at the current scale (None: all slivers, none yet)."""
         bounds = self.bounds
         for patch in patches:
@@ -232,8 +246,8 @@ class MosaicCanvas:
         width, height = bounds[2] - bounds[0], bounds[3] - bounds[1]
         return max(width, height) > MAX_MOSAIC_SIDE_PX or width * height > MAX_MOSAIC_AREA_PX
 
-    def add_patches(self, patches: list[tuple]) -> None:
-        """Draw patches of (x, y, width_px, height_px, rgb, prob_idc, label, skipped) as add_patch would one by
+    def add_patches(self, patches: list[CanvasPatch]) -> None:
+        """Draw patches as add_patch would one by
         one, with the same pixels. Where they fit at the current scale (the usual case) the canvas is sized once
         for all of them: growing it patch by patch copied it every few patches, most of the time of a sparse
         patient's mosaic. Patches spread too far go one at a time, halving the scale exactly as before."""
@@ -242,17 +256,17 @@ class MosaicCanvas:
             self._ensure(*bounds)
             self.bounds = bounds
             for patch in patches:
-                self._draw(*patch)
+                self._draw(patch)
             return
         for patch in patches:
             self._add_one(patch)
 
-    def _add_one(self, patch: tuple) -> None:
+    def _add_one(self, patch: CanvasPatch) -> None:
         width_px, height_px = patch[2], patch[3]
         while True:
             cells = self._cells(*patch[:4])
             if cells is None:
-                self._draw(*patch)  # counted; nothing to draw at this scale
+                self._draw(patch)  # counted; nothing to draw at this scale
                 return
             bounds = self._extent([patch])
             assert bounds is not None  # the patch itself is drawn
@@ -268,20 +282,11 @@ class MosaicCanvas:
             )
         self._ensure(*bounds)
         self.bounds = bounds
-        self._draw(*patch)
+        self._draw(patch)
 
-    def _draw(
-        self,
-        x: int,
-        y: int,
-        width_px: int,
-        height_px: int,
-        rgb: np.ndarray | None,
-        prob_idc: float | None,
-        label: int | None,
-        skipped: bool,
-    ) -> None:
+    def _draw(self, patch: CanvasPatch) -> None:
         """One patch onto a canvas that already covers it."""
+        x, y, width_px, height_px, rgb, prob_idc, label, skipped = patch
         failed = prob_idc is None and not skipped
         self.n_failed += failed
         self.n_scored += prob_idc is not None
@@ -485,7 +490,7 @@ class MosaicSink:
         self.canvas: MosaicCanvas | None = MosaicCanvas(scale / frame_scale)
         self.n_without_xy = 0
         self.layout: MosaicLayout | None = None
-        self._pending: list[tuple] = []  # patches not yet drawn: the canvas is sized for a batch at once
+        self._pending: list[CanvasPatch] = []  # patches not yet drawn: the canvas is sized for a batch at once
         self._pending_bytes = 0
 
     def add(self, row: PatchRow, rgb: np.ndarray | None) -> None:
@@ -497,7 +502,7 @@ class MosaicSink:
         scored, skipped = row.scored, row.status in QC_STATUSES
         width_px, height_px = _patch_size_px(row, scored or skipped)
         prob = float(row.prob_idc) if scored and row.prob_idc is not None else None
-        self._pending.append((int(row.x), int(row.y), width_px, height_px, rgb, prob, row.label, skipped))
+        self._pending.append(CanvasPatch(int(row.x), int(row.y), width_px, height_px, rgb, prob, row.label, skipped))
         self._pending_bytes += 0 if rgb is None else rgb.nbytes
         if len(self._pending) >= MAX_PENDING_PATCHES or self._pending_bytes >= MAX_PENDING_BYTES:
             self._flush()

@@ -638,6 +638,6 @@ def test_a_mosaic_sink_holds_a_bounded_number_of_bytes_of_pending_pixels(tmp_pat
     most = 0
     for i in range(200):
         sink.add(row_for(700 * (i % 10), 460 * (i // 10), 0.5, width_px=700, height_px=460), big)
-        most = max(most, sum(p[4].nbytes for p in sink._pending))
+        most = max(most, sum(p.rgb.nbytes for p in sink._pending))
     sink.close()
     assert most <= MAX_PENDING_BYTES + big.nbytes and (tmp_path / "p_mosaic.png").exists()
