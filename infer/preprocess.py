@@ -149,16 +149,30 @@ def _to_rgb8(image: np.ndarray, notes: list[str]) -> np.ndarray | None:
     return None
 
 
+def refused_size(width: int, height: int, contract: Contract) -> Decoded | None:
+    """The row of a patch the contract refuses for its size, None when it is scored: the one rule the decoder
+    applies (from the header where it can, and to the decoded pixels) and training's size filter too. Larger
+    than a patch in either side is oversized even when the other side is short (60x40), whatever the format."""
+    native = contract.native_patch_px
+    if (height > native or width > native) and contract.oversized_policy == "refuse":
+        return _too_large(width, height, contract)
+    if (height < native or width < native) and contract.undersized_policy == "refuse":
+        return Decoded(
+            STATUS_UNDERSIZED,
+            f"{width}x{height} px is smaller than {native}x{native}",
+            width_px=width,
+            height_px=height,
+        )
+    return None
+
+
 def _fit_size(rgb: np.ndarray, contract: Contract, notes: list[str]) -> tuple[np.ndarray | None, Decoded | None]:
     height, width = rgb.shape[:2]
+    refused = refused_size(width, height, contract)
+    if refused is not None:
+        return None, refused
     native = contract.native_patch_px
-    # larger than a patch in either side is oversized even when the other side is short (60x40): the same
-    # rule the header check applies before decoding, whatever the format
-    if (height > native or width > native) and contract.oversized_policy == "refuse":
-        return None, Decoded(STATUS_OVERSIZED, f"{width}x{height} px is larger than {native}x{native}")
     if height < native or width < native:
-        if contract.undersized_policy == "refuse":
-            return None, Decoded(STATUS_UNDERSIZED, f"{width}x{height} px is smaller than {native}x{native}")
         if contract.undersized_policy == "pad":
             rgb = cv2.copyMakeBorder(
                 rgb, 0, max(0, native - height), 0, max(0, native - width), cv2.BORDER_CONSTANT, value=(0, 0, 0)
@@ -167,8 +181,6 @@ def _fit_size(rgb: np.ndarray, contract: Contract, notes: list[str]) -> tuple[np
         else:
             notes.append(f"undersized {width}x{height} px, stretched")
     elif height > native or width > native:
-        if contract.oversized_policy == "refuse":
-            return None, Decoded(STATUS_OVERSIZED, f"{width}x{height} px is larger than {native}x{native}")
         notes.append(f"oversized {width}x{height} px, resized")
     return rgb, None
 

@@ -418,19 +418,14 @@ def read_sample_design(data_dir: Path) -> SampleDesign:
 def fits_contract(path: str | Path, contract) -> bool:
     """Whether idc-infer would score this file's size under the contract's refuse policies, from its header
     (a file whose header does not tell its size is kept: idc-infer decodes it and judges then)."""
-    from idc_infer.preprocess import header_size
+    from idc_infer.preprocess import header_size, refused_size
 
     try:
         with open(path, "rb") as handle:
             size = header_size(handle.read(64 * 1024))
     except OSError:
         return True  # unreadable: TF's decode will say so, as before
-    if size is None:
-        return True
-    native = contract.native_patch_px
-    if max(size) > native and contract.oversized_policy == "refuse":
-        return False
-    return not (min(size) < native and contract.undersized_policy == "refuse")
+    return size is None or refused_size(*size, contract) is None
 
 
 def drop_refused_sizes(sets: dict[str, list[LabelledPatch]], contract) -> dict[str, list[LabelledPatch]]:
