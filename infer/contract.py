@@ -37,6 +37,10 @@ class ContractError(IdcError, ValueError):
     """The model file has no usable contract."""
 
 
+DEMO_WARNING = "DEMO MODEL: trained on synthetic data. Its outputs say nothing about real tissue."
+UNVERIFIED_WARNING = "UNVERIFIED MODEL: its contract says nothing of its training data or how it was evaluated."
+
+
 @dataclass(frozen=True)
 class Contract:
     """Everything needed to turn a patch file into the model's input tensor and back."""
@@ -120,9 +124,9 @@ class Contract:
         if not self.is_demo:
             return None
         if self.provenance.get("demo") is True and "synthetic" in str(self.provenance.get("training_data", "")).lower():
-            return "DEMO MODEL: trained on synthetic data. Its outputs say nothing about real tissue."
+            return DEMO_WARNING
         # no provenance, no demo flag, or an export without its training record: nothing is known, not "synthetic"
-        return "UNVERIFIED MODEL: its contract says nothing of its training data or how it was evaluated."
+        return UNVERIFIED_WARNING
 
     @property
     def failed_gate(self) -> bool:

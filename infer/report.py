@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from .contract import DEMO_WARNING
 from .files import RESEARCH_NOTICE, atomic_path, safe_file_stem
 from .geojson import GEOJSON_SUFFIX
 from .mosaic import MOSAIC_SUFFIX
@@ -171,9 +172,7 @@ def _demo_warning(model: dict) -> str | None:
     """run.json's warning about a demo or unverified model (runs of 0.1 recorded only the flag)."""
     if not model.get("demo"):
         return None
-    return (
-        model.get("demo_warning") or "DEMO MODEL: trained on synthetic data. Its outputs say nothing about real tissue."
-    )
+    return model.get("demo_warning") or DEMO_WARNING
 
 
 def _demo_tag(model: dict) -> str | None:
