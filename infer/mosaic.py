@@ -112,6 +112,15 @@ def _fill(array: np.ndarray, value: Any) -> None:
         array[...] = value
 
 
+def _union(
+    bounds: tuple[int, int, int, int] | None, cells: tuple[int, int, int, int] | None
+) -> tuple[int, int, int, int] | None:
+    """(c0, r0, c1, r1) covering both; either may be None (nothing drawn yet, a sliver)."""
+    if cells is None or bounds is None:
+        return bounds if cells is None else cells
+    return (min(bounds[0], cells[0]), min(bounds[1], cells[1]), max(bounds[2], cells[2]), max(bounds[3], cells[3]))
+
+
 def _regrow(array: np.ndarray, fill: Any, shape: tuple[int, int], offset: tuple[int, int]) -> np.ndarray:
     grown = np.empty(shape + array.shape[2:], dtype=array.dtype)
     _fill(grown, fill)
@@ -234,11 +243,7 @@ class MosaicCanvas:
         """Bounds of what is drawn once ``patches`` are, at the current scale (None: all slivers, none yet)."""
         bounds = self.bounds
         for patch in patches:
-            cells = self._cells(*patch[:4])
-            if cells is None:
-                continue
-            b, (c0, r0, c1, r1) = bounds, cells
-            bounds = cells if b is None else (min(b[0], c0), min(b[1], r0), max(b[2], c1), max(b[3], r1))
+            bounds = _union(bounds, self._cells(*patch[:4]))
         return bounds
 
     @staticmethod
@@ -247,10 +252,10 @@ class MosaicCanvas:
         return max(width, height) > MAX_MOSAIC_SIDE_PX or width * height > MAX_MOSAIC_AREA_PX
 
     def add_patches(self, patches: list[CanvasPatch]) -> None:
-        """Draw patches as add_patch would one by
-        one, with the same pixels. Where they fit at the current scale (the usual case) the canvas is sized once
-        for all of them: growing it patch by patch copied it every few patches, most of the time of a sparse
-        patient's mosaic. Patches spread too far go one at a time, halving the scale exactly as before."""
+        """Draw patches as add_patch would one by one, with the same pixels. Where they fit at the current scale
+        (the usual case) the canvas is sized once for all of them: growing it patch by patch copied it every few
+        patches, most of the time of a sparse patient's mosaic. Patches spread too far go one at a time,
+        halving the scale exactly as before."""
         bounds = self._extent(patches)
         if bounds is not None and not self._too_large(bounds):
             self._ensure(*bounds)
@@ -268,7 +273,7 @@ class MosaicCanvas:
             if cells is None:
                 self._draw(patch)  # counted; nothing to draw at this scale
                 return
-            bounds = self._extent([patch])
+            bounds = _union(self.bounds, cells)
             assert bounds is not None  # the patch itself is drawn
             area = (bounds[2] - bounds[0]) * (bounds[3] - bounds[1])
             if area <= MAX_MOSAIC_AREA_PX or self.scale * min(width_px, height_px) / 2 < MIN_PATCH_CANVAS_PX:
