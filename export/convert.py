@@ -189,7 +189,7 @@ def contract_for(keras_path: Path, meta: dict | None, opset: int) -> Contract:
         return Contract(
             threshold=float(meta.get("threshold", 0.5)), provenance=provenance, patch_mpp=meta.get("patch_mpp")
         )
-    return Contract.from_json(json.dumps(trained | {"provenance": provenance}))
+    return Contract.from_record(trained | {"provenance": provenance})
 
 
 def export_fp32(keras_path: Path, out_path: Path, sample_dirs: list[Path], opset: int = DEFAULT_OPSET) -> dict:

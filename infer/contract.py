@@ -158,8 +158,14 @@ class Contract:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ContractError(f"contract is not valid JSON: {exc}") from exc
+        return cls.from_record(raw)
+
+    @classmethod
+    def from_record(cls, raw: Any) -> Contract:
+        """A contract from its JSON object already parsed (a model's metadata, train_meta.json's record)."""
         if not isinstance(raw, dict):
             raise ContractError("contract is not a JSON object")
+        raw = dict(raw)  # the caller's record is not changed
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:

@@ -71,11 +71,7 @@ def load_scorer(model_path: Path, threads: int = 2):
     try:  # the contract the model trained with (runs since 0.2 record it), else the defaults
         meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else {}
         recorded = meta.get("contract")
-        contract = (
-            Contract.from_json(json.dumps(recorded))
-            if recorded
-            else Contract(threshold=float(meta.get("threshold", 0.5)))
-        )
+        contract = Contract.from_record(recorded) if recorded else Contract(threshold=float(meta.get("threshold", 0.5)))
     except (ValueError, TypeError, AttributeError) as exc:  # a damaged train_meta.json, an invalid contract
         raise TrainingDataError(f"{meta_file} cannot be read as a training record: {exc}") from None
     try:
