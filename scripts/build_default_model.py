@@ -182,8 +182,9 @@ def refresh_shipped(models_dir: Path, readme: Path, edit, remeasure: bool = Fals
 
     from idc_export.card import measure_throughput, render_model_card
     from idc_export.convert import set_contract
+    from idc_infer.contract import contract_from_metadata
     from idc_infer.files import atomic_path, write_json
-    from idc_infer.model import load_model, sha256_of
+    from idc_infer.model import sha256_of
 
     report_path = models_dir / "export-report.json"
     report = json.loads(report_path.read_text(encoding="utf-8"))
@@ -192,7 +193,8 @@ def refresh_shipped(models_dir: Path, readme: Path, edit, remeasure: bool = Fals
         if not path.exists():
             continue
         onnx_model = onnx.load(str(path))
-        contract = edit(onnx_model, load_model(path, threads=1).contract)
+        metadata = {prop.key: prop.value for prop in onnx_model.metadata_props}
+        contract = edit(onnx_model, contract_from_metadata(metadata, str(path)))  # the file is loaded once
         set_contract(onnx_model, contract)
         with atomic_path(path, mode="wb") as handle:
             handle.write(onnx_model.SerializeToString())
