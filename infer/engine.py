@@ -30,7 +30,7 @@ from .discover import STATE_DIR, UNREADABLE_DIRECTORY, Patient, SkipCounter
 from .files import RESEARCH_NOTICE, CsvOut, atomic_path, safe_file_stem, write_csv
 from .metrics import Confusion, safe_ratio, wilson_interval
 from .model import LoadedModel, sha256_of
-from .preprocess import Decoded, decode_file, file_stat_of, finish_batch
+from .preprocess import Decoded, decode_file, file_stat_of, finish_batch, model_batch
 from .quality import QualityControl
 from .quantify import COLOUR_Z_LIMIT, FEW_PATCHES, colour_distance_sd, fraction_estimates
 from .schema import (
@@ -265,7 +265,7 @@ def _score_decoded(model, decoded: list[Decoded]) -> list[float | None]:
     probs: list[float | None] = [None] * len(decoded)
     for start in range(0, len(ok), MODEL_BATCH_MAX):
         part = ok[start : start + MODEL_BATCH_MAX]
-        values = model.predict_prob_idc(np.stack([decoded[i].ok_tensor() for i in part])).tolist()
+        values = model.predict_prob_idc(model_batch([decoded[i].ok_tensor() for i in part], model.contract)).tolist()
         for i, prob in zip(part, values):
             decoded[i].tensor = None  # let the model's input go as soon as it is scored
             if math.isfinite(prob):

@@ -57,7 +57,7 @@ class Decoded:
 
     status: str
     message: str = ""
-    tensor: np.ndarray | None = None
+    tensor: np.ndarray | None = None  # float32; or 8-bit model pixels after finish_batch (see model_batch)
     width_px: int | None = None
     height_px: int | None = None
     rgb: np.ndarray | None = None  # the 8-bit RGB patch as read (before resizing), for review images
@@ -65,7 +65,8 @@ class Decoded:
     file_stat: tuple[int, int] | None = None  # (size, mtime_ns) of the file as read, for the resume fingerprint
 
     def ok_tensor(self) -> np.ndarray:
-        """The model input of a patch decoded ok and not yet scored (every such patch has one)."""
+        """The model input of a patch decoded ok and not yet scored (every such patch has one): float32, or 8-bit
+        model pixels where finish_batch left them (model_batch makes a float32 batch of either)."""
         assert self.tensor is not None, f"a {self.status} patch has no tensor"
         return self.tensor
 
@@ -109,10 +110,13 @@ def _read_bytes(path: Path) -> tuple[bytes | None, Decoded | None, tuple[int, in
             # the file's own size (+1 to see growth), capped one byte past the limit: a multi-GB file must not
             # land in memory, and reading the limit itself would allocate 16 MB for every 2 KB patch
             want = min(info.st_size, MAX_FILE_BYTES) + 1
-            parts = [os.read(fd, want)]  # one read for a local file; a network file system may return less
-            while parts[-1] and sum(map(len, parts)) < want:
-                parts.append(os.read(fd, want - sum(map(len, parts))))
-            return b"".join(parts), None, file_stat
+            data = os.read(fd, want)  # one read for a local file: all its bytes (or one more, if it grew)
+            if len(data) < min(info.st_size, want):  # a network file system may return less: read on to the end
+                parts = [data]
+                while parts[-1] and sum(map(len, parts)) < want:
+                    parts.append(os.read(fd, want - sum(map(len, parts))))
+                data = b"".join(parts)
+            return data, None, file_stat
         finally:
             os.close(fd)
     except ValueError as exc:  # a NUL byte or an unencodable character in a --from-list line
@@ -207,14 +211,37 @@ def resize_nearest(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     return rgb.take(rows, axis=-3).take(cols, axis=-2)
 
 
-def preprocess_rgb(rgb: np.ndarray, contract: Contract) -> np.ndarray:
-    """Resize and scale an 8-bit RGB image (HWC, or a stack of them, NHWC) to the model's input (float32)."""
+def model_pixels(rgb: np.ndarray, contract: Contract) -> np.ndarray:
+    """An 8-bit RGB image (HWC, or a stack of them, NHWC) resized and in the model's channel order, still 8-bit:
+    the model's input before scaling (scale_pixels)."""
     size = (contract.input_height_px, contract.input_width_px)
     if rgb.shape[-3:-1] != size:
         rgb = resize_nearest(rgb, *size)
     if contract.channel_order == "BGR":
         rgb = rgb[..., ::-1]
-    return rgb.astype(np.float32) * np.float32(contract.scale) + np.float32(contract.offset)
+    return rgb
+
+
+def scale_pixels(pixels: np.ndarray, contract: Contract) -> np.ndarray:
+    """8-bit model pixels (model_pixels) to the model's float32 input: pixel * scale + offset, in float32."""
+    tensor = pixels.astype(np.float32)
+    tensor *= np.float32(contract.scale)  # in place: the same float32 products and sums as x * s + o
+    tensor += np.float32(contract.offset)
+    return tensor
+
+
+def preprocess_rgb(rgb: np.ndarray, contract: Contract) -> np.ndarray:
+    """Resize and scale an 8-bit RGB image (HWC, or a stack of them, NHWC) to the model's input (float32)."""
+    return scale_pixels(model_pixels(rgb, contract), contract)
+
+
+def model_batch(tensors: list[np.ndarray], contract: Contract) -> np.ndarray:
+    """The float32 NHWC batch of patches' model inputs: float32 tensors as they are, 8-bit model pixels (what
+    finish_batch leaves) scaled here, a model batch at a time: a task's patches then wait as 8-bit pixels, a
+    quarter of the memory the float32 tensors took, which kept the caches the model runs in busy."""
+    if all(tensor.dtype == np.uint8 for tensor in tensors):
+        return scale_pixels(np.stack(tensors), contract)
+    return np.stack([scale_pixels(t, contract) if t.dtype == np.uint8 else t for t in tensors])
 
 
 def png_size(data: bytes) -> tuple[int, int] | None:
@@ -470,10 +497,11 @@ def finish_batch(decoded: list[Decoded], contract: Contract, qc: QualityControl 
     if not kept:
         return
     pixels = pixels[keep]
-    tensors = preprocess_rgb(pixels, contract)  # the same arithmetic as per patch, on the whole stack
+    # 8-bit, resized: model_batch scales them (the same arithmetic as preprocess_rgb) right before the model runs
+    small = model_pixels(pixels, contract)
     for j, i in enumerate(kept):
         d = decoded[i]
-        d.status, d.tensor, d.colour = STATUS_OK, tensors[j], patch_mean_colour(d.ok_rgb())
+        d.status, d.tensor, d.colour = STATUS_OK, small[j], patch_mean_colour(d.ok_rgb())
 
 
 def resample_to_native(rgb: np.ndarray, contract: Contract, notes: list[str], why: str) -> np.ndarray:

@@ -377,3 +377,29 @@ def test_an_animated_png_decodes_as_cv2_decodes_it(tmp_path):
     raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     decoded = decode_file(path, Contract())
     assert decoded.status == "ok" and np.array_equal(decoded.rgb, raw[..., ::-1][..., :3])
+
+
+def test_a_batch_finished_at_once_gives_the_model_the_same_input_as_one_patch_at_a_time(tmp_path):
+    """idc-infer decodes full-size patches with defer=True, finishes them a batch at a time (8-bit model pixels) and
+    scales a model batch just before the model runs: that input must be the float32 tensor decode_file gives one
+    patch at a time, bit for bit, under every scale, offset and channel order."""
+    from idc_infer.preprocess import finish_batch, model_batch
+    from idc_infer.quality import QualityControl
+
+    from ..conftest import SAMPLE_PATIENT
+
+    paths = sorted(SAMPLE_PATIENT.rglob("*.png"))
+    assert len(paths) >= 10
+    for contract in (CONTRACT, Contract(scale=2.0 / 255.0, offset=-1.0, channel_order="BGR")):
+        deferred = [decode_file(path, contract, QualityControl(), defer=True) for path in paths]
+        finish_batch(deferred, contract, QualityControl())
+        alone = [decode_file(path, contract, QualityControl()) for path in paths]
+        assert [d.status for d in deferred] == [d.status for d in alone]
+        ok = [i for i, d in enumerate(alone) if d.status == "ok"]
+        assert ok and all(deferred[i].ok_tensor().dtype == np.uint8 for i in ok)
+        batch = model_batch([deferred[i].ok_tensor() for i in ok], contract)
+        assert batch.dtype == np.float32
+        np.testing.assert_array_equal(batch, np.stack([alone[i].ok_tensor() for i in ok]))
+        # a batch mixing both kinds (a slide tile decoded alone beside deferred patches) is the same too
+        mixed = model_batch([alone[ok[0]].ok_tensor(), deferred[ok[1]].ok_tensor()], contract)
+        np.testing.assert_array_equal(mixed, np.stack([alone[ok[0]].ok_tensor(), alone[ok[1]].ok_tensor()]))
