@@ -88,10 +88,14 @@ class Patient:
         label = name.label if name.label is not None else label_from_parent(path)
         display = str(path)
         if self.root is not None:
-            try:
-                display = path.relative_to(self.root).as_posix()
-            except ValueError:
-                pass
+            prefix = str(self.root) + os.sep
+            if display.startswith(prefix):  # a walked file: what relative_to gives, at a tenth of the cost
+                display = display[len(prefix) :].replace(os.sep, "/")
+            else:
+                try:
+                    display = path.relative_to(self.root).as_posix()
+                except ValueError:
+                    pass
         # a QuPath region's size (is_region_export: both are set)
         extent = (name.width, name.height) if name.width is not None and name.height is not None else None
         return display, name.x, name.y, label, extent

@@ -112,20 +112,24 @@ class CsvOut:
     def row(self, values: dict[str, Any] | Any) -> None:
         """A dict by column name, or a dataclass row (schema.PatchRow) whose fields are the columns."""
         # neutralise text only: a formatted negative number is a number, not a formula
-        get = values.get if isinstance(values, dict) else lambda key: getattr(values, key, None)
-        cells = [_fmt(neutralise_cell(get(key))) for key in self.header]
+        if isinstance(values, dict):
+            cells = [_cell(values.get(key)) for key in self.header]
+        else:
+            cells = [_cell(getattr(values, key, None)) for key in self.header]
         writer = self._quoted if any(isinstance(c, str) and "\r" in c for c in cells) else self._writer
         writer.writerow(cells)
 
 
-def _fmt(value: Any) -> Any:
+def _cell(value: Any) -> Any:
+    """A CSV cell: text neutralised (neutralise_cell), floats with 6 decimals, None and nan empty; one call per
+    cell, as every row of every patient goes through it."""
     if value is None:
         return ""
     if isinstance(value, float):
         if value != value:  # nan: unknown, not zero
             return ""
         return f"{value:.6f}"
-    return value
+    return neutralise_cell(value)
 
 
 def write_csv(target: Path, header: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:

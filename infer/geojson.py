@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -35,6 +36,17 @@ GEOJSON_FRAME_SCALED = (
 )
 # uuid5 namespace for feature ids: the same patch gets the same id in every run
 FEATURE_NAMESPACE = uuid.UUID("5d0c1f3e-8a1b-4f1e-9a6b-2f1c8e7d4a10")
+_NAMESPACE_BYTES = FEATURE_NAMESPACE.bytes
+
+
+def feature_id(name: str) -> str:
+    """str(uuid.uuid5(FEATURE_NAMESPACE, name)), character for character (a test holds the two equal), without
+    building a UUID object: a third of the time, for every feature of every patient."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name.encode("utf-8")).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    text = digest.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def _scaled(value: float, scale: float) -> int | float:
@@ -88,9 +100,9 @@ def patch_feature_json(row: PatchRow, patient_id: str, scale: float = 1.0) -> st
     if not math.isfinite(prob):
         raise ValueError(f"prob_idc {prob} is not a number")
     label = "" if row.label is None else f',"label":{int(row.label)}'
-    feature_id = uuid.uuid5(FEATURE_NAMESPACE, f"{patient_id}/{row.path}")
+    patch_id = feature_id(f"{patient_id}/{row.path}")
     return (
-        f'{{"type":"Feature","id":"{feature_id}","geometry":{{"type":"Polygon","coordinates":[[[{x!r},{y!r}],'
+        f'{{"type":"Feature","id":"{patch_id}","geometry":{{"type":"Polygon","coordinates":[[[{x!r},{y!r}],'
         f'[{x1!r},{y!r}],[{x1!r},{y1!r}],[{x!r},{y1!r}],[{x!r},{y!r}]]]}},"properties":{{"objectType":"tile",'
         f'"name":{json.dumps(str(row.path))},"classification":{_IDC_CLASS if pred else _NON_IDC_CLASS},'
         f'"isLocked":true,"measurements":{{"prob_idc":{prob!r},"pred":{pred}{label}}}}}}}'

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,8 @@ def parse_qupath_name(name: str) -> PatchName | None:
     )
 
 
+# a worker parses a patch's name when it decodes it and again when it writes its row: the second is a lookup
+@functools.lru_cache(maxsize=4096)
 def parse_patch_name(name: str) -> PatchName:
     """Parse a Kaggle patch file name (or a QuPath tile export's); fields the name does not carry are None."""
     match = KAGGLE_NAME.match(name)
@@ -91,4 +95,6 @@ def patient_dir_of(path: Path) -> Path:
 
 def is_candidate_image(name: str) -> bool:
     """True for files idc tries to score; hidden files and non-image suffixes are skipped."""
-    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+    # os.path.splitext, not Path(name).suffix: the same suffix for a name that is not hidden, at a third the cost
+    # (it runs for every file of every walk)
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES

@@ -508,6 +508,18 @@ def test_the_geojson_template_writes_exactly_what_json_dumps_writes():
             assert patch_feature_json(row, "p1", scale) == expected
 
 
+def test_geojson_feature_ids_are_the_uuid5_of_patient_and_path():
+    """Feature ids are computed without uuid objects (faster); QuPath keeps them across runs, so they must stay the
+    uuid5 of "<patient>/<path>" for every name, including non-ASCII ones."""
+    import uuid
+
+    from idc_infer.geojson import FEATURE_NAMESPACE, feature_id
+
+    names = ["8863/1/8863_idx5_x51_y1251_class1.png", 'p/\u00e9\u4e2d "q".png', "", "x" * 500, "s [x=0,y=0,w=1,h=1]"]
+    for name in names:
+        assert feature_id(name) == str(uuid.uuid5(FEATURE_NAMESPACE, name))
+
+
 def test_patches_far_apart_give_a_coarser_mosaic_within_bounded_memory(tmp_path):
     """Two patches 24,000 px apart (a canvas of ~1 GB at scale 0.25 before): drawn at a smaller scale instead."""
     from idc_infer.review import MAX_MOSAIC_AREA_PX, MosaicCanvas
