@@ -124,3 +124,26 @@ def test_headline_falls_back_when_the_threshold_is_not_the_models():
     assert headline_of(contract, 0.3) == "adjusted"
     assert headline_of(contract, 0.5) == "expected"  # the adjusted count is not computed at another threshold
     assert headline_of(contract.replace(calibration=None), 0.5) == "counted"
+
+
+def test_a_patients_summary_row_follows_its_counts_though_it_is_computed_once():
+    """The writer thread computes a patient's summary row as it closes, and summary.csv reuses it: a row asked
+    for again after more patches (or another threshold) must be the new one, and a reused row the same."""
+    from idc_infer.contract import Contract
+    from idc_infer.engine import PatientTally
+
+    contract = Contract()
+    tally = PatientTally()
+    for prob in (0.9, 0.2, 0.7):
+        tally.add(prob, int(prob >= 0.5), None)
+    first = tally.summary_row("p1", 0.5, "abc", contract)
+    first["n_idc"] = -1  # a caller changing its copy changes nothing
+    assert tally.summary_row("p1", 0.5, "abc", contract)["n_idc"] == 2
+    tally.add(0.8, 1, None)
+    again = tally.summary_row("p1", 0.5, "abc", contract)
+    assert (again["n_patches"], again["n_idc"], again["mean_prob_idc"]) == (4, 3, pytest.approx(0.65))
+    assert tally.summary_row("p1", 0.75, "abc", contract)["threshold"] == 0.75
+    tally.slide_note = "slide: 12 tissue tiles"
+    assert "12 tissue tiles" in tally.summary_row("p1", 0.5, "abc", contract)["notes"]
+    fresh = PatientTally.from_state(tally.to_state())
+    assert fresh.summary_row("p1", 0.5, "abc", contract) == tally.summary_row("p1", 0.5, "abc", contract)
