@@ -653,3 +653,36 @@ def test_a_mosaic_sink_holds_a_bounded_number_of_bytes_of_pending_pixels(tmp_pat
         most = max(most, sum(p.rgb.nbytes for p in sink._pending))
     sink.close()
     assert most <= MAX_PENDING_BYTES + big.nbytes and (tmp_path / "p_mosaic.png").exists()
+
+
+def test_heat_colours_are_the_jet_colour_map_of_each_probabilitys_rounded_level():
+    """heat_rgb looks colours up in a table built from cv2's JET map (faster): every level, nan and out-of-range
+    values must give what applyColorMap gives, in RGB order and the input's shape."""
+    probs = np.concatenate([np.linspace(0.0, 1.0, 2001), [np.nan, -0.5, 1.5, 0.5 / 255, 1.5 / 255, 254.5 / 255]])
+    levels = np.round(np.clip(np.nan_to_num(probs), 0.0, 1.0) * 255).astype(np.uint8)
+    expected = cv2.applyColorMap(levels.reshape(-1, 1), cv2.COLORMAP_JET).reshape(-1, 3)[:, ::-1]
+    np.testing.assert_array_equal(heat_rgb(probs), expected)
+    assert heat_rgb(np.zeros((4, 5))).shape == (4, 5, 3) and heat_rgb(np.zeros((4, 5))).dtype == np.uint8
+    np.testing.assert_array_equal(heat_rgb(np.array([0.0, 1.0])), [[0, 0, 128], [128, 0, 0]])  # blue to red
+
+
+def test_overlay_colours_exactly_the_scored_pixels_of_a_sparse_canvas():
+    """overlay_panel gathers and scatters the coloured pixels by index (faster than by mask): on a cropped (not
+    contiguous) canvas with holes, it must give the pixels of the plain masked formula."""
+    from idc_infer.mosaic import _MARK_NONE, _MARK_STROKE, overlay_panel
+
+    rng = np.random.default_rng(3)
+    canvas = rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)
+    values = np.where(rng.random((90, 130)) < 0.2, rng.random((90, 130)), np.nan)
+    marks = np.where(rng.random((90, 130)) < 0.01, _MARK_STROKE, _MARK_NONE).astype(np.uint8)
+    tissue, prob, mark = canvas[5:80, 7:120], values[5:80, 7:120], marks[5:80, 7:120]
+    assert not tissue.flags.c_contiguous
+    got = overlay_panel(tissue, prob, prob >= 0.5, mark)
+    known = ~np.isnan(prob)
+    expected = tissue.copy()
+    expected[known] = blend(tissue[known], heat_rgb(prob[known]))
+    contours, _ = cv2.findContours(((prob >= 0.5) & known).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(expected, contours, -1, MARK_RGB, 1)
+    expected[mark == _MARK_STROKE] = MARK_RGB
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(tissue, canvas[5:80, 7:120])  # the canvas itself is left as it was
