@@ -70,8 +70,8 @@ class PatientTally:
     fp: int = 0
     tn: int = 0
     fn: int = 0
-    # (what it was computed from, the row): summary_row's last result, computed by the writer thread as the
-    # patient closes, so summary.csv does not wait ~1 ms a patient for the fractions' Monte Carlo at the end
+    # (what it was computed from, the contract, the row): summary_row's last result, computed by the writer thread
+    # as the patient closes, so summary.csv does not wait ~1 ms a patient for the fractions' Monte Carlo at the end
     _summary: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -162,10 +162,10 @@ class PatientTally:
 
     def summary_row(self, patient_id: str, threshold: float, model_sha256: str, contract: Contract) -> dict:
         """The patient's summary.csv row (the same row for the same counts and arguments, computed once)."""
-        key = (patient_id, threshold, model_sha256, id(contract), self.slide_note, *self.to_state().values())
-        if self._summary is None or self._summary[0] != key:
-            self._summary = (key, self._summary_row(patient_id, threshold, model_sha256, contract))
-        return dict(self._summary[1])
+        key = (patient_id, threshold, model_sha256, self.slide_note, *self.to_state().values())
+        if self._summary is None or self._summary[0] != key or self._summary[1] is not contract:
+            self._summary = (key, contract, self._summary_row(patient_id, threshold, model_sha256, contract))
+        return dict(self._summary[2])
 
     def _summary_row(self, patient_id: str, threshold: float, model_sha256: str, contract: Contract) -> dict:
         low, high = wilson_interval(self.n_idc, self.n_scored)

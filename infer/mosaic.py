@@ -74,7 +74,8 @@ _HEAT_LUT = (
 
 def heat_rgb(prob: np.ndarray) -> np.ndarray:
     """The heatmap colour (uint8 RGB, shape prob.shape + (3,)) of probabilities in [0, 1] (nan: 0)."""
-    levels = np.nan_to_num(np.asarray(prob, dtype=np.float64))  # a copy: the steps below work in place
+    levels = np.array(prob, dtype=np.float64)  # a copy (an array even for a scalar): the steps below work in place
+    np.nan_to_num(levels, copy=False)
     np.clip(levels, 0.0, 1.0, out=levels)
     levels *= 255
     np.round(levels, out=levels)

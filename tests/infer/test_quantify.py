@@ -145,5 +145,8 @@ def test_a_patients_summary_row_follows_its_counts_though_it_is_computed_once():
     assert tally.summary_row("p1", 0.75, "abc", contract)["threshold"] == 0.75
     tally.slide_note = "slide: 12 tissue tiles"
     assert "12 tissue tiles" in tally.summary_row("p1", 0.5, "abc", contract)["notes"]
+    trained_on_p1 = Contract(training_patients=("p1",))  # another contract: its own notes, never the last row's
+    assert "training data" in tally.summary_row("p1", 0.5, "abc", trained_on_p1)["notes"]
+    assert "training data" not in tally.summary_row("p1", 0.5, "abc", contract)["notes"]
     fresh = PatientTally.from_state(tally.to_state())
     assert fresh.summary_row("p1", 0.5, "abc", contract) == tally.summary_row("p1", 0.5, "abc", contract)
