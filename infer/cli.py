@@ -56,7 +56,25 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     level = (
         logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     )
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines that name a file whose name is not UTF-8 print (files.printable) instead of failing."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from .files import printable
+
+        return printable(super().format(record))
+
+
+def _echo(text: str, err: bool = False) -> None:
+    """click.echo of a line that may hold a patient id or a path (files.printable)."""
+    from .files import printable
+
+    click.echo(printable(text), err=err)
 
 
 def _report_folder(_ctx, _param, value):
@@ -443,11 +461,11 @@ def main(
             result = run_patients(model, patients, settings, progress=bar.update, on_patient_done=patient_done)
     except KeyboardInterrupt:
         bar.close()
-        click.echo(f"idc-infer: interrupted; completed patients are kept in {out_dir}, rerun with --resume", err=True)
+        _echo(f"idc-infer: interrupted; completed patients are kept in {out_dir}, rerun with --resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except OSError as exc:  # a report open in Excel on Windows, a full disk, a read-only --out
         bar.close()
-        click.echo(
+        _echo(
             f"idc-infer: cannot write reports in {out_dir}: {exc}; completed patients are kept, "
             "fix the cause and rerun with --resume",
             err=True,
@@ -480,15 +498,15 @@ def main(
     try:
         write_run_files(out_dir, record, result.summary_rows, review)
     except OSError as exc:  # a full disk, a read-only folder: the patients' reports are written already
-        click.echo(
+        _echo(
             f"idc-infer: cannot write run.json or report.html in {out_dir}: {exc}; the patients' CSVs and "
             "summary.csv are complete; fix the cause and rerun with --resume",
             err=True,
         )
         sys.exit(EXIT_FAILED_PATCHES)
     for line in console_summary(result.summary_rows, model.contract, effective_threshold):
-        click.echo(line)
-    click.echo(f"reports in {out_dir} ({RESEARCH_NOTICE})")
+        _echo(line)
+    _echo(f"reports in {out_dir} ({RESEARCH_NOTICE})")
 
     cohort = result.cohort
     n_failed = cohort.n_failed

@@ -34,6 +34,12 @@ def _current_umask() -> int:
 FILE_MODE = 0o666 & ~_current_umask()
 
 
+def printable(text: str) -> str:
+    """``text`` as any console prints it: the bytes of a file or folder name that are not UTF-8 (which Python
+    carries as surrogate escapes) shown as \\xNN, where writing them raised UnicodeEncodeError and ended the run."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def neutralise_cell(value: Any) -> Any:
     """Prefix text that a spreadsheet would evaluate with a quote; numbers pass unchanged."""
     if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):

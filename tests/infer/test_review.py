@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -663,6 +664,7 @@ def test_heat_colours_are_the_jet_colour_map_of_each_probabilitys_rounded_level(
     expected = cv2.applyColorMap(levels.reshape(-1, 1), cv2.COLORMAP_JET).reshape(-1, 3)[:, ::-1]
     np.testing.assert_array_equal(heat_rgb(probs), expected)
     assert heat_rgb(np.zeros((4, 5))).shape == (4, 5, 3) and heat_rgb(np.zeros((4, 5))).dtype == np.uint8
+    np.testing.assert_array_equal(heat_rgb(0.7), heat_rgb(np.array([0.7]))[0])  # a scalar gives one colour
     np.testing.assert_array_equal(heat_rgb(np.array([0.0, 1.0])), [[0, 0, 128], [128, 0, 0]])  # blue to red
 
 
@@ -686,3 +688,33 @@ def test_overlay_colours_exactly_the_scored_pixels_of_a_sparse_canvas():
     expected[mark == _MARK_STROKE] = MARK_RGB
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(tissue, canvas[5:80, 7:120])  # the canvas itself is left as it was
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="only Linux file systems take names that are not UTF-8"
+)
+def test_a_patient_folder_named_in_bytes_that_are_not_utf8_gets_its_reports(tmp_path):
+    """A folder name that is not UTF-8 (copied from an old Windows share, say) reaches Python surrogate-escaped;
+    the GeoJSON feature ids hashed it with uuid5, which raised, and the whole run stopped with a traceback."""
+    import os
+    import re
+    import uuid
+
+    from idc_infer.geojson import FEATURE_NAMESPACE, feature_id
+
+    cohort = tmp_path / "cohort"
+    write_patient(cohort, "p1", grid=3)
+    odd = os.fsdecode(b"p\xff")
+    (cohort / "p1").rename(cohort / odd)
+    for attempt in ("a", "b"):
+        result = CliRunner().invoke(main, [str(cohort), "--out", str(tmp_path / attempt)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert "p\\xff\tpatches 9" in result.output  # the console names it by its bytes
+    stem = safe_file_stem(odd)
+    ids = [f["id"] for f in json.loads((tmp_path / "a" / f"{stem}.geojson").read_text())["features"]]
+    assert ids and all(
+        re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-5[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", i) for i in ids
+    )
+    assert (tmp_path / "a" / f"{stem}.geojson").read_bytes() == (tmp_path / "b" / f"{stem}.geojson").read_bytes()
+    assert len({*ids}) == len(ids)
+    assert feature_id("p1/x.png") == str(uuid.uuid5(FEATURE_NAMESPACE, "p1/x.png"))  # valid names: unchanged ids
