@@ -523,13 +523,10 @@ class PatientOutputs:
 
     def rows_of(self, chunk: list, decoded: list[Decoded], probs: list) -> tuple[list[PatchRow], str, bytes]:
         """In the worker: the batch's rows, their CSV text and fingerprint lines (kept off the writing thread)."""
-        rows = []
+        threshold = self.settings.threshold
+        rows = [patch_row(ScoredPatch(*scored), self.patient, threshold) for scored in zip(chunk, decoded, probs)]
         text = io.StringIO()
-        out = CsvOut(text, PATCH_COLUMNS, write_header=False)
-        for item, result, prob in zip(chunk, decoded, probs):
-            row = patch_row(ScoredPatch(item, result, prob), self.patient, self.settings.threshold)
-            out.row(row)
-            rows.append(row)
+        CsvOut(text, PATCH_COLUMNS, write_header=False).rows(rows)
         lines = b"".join(InputFingerprint.line(item, d.file_stat) for item, d in zip(chunk, decoded))
         return rows, text.getvalue(), lines
 

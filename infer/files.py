@@ -13,7 +13,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -117,25 +117,39 @@ class CsvOut:
 
     def row(self, values: dict[str, Any] | Any) -> None:
         """A dict by column name, or a dataclass row (schema.PatchRow) whose fields are the columns."""
-        # neutralise text only: a formatted negative number is a number, not a formula
+        self._write([self._cells(values)])
+
+    def rows(self, rows: Iterable[Any]) -> None:
+        """Many rows, exactly as row() writes each: a batch's rows in one call (every patch goes through here)."""
+        self._write([self._cells(values) for values in rows])
+
+    def _cells(self, values: dict[str, Any] | Any) -> list[Any]:
         if isinstance(values, dict):
-            cells = [_cell(values.get(key)) for key in self.header]
+            return _cells([values.get(key) for key in self.header])
+        return _cells([getattr(values, key, None) for key in self.header])
+
+    def _write(self, lines: list[list[Any]]) -> None:
+        if any(isinstance(c, str) and "\r" in c for cells in lines for c in cells):
+            for cells in lines:
+                writer = self._quoted if any(isinstance(c, str) and "\r" in c for c in cells) else self._writer
+                writer.writerow(cells)
         else:
-            cells = [_cell(getattr(values, key, None)) for key in self.header]
-        writer = self._quoted if any(isinstance(c, str) and "\r" in c for c in cells) else self._writer
-        writer.writerow(cells)
+            self._writer.writerows(lines)
 
 
-def _cell(value: Any) -> Any:
-    """A CSV cell: text neutralised (neutralise_cell), floats with 6 decimals, None and nan empty; one call per
-    cell, as every row of every patient goes through it."""
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        if value != value:  # nan: unknown, not zero
-            return ""
-        return f"{value:.6f}"
-    return neutralise_cell(value)
+def _cells(values: list[Any]) -> list[Any]:
+    """A row's CSV cells: text neutralised (neutralise_cell; a formatted negative number is a number, not a
+    formula), floats with 6 decimals, None and nan (unknown, not zero) empty; one comprehension a row."""
+    return [
+        ""
+        if value is None
+        else ("" if value != value else f"{value:.6f}")
+        if isinstance(value, float)
+        else neutralise_cell(value)
+        if isinstance(value, str)
+        else value
+        for value in values
+    ]
 
 
 def write_csv(target: Path, header: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:

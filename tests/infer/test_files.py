@@ -128,3 +128,31 @@ def test_idc_errors_share_one_root_and_keep_their_old_bases():
         assert "does not exist" in str(exc)
     else:
         raise AssertionError("a missing model file must raise")
+
+
+def test_a_batch_of_patch_rows_is_written_as_row_by_row_even_with_a_cr_in_one():
+    """Workers write a batch's CSV rows in one call (CsvOut.rows); the text must be what row() gives one at a
+    time: the row whose path holds a lone CR quoted, the others not, formulas neutralised, nan empty."""
+    import csv
+    import io
+
+    from idc_infer.files import CsvOut
+    from idc_infer.schema import PATCH_COLUMNS, PatchRow
+
+    rows = [
+        PatchRow("a.png", 0, 50, 50, 50, 0.25, 0, 1, "ok", ""),
+        PatchRow("b\r=cmd.png", None, None, 40, 50, None, None, None, "corrupt", "truncated"),
+        PatchRow("c.png", 100, 0, 50, 50, float("nan"), None, 0, "model_error", "-x"),
+    ]
+    batch, single = io.StringIO(), io.StringIO()
+    CsvOut(batch, PATCH_COLUMNS, write_header=False).rows(rows)
+    one = CsvOut(single, PATCH_COLUMNS, write_header=False)
+    for row in rows:
+        one.row(row)
+    assert batch.getvalue() == single.getvalue()
+    parsed = list(csv.reader(io.StringIO(batch.getvalue(), newline="")))
+    assert [r[0] for r in parsed] == ["a.png", "b\r=cmd.png", "c.png"]  # one cell: the '=' stays inside
+    assert parsed[0][5] == "0.250000" and parsed[2][5] == "" and parsed[2][-2] == "'-x"
+    assert batch.getvalue().count('"') == 2 * len(PATCH_COLUMNS)  # only the CR row is quoted, every cell of it
+    CsvOut(plain := io.StringIO(), PATCH_COLUMNS, write_header=False).rows([rows[0], rows[2]])
+    assert '"' not in plain.getvalue()
