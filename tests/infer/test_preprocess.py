@@ -403,3 +403,20 @@ def test_a_batch_finished_at_once_gives_the_model_the_same_input_as_one_patch_at
         # a batch mixing both kinds (a slide tile decoded alone beside deferred patches) is the same too
         mixed = model_batch([alone[ok[0]].ok_tensor(), deferred[ok[1]].ok_tensor()], contract)
         np.testing.assert_array_equal(mixed, np.stack([alone[ok[0]].ok_tensor(), alone[ok[1]].ok_tensor()]))
+
+
+def test_nearest_resize_takes_the_rows_and_columns_of_the_integer_formula_for_every_shape():
+    """resize_nearest gathers by flat pixel index (faster); it must pick nearest_indices' rows and columns for
+    single images and stacks, edge-patch sizes, upscaling, one channel, empty stacks and non-contiguous views."""
+    from idc_infer.preprocess import nearest_indices, resize_nearest
+
+    rng = np.random.default_rng(1)
+    for shape in [(50, 50, 3), (7, 50, 50, 3), (32, 42, 3), (3, 60, 45, 3), (1, 1, 3), (2, 5, 9, 1), (0, 50, 50, 3)]:
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        for source in (image, image[..., ::-1], image.astype(np.float32)):
+            for height, width in [(48, 48), (50, 50), (13, 7)]:
+                rows, cols = nearest_indices(shape[-3], height), nearest_indices(shape[-2], width)
+                expected = source.take(rows, axis=-3).take(cols, axis=-2)
+                got = resize_nearest(source, height, width)
+                assert got.shape == expected.shape and got.dtype == source.dtype
+                np.testing.assert_array_equal(got, expected)
