@@ -1,6 +1,6 @@
 """Benchmark idc-infer on a synthetic cohort; prints a markdown table (run by hand, not in CI).
 
-    python benchmarks/bench_infer.py --data ../shared/data/idc-real --threads 2
+    python benchmarks/bench_infer.py --data ../shared/data/idc-real --threads 2 --repeat 3
     python benchmarks/bench_infer.py --patches 100000 --batch-size 4096     # synthetic; the memory bound
 
 One table, one run: the plain onnxruntime + cv2 loop a user would write (benchmarks/plain_loop.py, the peer),
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,21 @@ def run_cli(args: list[str]) -> tuple[float, float]:
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
+    return _measured(code, args)
+
+
+def run_script(argv: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one process running a Python script (argv: the script, its arguments);
+    its own peak, where RUSAGE_CHILDREN would report the largest of every child so far."""
+    code = (
+        "import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    return _measured(code, argv)
+
+
+def _measured(code: str, args: list[str]) -> tuple[float, float]:
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
     wall = time.perf_counter() - start
@@ -163,6 +179,13 @@ def main() -> None:
         "the shipped architecture with untrained weights, built here (its speed is the same; its outputs are "
         "not looked at)]",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="paired runs of the plain loop, the default and --no-review; the table gives medians and the "
+        "range of the ratios [default: 1]",
+    )
     parser.add_argument("--baseline-patches", type=int, default=3000)
     parser.add_argument(
         "--slide",
@@ -205,11 +228,16 @@ def main() -> None:
         str(args.threads),
     ]
     subprocess.run(plain_cmd, check=True, capture_output=True)  # warm the page cache for every contender
-    wall_plain, rss_plain = run_timed(plain_cmd)
-    wall_default, rss_default = run_cli([str(cohort), "--out", str(args.workdir / "out-default"), *common])
-    wall_noreview, rss_noreview = run_cli(
-        [str(cohort), "--out", str(args.workdir / "out-plain"), "--no-review", *common]
-    )
+    # paired runs: each repetition runs the three contenders back to back, so a ratio compares runs made
+    # within seconds of each other on this VM, whose speed drifts by 5-10% over minutes
+    runs: dict[str, list[tuple[float, float]]] = {"plain": [], "default": [], "no-review": []}
+    for _ in range(args.repeat):
+        runs["plain"].append(run_script(plain_cmd[1:]))
+        runs["default"].append(run_cli([str(cohort), "--out", str(args.workdir / "out-default"), *common]))
+        runs["no-review"].append(
+            run_cli([str(cohort), "--out", str(args.workdir / "out-plain"), "--no-review", *common])
+        )
+    wall_plain = statistics.median(wall for wall, _ in runs["plain"])
     model_only = model_ceiling(model_path, args.threads, 32)
     decode_only = decode_ceiling(paths[:20000], args.threads)
 
@@ -218,15 +246,21 @@ def main() -> None:
         ratio = rate / (n / wall_plain)
         return (name, f"{rate:,.0f}", f"{ratio:.2f}x", "" if rss is None else f"{rss:,.0f} MB", note)
 
+    def paired_row(name: str, key: str, note: str):
+        """Median rate and median ratio to the plain loop of the same repetition, with their range."""
+        walls = [wall for wall, _ in runs[key]]
+        ratios = sorted(plain / wall for (plain, _), wall in zip(runs["plain"], walls))
+        ratio = f"{statistics.median(ratios):.2f}x"
+        if len(ratios) > 1 and key != "plain":
+            ratio += f" ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+            note = f"{note}; median of {len(ratios)} paired runs" if note else f"median of {len(ratios)} paired runs"
+        rss = max(peak for _, peak in runs[key])
+        return (name, f"{n / statistics.median(walls):,.0f}", ratio, f"{rss:,.0f} MB", note)
+
     rows = [
-        rate_row(
-            "plain onnxruntime + cv2 loop (benchmarks/plain_loop.py, batch 64, CSV only)",
-            wall_plain,
-            rss_plain,
-            "the peer",
-        ),
-        rate_row("idc-infer, default (review outputs on)", wall_default, rss_default, "start-up included"),
-        rate_row("idc-infer --no-review (CSV, summary, run.json)", wall_noreview, rss_noreview, "start-up included"),
+        paired_row("plain onnxruntime + cv2 loop (benchmarks/plain_loop.py, batch 64, CSV only)", "plain", "the peer"),
+        paired_row("idc-infer, default (review outputs on)", "default", "start-up included"),
+        paired_row("idc-infer --no-review (CSV, summary, run.json)", "no-review", "start-up included"),
     ]
     # every subprocess before TensorFlow is loaded here: a child forked from a process holding it starts with
     # its ~700 MB resident, which its peak RSS then reports
@@ -290,16 +324,6 @@ def main() -> None:
             f"at the model's scale); tile reading {tile_rate:,.0f} tiles/s on one thread; idc-infer SLIDE end to "
             f"end {wall_slide:.2f} s, {rss_slide:,.0f} MB peak"
         )
-
-
-def run_timed(command: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of a command (the peak of its children, as the kernel counts it)."""
-    import resource
-
-    start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
-    wall = time.perf_counter() - start
-    return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 if __name__ == "__main__":
