@@ -129,10 +129,10 @@ class CsvOut:
         return _cells([getattr(values, key, None) for key in self.header])
 
     def _write(self, lines: list[list[Any]]) -> None:
-        if any(isinstance(c, str) and "\r" in c for cells in lines for c in cells):
-            for cells in lines:
-                writer = self._quoted if any(isinstance(c, str) and "\r" in c for c in cells) else self._writer
-                writer.writerow(cells)
+        has_cr = [any(isinstance(c, str) and "\r" in c for c in cells) for cells in lines]
+        if any(has_cr):  # those rows quoted, one by one; the rest as usual
+            for cells, quoted in zip(lines, has_cr):
+                (self._quoted if quoted else self._writer).writerow(cells)
         else:
             self._writer.writerows(lines)
 
