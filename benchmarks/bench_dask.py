@@ -59,12 +59,12 @@ def main() -> None:
     cohort_dir = args.workdir / f"cohort-{args.patches}"
     n = len(make_cohort(cohort_dir, args.patches))
     common = ["--threads", str(args.threads), "-q", "--overwrite", "--no-review"]
-    single, _ = run_cli([str(cohort_dir), "--out", str(args.workdir / "out-single"), *common])
+    single, _, _ = run_cli([str(cohort_dir), "--out", str(args.workdir / "out-single"), *common])
     rows = [("one machine (no Dask)", f"{single:.1f} s", f"{n / single:,.0f} patches/s", "")]
     startups = {}
     for workers in (1, 2):
         startups[workers] = cluster_startup_s(workers)
-        wall, _ = run_cli(
+        wall, _, _ = run_cli(
             [str(cohort_dir), "--out", str(args.workdir / f"out-{workers}"), "--dask", f"local:{workers}", *common]
         )
         scoring = wall - startups[workers]
@@ -77,8 +77,8 @@ def main() -> None:
             )
         )
     tiny = tiny_patients(args.workdir / "tiny", args.tiny_patients)
-    tiny_single, _ = run_cli([str(tiny), "--out", str(args.workdir / "out-tiny-single"), *common])
-    tiny_dask, _ = run_cli([str(tiny), "--out", str(args.workdir / "out-tiny-dask"), "--dask", "local:1", *common])
+    tiny_single, _, _ = run_cli([str(tiny), "--out", str(args.workdir / "out-tiny-single"), *common])
+    tiny_dask, _, _ = run_cli([str(tiny), "--out", str(args.workdir / "out-tiny-dask"), "--dask", "local:1", *common])
     overhead = (tiny_dask - startups[1] - tiny_single) / args.tiny_patients
     rows.append(
         (

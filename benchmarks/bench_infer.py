@@ -4,9 +4,11 @@
     python benchmarks/bench_infer.py --patches 100000 --batch-size 4096     # synthetic; the memory bound
 
 One table, one run: the plain onnxruntime + cv2 loop a user would write (benchmarks/plain_loop.py, the peer),
-idc-infer default and --no-review, Keras seed-style where TensorFlow and a .keras model are given, the
-model-only and decode-only ceilings; patches/s, the ratio to the plain loop, peak RSS. Then the start-up
-of `idc-infer --help` and the slide-reading figures.
+idc-infer default and --no-review, the plain loop's own work pipelined as idc-infer runs (plain_loop.py
+--pipelined: the most the pipeline alone can give), Keras seed-style where TensorFlow and a .keras model are
+given, the model-only and decode-only ceilings; patches/s, the ratio to the plain loop, the CPU time each
+process used (all its threads, user + system), peak RSS. Then the start-up of `idc-infer --help` and the
+slide-reading figures.
 """
 
 from __future__ import annotations
@@ -38,34 +40,36 @@ def make_cohort(root: Path, n_patches: int) -> list[Path]:
     return sorted(root.rglob("*.png"))
 
 
-def run_cli(args: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one idc-infer process."""
+def run_cli(args: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds and peak RSS (MB) of one idc-infer process."""
     code = (
         "import resource, runpy, sys; sys.argv = ['idc-infer'] + sys.argv[1:]\n"
         "from idc_infer.cli import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "usage = resource.getrusage(resource.RUSAGE_SELF)\n"
+        "print('MAXRSS', usage.ru_maxrss, usage.ru_utime + usage.ru_stime)"
     )
     return _measured(code, args)
 
 
-def run_script(argv: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one process running a Python script (argv: the script, its arguments);
-    its own peak, where RUSAGE_CHILDREN would report the largest of every child so far."""
+def run_script(argv: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds and peak RSS (MB) of one process running a Python script (argv: the script, its
+    arguments); its own figures, where RUSAGE_CHILDREN would report the largest of every child so far."""
     code = (
         "import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n"
-        "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "usage = resource.getrusage(resource.RUSAGE_SELF)\n"
+        "print('MAXRSS', usage.ru_maxrss, usage.ru_utime + usage.ru_stime)"
     )
     return _measured(code, argv)
 
 
-def _measured(code: str, args: list[str]) -> tuple[float, float]:
+def _measured(code: str, args: list[str]) -> tuple[float, float, float]:
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
     wall = time.perf_counter() - start
-    rss_kb = int(done.stdout.rsplit("MAXRSS", 1)[1].split()[0])
-    return wall, rss_kb / 1024
+    rss_kb, cpu_s = done.stdout.rsplit("MAXRSS", 1)[1].split()[:2]
+    return wall, float(cpu_s), int(rss_kb) / 1024
 
 
 def decode_ceiling(paths: list[Path], threads: int) -> float:
@@ -195,6 +199,7 @@ def main() -> None:
     )
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "idc-bench")
     args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)  # the plain loop writes its CSV there
 
     from idc_infer.model import default_model_path
 
@@ -230,37 +235,44 @@ def main() -> None:
     subprocess.run(plain_cmd, check=True, capture_output=True)  # warm the page cache for every contender
     # paired runs: each repetition runs the three contenders back to back, so a ratio compares runs made
     # within seconds of each other on this VM, whose speed drifts by 5-10% over minutes
-    runs: dict[str, list[tuple[float, float]]] = {"plain": [], "default": [], "no-review": []}
+    runs: dict[str, list[tuple[float, float, float]]] = {"plain": [], "default": [], "no-review": [], "pipelined": []}
     for _ in range(args.repeat):
         runs["plain"].append(run_script(plain_cmd[1:]))
+        runs["pipelined"].append(run_script([*plain_cmd[1:], "--pipelined"]))
         runs["default"].append(run_cli([str(cohort), "--out", str(args.workdir / "out-default"), *common]))
         runs["no-review"].append(
             run_cli([str(cohort), "--out", str(args.workdir / "out-plain"), "--no-review", *common])
         )
-    wall_plain = statistics.median(wall for wall, _ in runs["plain"])
+    wall_plain = statistics.median(wall for wall, _, _ in runs["plain"])
     model_only = model_ceiling(model_path, args.threads, 32)
     decode_only = decode_ceiling(paths[:20000], args.threads)
 
     def rate_row(name: str, wall: float | None, rss: float | None, note: str = "", rate: float | None = None):
         rate = rate if rate is not None else n / wall
         ratio = rate / (n / wall_plain)
-        return (name, f"{rate:,.0f}", f"{ratio:.2f}x", "" if rss is None else f"{rss:,.0f} MB", note)
+        return (name, f"{rate:,.0f}", f"{ratio:.2f}x", "", "" if rss is None else f"{rss:,.0f} MB", note)
 
     def paired_row(name: str, key: str, note: str):
         """Median rate and median ratio to the plain loop of the same repetition, with their range."""
-        walls = [wall for wall, _ in runs[key]]
-        ratios = sorted(plain / wall for (plain, _), wall in zip(runs["plain"], walls))
+        walls = [wall for wall, _, _ in runs[key]]
+        ratios = sorted(plain / wall for (plain, _, _), wall in zip(runs["plain"], walls))
         ratio = f"{statistics.median(ratios):.2f}x"
         if len(ratios) > 1 and key != "plain":
             ratio += f" ({ratios[0]:.2f}-{ratios[-1]:.2f})"
             note = f"{note}; median of {len(ratios)} paired runs" if note else f"median of {len(ratios)} paired runs"
-        rss = max(peak for _, peak in runs[key])
-        return (name, f"{n / statistics.median(walls):,.0f}", ratio, f"{rss:,.0f} MB", note)
+        rss = max(peak for _, _, peak in runs[key])
+        cpu = statistics.median(cpu for _, cpu, _ in runs[key])
+        return (name, f"{n / statistics.median(walls):,.0f}", ratio, f"{cpu:.1f} s", f"{rss:,.0f} MB", note)
 
     rows = [
         paired_row("plain onnxruntime + cv2 loop (benchmarks/plain_loop.py, batch 64, CSV only)", "plain", "the peer"),
         paired_row("idc-infer, default (review outputs on)", "default", "start-up included"),
         paired_row("idc-infer --no-review (CSV, summary, run.json)", "no-review", "start-up included"),
+        paired_row(
+            "plain loop's work pipelined as idc-infer runs (plain_loop.py --pipelined)",
+            "pipelined",
+            f"{args.threads} workers x 1 onnxruntime thread; no checks, no reports: the pipeline's ceiling",
+        ),
     ]
     # every subprocess before TensorFlow is loaded here: a child forked from a process holding it starts with
     # its ~700 MB resident, which its peak RSS then reports
@@ -268,7 +280,7 @@ def main() -> None:
     slide = None
     if args.slide and args.slide.exists():
         detect, tile_rate, n_tiles = slide_reading(args.slide, model_path)
-        wall_slide, rss_slide = run_cli([str(args.slide), "--out", str(args.workdir / "out-slide"), *common])
+        wall_slide, _, rss_slide = run_cli([str(args.slide), "--out", str(args.workdir / "out-slide"), *common])
         slide = (detect, tile_rate, n_tiles, wall_slide, rss_slide)
     keras_model, keras_note = args.keras_model, ""
     if keras_model is None:
@@ -313,7 +325,7 @@ def main() -> None:
         f"{Path(model_path).name}; --threads {args.threads}, --batch-size {args.batch_size}; {n:,} patches "
         f"({'real: ' + str(args.data) if args.data else 'synthetic'})\n"
     )
-    print("| run | patches/s | vs plain loop | peak RSS | note |\n|---|---|---|---|---|")
+    print("| run | patches/s | vs plain loop | CPU time | peak RSS | note |\n|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     print(f"\n`idc-infer --help` start-up: {startup:.2f} s (best of 5)")
