@@ -40,14 +40,19 @@ def make_cohort(root: Path, n_patches: int) -> list[Path]:
     return sorted(root.rglob("*.png"))
 
 
+# the last line a measured child prints: its own peak RSS (kB) and CPU seconds (all threads), read by _measured
+_REPORT_USAGE = (
+    "usage = resource.getrusage(resource.RUSAGE_SELF)\n"
+    "print('MAXRSS', usage.ru_maxrss, usage.ru_utime + usage.ru_stime)"
+)
+
+
 def run_cli(args: list[str]) -> tuple[float, float, float]:
     """Wall seconds, CPU seconds and peak RSS (MB) of one idc-infer process."""
     code = (
         "import resource, runpy, sys; sys.argv = ['idc-infer'] + sys.argv[1:]\n"
         "from idc_infer.cli import main\n"
-        "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "usage = resource.getrusage(resource.RUSAGE_SELF)\n"
-        "print('MAXRSS', usage.ru_maxrss, usage.ru_utime + usage.ru_stime)"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n" + _REPORT_USAGE
     )
     return _measured(code, args)
 
@@ -57,9 +62,7 @@ def run_script(argv: list[str]) -> tuple[float, float, float]:
     arguments); its own figures, where RUSAGE_CHILDREN would report the largest of every child so far."""
     code = (
         "import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
-        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
-        "usage = resource.getrusage(resource.RUSAGE_SELF)\n"
-        "print('MAXRSS', usage.ru_maxrss, usage.ru_utime + usage.ru_stime)"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n" + _REPORT_USAGE
     )
     return _measured(code, argv)
 
