@@ -39,8 +39,18 @@ def tissue_fraction(rgb: np.ndarray) -> float:
 
 
 def tissue_fractions(stack: np.ndarray) -> np.ndarray:
-    """tissue_fraction of each patch of an NHWC stack, in one pass (the same values)."""
-    return np.count_nonzero(tissue_mask(stack), axis=(1, 2)) / (stack.shape[1] * stack.shape[2])
+    """tissue_fraction of each patch of an 8-bit NHWC RGB stack, for the whole stack at once (the same values:
+    the same pixel counts). It is split into contiguous channel planes, where max, min and compare run ~1.3x
+    faster than numpy's on strided channels."""
+    n, height, width = stack.shape[:3]
+    if n == 0 or height * width == 0:
+        return np.zeros(n)
+    r, g, b = cv2.split(np.ascontiguousarray(stack).reshape(n * height, width, 3))
+    brightest = cv2.max(cv2.max(r, g), b)
+    chroma = cv2.subtract(brightest, cv2.min(cv2.min(r, g), b))
+    tissue = (chroma > TISSUE_CHROMA_MIN) & (brightest > TISSUE_DARK_MAX)  # contiguous planes: numpy's SIMD
+    counts = cv2.reduce(tissue.view(np.uint8).reshape(n, height * width), 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S)[:, 0]
+    return counts / (height * width)
 
 
 def sharpness(rgb: np.ndarray) -> float:
@@ -48,6 +58,29 @@ def sharpness(rgb: np.ndarray) -> float:
     grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
     _, deviation = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_64F))
     return float(deviation[0, 0]) ** 2
+
+
+def sharpnesses(stack: np.ndarray) -> np.ndarray:
+    """sharpness of each patch of an 8-bit NHWC RGB stack, in a few calls for the whole stack: the same
+    Laplacian (3x3, borders reflected as cv2's default) summed exactly in integers, its variance then taken in
+    float64 as cv2.meanStdDev does, which may round the last bits differently (4e-16 relative at most, on every
+    idc-real patch): QualityControl.check_batch decides patches near its threshold with sharpness itself."""
+    n, height, width = stack.shape[:3]
+    if n == 0 or height * width == 0:
+        return np.zeros(n)
+    grey = cv2.cvtColor(np.ascontiguousarray(stack).reshape(n * height, width, 3), cv2.COLOR_RGB2GRAY)
+    padded = np.empty((n, height + 2, width + 2), np.uint8)  # each patch in its own reflected border
+    padded[:, 1:-1, 1:-1] = grey.reshape(n, height, width)
+    padded[:, 0, 1:-1] = padded[:, 2 if height > 1 else 1, 1:-1]
+    padded[:, -1, 1:-1] = padded[:, -3 if height > 1 else -2, 1:-1]
+    padded[:, :, 0] = padded[:, :, 2 if width > 1 else 1]
+    padded[:, :, -1] = padded[:, :, -3 if width > 1 else -2]
+    laplacian = cv2.Laplacian(padded.reshape(n * (height + 2), width + 2), cv2.CV_16S)
+    laplacian = laplacian.reshape(n, height + 2, width + 2)[:, 1:-1, 1:-1].reshape(n, height * width)
+    values = laplacian.astype(np.float64)  # integers: their sums are exact in float64
+    scale = 1.0 / (height * width)
+    mean = values.sum(axis=1) * scale
+    return np.maximum(np.einsum("ij,ij->i", values, values) * scale - mean * mean, 0.0)
 
 
 @dataclass(frozen=True)
@@ -70,6 +103,18 @@ class QualityControl:
                 "out of focus or featureless, not scored"
             )
         return None
+
+    def check_batch(self, stack: np.ndarray, tissue: np.ndarray | None = None) -> list[tuple[str, str] | None]:
+        """check of each patch of an 8-bit NHWC RGB stack (``tissue``: their tissue_fractions, when known): the
+        same statuses and messages, with the stack's tissue and sharpness computed in a few calls instead of
+        several per patch. A patch flagged, or within a millionth of the sharpness threshold, is checked alone."""
+        tissue = tissue_fractions(stack) if tissue is None else tissue
+        sharp = sharpnesses(stack)
+        near = self.min_sharpness * (1 + 1e-6) + 1e-9
+        return [
+            self.check(stack[j], tissue[j]) if tissue[j] < self.min_tissue or sharp[j] < near else None
+            for j in range(len(stack))
+        ]
 
     def settings(self) -> dict:
         return {"min_tissue": self.min_tissue, "min_sharpness": self.min_sharpness}

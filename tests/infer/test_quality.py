@@ -151,3 +151,40 @@ def test_mosaic_draws_skipped_patches_as_tissue_not_as_failures():
     assert (canvas.tissue[:, :50] == 240).all() and np.isnan(canvas.prob[:, :50]).all()
     assert (canvas.marks[:, :50] == 0).all() and (canvas.marks[:, 50:] != 0).any()
     assert tuple(canvas.tissue[25, 51]) == FAILED_RGB
+
+
+def test_a_batch_is_checked_as_its_patches_one_at_a_time(real_data):
+    """idc-infer checks a batch at once (check_batch: tissue and sharpness for the whole stack); each patch must
+    get the status and message check gives it alone, glass, blur and patches at the sharpness threshold included,
+    and the stack's tissue fractions, sharpness and mean colours must be the per-patch values."""
+    from idc_infer.preprocess import patch_mean_colour, patch_mean_colours
+    from idc_infer.quality import sharpness, sharpnesses, tissue_fraction, tissue_fractions
+
+    with open(real_data / "manifest.csv", newline="") as handle:
+        paths = [row["path"] for row in csv.DictReader(handle)][::40][:400]
+    rgbs = [cv2.imread(str(real_data / p), cv2.IMREAD_COLOR_RGB) for p in paths]
+    rgbs = [rgb for rgb in rgbs if rgb.shape == (50, 50, 3)]
+    glass = np.full((50, 50, 3), 235, np.uint8)
+    blurred = [cv2.GaussianBlur(rgb, (0, 0), 2.0) for rgb in rgbs[:40]]
+    stack = np.stack(rgbs + [glass] + blurred)
+    qc = QualityControl()
+    alone = [qc.check(rgb) for rgb in stack]
+    assert sum(flag is not None for flag in alone) > 30  # glass and blur are in the batch
+    assert qc.check_batch(stack) == alone
+    # thresholds set at a patch's own sharpness and tissue: the batch decides those exactly as check does
+    for j in (0, len(rgbs) + 1):
+        for edge in (
+            QualityControl(min_sharpness=sharpness(stack[j])),
+            QualityControl(min_tissue=tissue_fraction(stack[j])),
+        ):
+            assert edge.check_batch(stack) == [edge.check(rgb) for rgb in stack]
+    np.testing.assert_array_equal(tissue_fractions(stack), [tissue_fraction(rgb) for rgb in stack])
+    np.testing.assert_allclose(sharpnesses(stack), [sharpness(rgb) for rgb in stack], rtol=1e-12)
+    assert patch_mean_colours(stack) == [patch_mean_colour(rgb) for rgb in stack]
+    # odd sizes and single-pixel sides: the same values
+    rng = np.random.default_rng(0)
+    for shape in [(3, 1, 1, 3), (2, 2, 2, 3), (4, 1, 7, 3), (2, 9, 1, 3), (5, 13, 17, 3), (0, 50, 50, 3)]:
+        small = rng.integers(0, 256, shape, dtype=np.uint8)
+        np.testing.assert_array_equal(tissue_fractions(small), [tissue_fraction(rgb) for rgb in small])
+        np.testing.assert_allclose(sharpnesses(small), [sharpness(rgb) for rgb in small], rtol=1e-12, atol=1e-9)
+        assert patch_mean_colours(small) == [patch_mean_colour(rgb) for rgb in small]
