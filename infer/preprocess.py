@@ -293,12 +293,23 @@ def png_without_ancillary(data: bytes) -> tuple[bytes, list[str]]:
     cv2 ignores those chunks anyway, so the pixels are the same (checked on every idc-real patch) and the
     row's message names the problem instead. Anything that is not a well-formed chunk list is returned
     unchanged, for the decoder to judge."""
+    data, notes, _ = _filter_png(data)
+    return data, notes
+
+
+def _filter_png(data: bytes) -> tuple[bytes, list[str], bool]:
+    """png_without_ancillary's PNG and notes, and whether it is a plain 8-bit RGB PNG (every idc-real patch):
+    a well-formed chunk list up to IEND, 8-bit truecolour, no tRNS colour key (an alpha channel to
+    IMREAD_UNCHANGED, noted as dropped), not animated. cv2 decodes such a file to the same pixels with
+    IMREAD_COLOR_RGB as with IMREAD_UNCHANGED and a BGR-to-RGB conversion (checked on all 35,336 idc-real
+    patches), without the conversion's call and its pass over the pixels."""
     if not data.startswith(PNG_SIGNATURE):
-        return data, []
+        return data, [], False
     kept = [data[:8]]
     notes: list[str] = []
     offset, end, dropped = 8, len(data), False
-    seen_ihdr = seen_idat = dropped_after_idat = False
+    seen_ihdr = seen_idat = dropped_after_idat = keyed = complete = False
+    rgb8 = False
     head, crc32 = _PNG_CHUNK_HEAD.unpack_from, zlib.crc32  # this runs for every patch: locals, few calls
     while offset + 12 <= end:
         length, kind = head(data, offset)
@@ -306,10 +317,10 @@ def png_without_ancillary(data: bytes) -> tuple[bytes, list[str]]:
         if chunk_end > end or not kind.isalpha() or kind == b"acTL":
             # truncated, not a chunk, or an animated PNG (cv2 decodes its first frame, not the default image
             # its IDAT holds, and needs the animation chunks for that): left to the decoder as it is
-            return data, []
+            return data, [], False
         if kind[0] & 0x20:  # ancillary (bit 5 of the first byte): libpng may skip it, and warns instead
             if not seen_ihdr:
-                return data, []  # a chunk before IHDR makes the file corrupt: the decoder must see it
+                return data, [], False  # a chunk before IHDR makes the file corrupt: the decoder must see it
             bad_crc = crc32(data[offset + 4 : chunk_end - 4]) != int.from_bytes(data[chunk_end - 4 : chunk_end], "big")
             if bad_crc:
                 notes.append(f"PNG {kind.decode('ascii')} chunk has a bad checksum: ignored")
@@ -317,20 +328,30 @@ def png_without_ancillary(data: bytes) -> tuple[bytes, list[str]]:
                 offset, dropped = chunk_end, True
                 dropped_after_idat |= seen_idat
                 continue
+            keyed = True  # the one ancillary chunk kept: tRNS
         elif kind == b"IDAT":
             if dropped_after_idat:
-                return data, []  # a chunk between two IDATs breaks the image data: the decoder must see it
+                return data, [], False  # a chunk between two IDATs breaks the image data: the decoder must see it
             if not seen_idat and chunk_end == end - 12 and data.endswith(_PNG_IEND):
                 kept.append(data[offset:])  # one IDAT, then IEND: the usual end of a patch, taken whole
+                complete = True
                 break
             seen_idat = True
         elif kind == b"IHDR":
             seen_ihdr = True
+            rgb8 = length == 13 and data[offset + 16] == _PNG_BIT_DEPTH_8 and data[offset + 17] == _PNG_COLOUR_TYPE_RGB
         kept.append(data[offset:chunk_end])
         offset = chunk_end
         if kind == b"IEND":
+            complete = True
             break
-    return (b"".join(kept) if dropped else data), notes
+    plain_rgb = _IMREAD_COLOR_RGB is not None and complete and rgb8 and not keyed
+    return (b"".join(kept) if dropped else data), notes, plain_rgb
+
+
+# OpenCV >= 4.10 decodes straight to RGB order; older ones decode as stored and are converted (_to_rgb8)
+_IMREAD_COLOR_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+_PNG_BIT_DEPTH_8, _PNG_COLOUR_TYPE_RGB = 8, 2
 
 
 def _is_sof(marker: int) -> bool:
@@ -443,26 +464,6 @@ def _source_notes(data: bytes) -> list[str]:
     return []
 
 
-# OpenCV >= 4.10 decodes straight to RGB order; older ones decode as stored and are converted (_to_rgb8)
-_IMREAD_COLOR_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
-_PNG_BIT_DEPTH_8, _PNG_COLOUR_TYPE_RGB = 8, 2
-
-
-def _is_plain_rgb_png(data: bytes) -> bool:
-    """A PNG of 8-bit RGB (every idc-real patch) with no transparency and no animation: cv2 decodes it to the
-    same pixels with IMREAD_COLOR_RGB as with IMREAD_UNCHANGED and a BGR-to-RGB conversion (checked on all
-    35,336 idc-real patches), without the conversion's call and its pass over the pixels."""
-    return (
-        _IMREAD_COLOR_RGB is not None
-        and len(data) > 25
-        and data.startswith(PNG_SIGNATURE)
-        and data[24] == _PNG_BIT_DEPTH_8
-        and data[25] == _PNG_COLOUR_TYPE_RGB
-        and b"tRNS" not in data  # a colour key is an alpha channel to IMREAD_UNCHANGED (noted as dropped)
-        and b"acTL" not in data
-    )
-
-
 def _too_large(width: int, height: int, contract: Contract) -> Decoded:
     native = contract.native_patch_px
     return Decoded(
@@ -488,9 +489,8 @@ def decode_bytes(
             return refused
     if len(data) > MAX_FILE_BYTES:
         return Decoded(STATUS_OVERSIZED, f"file over {MAX_FILE_BYTES // 2**20} MiB is far too large for a patch")
-    data, chunk_notes = png_without_ancillary(data)
+    data, chunk_notes, as_rgb = _filter_png(data)
     buffer = np.frombuffer(data, dtype=np.uint8)
-    as_rgb = _is_plain_rgb_png(data)
     try:
         image = cv2.imdecode(
             buffer, _IMREAD_COLOR_RGB if as_rgb and _IMREAD_COLOR_RGB is not None else cv2.IMREAD_UNCHANGED

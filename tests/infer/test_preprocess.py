@@ -425,7 +425,7 @@ def test_nearest_resize_takes_the_rows_and_columns_of_the_integer_formula_for_ev
 def test_rgb_pngs_decoded_straight_to_rgb_give_the_pixels_and_notes_of_the_general_path(tmp_path, real_png):
     """An 8-bit RGB PNG is decoded with IMREAD_COLOR_RGB (no conversion pass); one with a tRNS colour key, which
     IMREAD_UNCHANGED turns into an alpha channel, still takes the general path and says its alpha was dropped."""
-    from idc_infer.preprocess import _is_plain_rgb_png, decode_bytes
+    from idc_infer.preprocess import _filter_png, decode_bytes
 
     from ..conftest import require_module
 
@@ -434,12 +434,12 @@ def test_rgb_pngs_decoded_straight_to_rgb_give_the_pixels_and_notes_of_the_gener
     decoded = decode_bytes(real_png, CONTRACT)
     assert decoded.status == "ok" and decoded.message == ""
     np.testing.assert_array_equal(decoded.rgb, raw[..., ::-1])
-    assert _is_plain_rgb_png(real_png) == hasattr(cv2, "IMREAD_COLOR_RGB")
+    assert _filter_png(real_png)[2] == hasattr(cv2, "IMREAD_COLOR_RGB")
     keyed = tmp_path / "keyed.png"
     Image.fromarray(raw[..., ::-1]).save(keyed, transparency=tuple(int(v) for v in raw[0, 0, ::-1]))
     data = keyed.read_bytes()
     assert b"tRNS" in data and data[25] == 2  # RGB with a colour key
-    assert not _is_plain_rgb_png(data)
+    assert not _filter_png(data)[2]
     with_key = decode_bytes(data, CONTRACT)
     alone = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     assert alone.shape[2] == 4 and "alpha channel dropped" in with_key.message
