@@ -12,6 +12,7 @@ import numpy as np
 
 from .contract import Contract, ContractError, contract_from_metadata
 from .errors import IdcError
+from .quantify import apply_calibration  # at import: a from-import in predict_prob_idc took the import lock per batch
 
 FP32_NAME, INT8_NAME = "cancernet-fp32.onnx", "cancernet-int8.onnx"
 
@@ -87,8 +88,6 @@ class LoadedModel:
         raw = self.raw_prob_idc(batch)
         if self.contract.calibration is None:
             return raw
-        from .quantify import apply_calibration
-
         out = apply_calibration(raw, self.contract.calibration)
         out[~np.isfinite(raw)] = np.nan
         return out
