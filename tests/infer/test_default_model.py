@@ -126,3 +126,24 @@ def test_shipped_report_and_card_describe_the_shipped_files(shipped):
     report_text = (models_dir / "export-report.json").read_text(encoding="utf-8")
     for text in (card, report_text):  # they ship with the package: no path of the machine that built them
         assert str(REPO.parent) not in text and "/shared/data/" not in text
+
+
+def test_a_task_calibrated_at_once_gives_each_patch_its_own_batch_s_probability(shipped, real_data):
+    """The engine runs a task's patches through the graph 16 at a time and calibrates them all at once: each
+    prob_idc must be what predict_prob_idc gives for the patch's own batch, and for the patch alone, bit for bit."""
+    import numpy as np
+
+    from idc_infer.preprocess import decode_file
+
+    rows = [r for r in csv.DictReader(open(real_data / "manifest.csv")) if r["uniform_sample"] == "1"][:150]
+    paths = [real_data / r["path"] for r in rows]
+    tensors = [d.ok_tensor() for d in (decode_file(p, shipped.contract) for p in paths) if d.status == "ok"]
+    with ThreadPoolExecutor(2) as pool:
+        scored = [s.prob_idc for s in score_paths(shipped, paths, pool, batch_size=128) if s.prob_idc is not None]
+    by_batch = np.concatenate(
+        [shipped.predict_prob_idc(np.stack(tensors[i : i + 16])) for i in range(0, len(tensors), 16)]
+    )
+    alone = np.concatenate([shipped.predict_prob_idc(t[None]) for t in tensors[:20]])
+    assert len(scored) == len(tensors) > 100
+    assert scored == by_batch.tolist()
+    assert scored[:20] == alone.tolist()

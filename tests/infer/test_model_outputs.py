@@ -80,14 +80,14 @@ def test_a_non_finite_output_makes_the_row_model_error(tmp_path, shared_sample, 
     from idc_infer.cli import main
     from idc_infer.model import LoadedModel
 
-    real = LoadedModel.predict_prob_idc
+    real = LoadedModel.raw_prob_idc
 
-    def first_patch_nan(self, batch):
+    def first_patch_nan(self, batch):  # the graph itself gives NaN for one patch
         probs = real(self, batch)
         probs[0] = np.nan
         return probs
 
-    monkeypatch.setattr(LoadedModel, "predict_prob_idc", first_patch_nan)
+    monkeypatch.setattr(LoadedModel, "raw_prob_idc", first_patch_nan)
     path = _tiny_model(tmp_path / "ok.onnx", "softmax")
     out = tmp_path / "out"
     result = CliRunner().invoke(main, [str(shared_sample), "--model", str(path), "--out", str(out), "--no-review"])
