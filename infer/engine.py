@@ -581,7 +581,7 @@ class PatientOutputs:
             "tally": tally.to_state(),
         }
         with atomic_path(_state_path(settings.out_dir, self.stem)) as handle:
-            json.dump(state, handle, sort_keys=True)
+            handle.write(json.dumps(state, sort_keys=True))  # dumps: json's C encoder (dump streams in Python)
         # summary.csv's row, here in the writer thread while the workers score the next patients
         tally.summary_row(patient.patient_id, settings.threshold, self.model.sha256, self.model.contract)
         log.info(
