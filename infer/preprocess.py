@@ -250,8 +250,9 @@ def model_pixels(rgb: np.ndarray, contract: Contract) -> np.ndarray:
 
 def scale_pixels(pixels: np.ndarray, contract: Contract) -> np.ndarray:
     """8-bit model pixels (model_pixels) to the model's float32 input: pixel * scale + offset, in float32."""
-    # the float32 products of the pixels (cast to float32) and the scale, then the sums: x * s + o, in one pass
-    # fewer than a cast and two in-place steps; + 0 (offset 0, scale >= 0: no -0.0 to turn into +0.0) is left out
+    # x * s + o in float32 as before (the pixels cast to float32, times the scale, plus the offset), one pass
+    # fewer: the cast and the product in one call; + 0 is left out (offset 0 and scale >= 0: no -0.0 for it to
+    # turn into +0.0)
     tensor = np.multiply(pixels, np.float32(contract.scale), dtype=np.float32)
     if contract.offset != 0 or contract.scale < 0:
         tensor += np.float32(contract.offset)
