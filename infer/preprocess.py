@@ -7,6 +7,7 @@ stop a run over a hundred thousand good ones.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import stat
@@ -251,10 +252,10 @@ def model_pixels(rgb: np.ndarray, contract: Contract) -> np.ndarray:
 def scale_pixels(pixels: np.ndarray, contract: Contract) -> np.ndarray:
     """8-bit model pixels (model_pixels) to the model's float32 input: pixel * scale + offset, in float32."""
     # x * s + o in float32 as before (the pixels cast to float32, times the scale, plus the offset), one pass
-    # fewer: the cast and the product in one call; + 0 is left out (offset 0 and scale >= 0: no -0.0 for it to
-    # turn into +0.0)
+    # fewer: the cast and the product in one call; + 0 is left out when the scale's sign is + (then no product
+    # is -0.0, which + 0 would turn into +0.0; a scale of -0.0 has the sign -)
     tensor = np.multiply(pixels, np.float32(contract.scale), dtype=np.float32)
-    if contract.offset != 0 or contract.scale < 0:
+    if contract.offset != 0 or math.copysign(1.0, contract.scale) < 0:
         tensor += np.float32(contract.offset)
     return tensor
 

@@ -444,3 +444,20 @@ def test_rgb_pngs_decoded_straight_to_rgb_give_the_pixels_and_notes_of_the_gener
     alone = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     assert alone.shape[2] == 4 and "alpha channel dropped" in with_key.message
     np.testing.assert_array_equal(with_key.rgb, cv2.cvtColor(alone, cv2.COLOR_BGRA2RGB))
+
+
+def test_scaling_gives_the_float32_arithmetic_of_cast_times_scale_plus_offset_for_every_contract():
+    """scale_pixels casts and multiplies in one call and leaves out a zero offset: the bits must be those of
+    float32(pixel) * float32(scale) + float32(offset) for every scale and offset, -0.0 included (+ 0 turns a
+    product of -0.0 into +0.0)."""
+    import dataclasses
+
+    from idc_infer.preprocess import scale_pixels
+
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    for scale, offset in [(1 / 255, 0.0), (2 / 255, -1.0), (-1 / 255, 0.0), (-0.0, 0.0), (0.0, 0.0), (1.0, 0.5)]:
+        contract = dataclasses.replace(CONTRACT, scale=scale, offset=offset)
+        expected = pixels.astype(np.float32) * np.float32(scale) + np.float32(offset)
+        got = scale_pixels(pixels, contract)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32), err_msg=f"{scale}, {offset}")

@@ -171,13 +171,17 @@ def test_a_batch_is_checked_as_its_patches_one_at_a_time(real_data):
     alone = [qc.check(rgb) for rgb in stack]
     assert sum(flag is not None for flag in alone) > 30  # glass and blur are in the batch
     assert qc.check_batch(stack) == alone
-    # thresholds set at a patch's own sharpness and tissue: the batch decides those exactly as check does
-    for j in (0, len(rgbs) + 1):
-        for edge in (
-            QualityControl(min_sharpness=sharpness(stack[j])),
-            QualityControl(min_tissue=tissue_fraction(stack[j])),
-        ):
+    # thresholds at a patch's own sharpness and tissue and one float step either side (flagged just above it,
+    # kept at and below): the batch decides those exactly as check does
+    for j in (0, 1, len(rgbs) + 1):
+        sharp, tissue = sharpness(stack[j]), tissue_fraction(stack[j])
+        edges = [QualityControl(min_sharpness=float(v)) for v in (sharp, *np.nextafter(sharp, [np.inf, -np.inf]))]
+        edges += [QualityControl(min_tissue=float(v)) for v in (tissue, *np.nextafter(tissue, [np.inf, -np.inf]))]
+        for edge in edges:
             assert edge.check_batch(stack) == [edge.check(rgb) for rgb in stack]
+        just_above = QualityControl(min_sharpness=float(np.nextafter(sharp, np.inf)))
+        if tissue >= just_above.min_tissue:  # a tissue patch just under the sharpness threshold: flagged blurred
+            assert just_above.check_batch(stack[j : j + 1])[0][0] == STATUS_BLURRED
     np.testing.assert_array_equal(tissue_fractions(stack), [tissue_fraction(rgb) for rgb in stack])
     np.testing.assert_allclose(sharpnesses(stack), [sharpness(rgb) for rgb in stack], rtol=1e-12)
     assert patch_mean_colours(stack) == [patch_mean_colour(rgb) for rgb in stack]
