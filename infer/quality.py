@@ -29,7 +29,11 @@ TISSUE_DARK_MAX = 30  # a pixel whose brightest channel is below this is black (
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     """True where an 8-bit RGB image shows stained tissue (not glass, not black)."""
     # channel by channel: 12x faster than max/min over the last axis on a 50x50 patch, and the same values
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return _tissue_of(rgb[..., 0], rgb[..., 1], rgb[..., 2])
+
+
+def _tissue_of(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """tissue_mask of an image given as its three 8-bit channels (strided views or contiguous planes)."""
     brightest = np.maximum(np.maximum(r, g), b)
     return (brightest - np.minimum(np.minimum(r, g), b) > TISSUE_CHROMA_MIN) & (brightest > TISSUE_DARK_MAX)
 
@@ -45,10 +49,7 @@ def tissue_fractions(stack: np.ndarray) -> np.ndarray:
     n, height, width = stack.shape[:3]
     if n == 0 or height * width == 0:
         return np.zeros(n)
-    r, g, b = cv2.split(np.ascontiguousarray(stack).reshape(n * height, width, 3))
-    brightest = cv2.max(cv2.max(r, g), b)
-    chroma = cv2.subtract(brightest, cv2.min(cv2.min(r, g), b))
-    tissue = (chroma > TISSUE_CHROMA_MIN) & (brightest > TISSUE_DARK_MAX)  # contiguous planes: numpy's SIMD
+    tissue = _tissue_of(*cv2.split(np.ascontiguousarray(stack).reshape(n * height, width, 3)))
     counts = cv2.reduce(tissue.view(np.uint8).reshape(n, height * width), 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S)[:, 0]
     return counts / (height * width)
 
@@ -104,11 +105,11 @@ class QualityControl:
             )
         return None
 
-    def check_batch(self, stack: np.ndarray, tissue: np.ndarray | None = None) -> list[tuple[str, str] | None]:
-        """check of each patch of an 8-bit NHWC RGB stack (``tissue``: their tissue_fractions, when known): the
-        same statuses and messages, with the stack's tissue and sharpness computed in a few calls instead of
-        several per patch. A patch flagged, or within a millionth of the sharpness threshold, is checked alone."""
-        tissue = tissue_fractions(stack) if tissue is None else tissue
+    def check_batch(self, stack: np.ndarray) -> list[tuple[str, str] | None]:
+        """check of each patch of an 8-bit NHWC RGB stack: the same statuses and messages, with the stack's
+        tissue and sharpness computed in a few calls instead of several per patch. A patch flagged, or within a
+        millionth of the sharpness threshold, is checked alone."""
+        tissue = tissue_fractions(stack)
         sharp = sharpnesses(stack)
         near = self.min_sharpness * (1 + 1e-6) + 1e-9
         return [
