@@ -11,6 +11,7 @@ import pytest
 
 from idc_infer.contract import Contract
 from idc_infer.preprocess import decode_file, preprocess_rgb
+from idc_infer.schema import STATUS_CORRUPT
 from idc_train.synthetic import write_faulty_files
 
 CONTRACT = Contract()
@@ -461,3 +462,82 @@ def test_scaling_gives_the_float32_arithmetic_of_cast_times_scale_plus_offset_fo
         got = scale_pixels(pixels, contract)
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32), err_msg=f"{scale}, {offset}")
+
+
+@pytest.fixture
+def inflating_here():
+    """decode_bytes with ISA-L's inflate on, as in a worker process (processes.py); off again after."""
+    from idc_infer import preprocess
+
+    pytest.importorskip("isal", reason="isal is an install requirement; this checkout lacks it")
+    preprocess.inflate_png_here(True)
+    yield
+    preprocess.inflate_png_here(False)
+
+
+def _rows(pixels: np.ndarray) -> bytes:
+    """A PNG's raw image data: each row's filter byte (0, none) and its RGB bytes."""
+    return b"".join(b"\x00" + row.tobytes() for row in pixels)
+
+
+def _png_of(width: int, height: int, idat_bodies: list[bytes], ihdr_tail: bytes = b"\x08\x02\x00\x00\x00") -> bytes:
+    ihdr = png_chunk(b"IHDR", struct.pack(">II", width, height) + ihdr_tail)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + ihdr
+        + b"".join(png_chunk(b"IDAT", body) for body in idat_bodies)
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def test_png_data_inflated_here_gives_libpngs_own_pixels_and_verdicts(tmp_path, real_png, inflating_here):
+    """A plain RGB PNG's image data is inflated by ISA-L and handed to libpng stored, to unfilter only: the same
+    pixels as libpng's own inflate. Files the fast path must not judge go to libpng as they are, so their status
+    and message are what they were: a bad IDAT CRC, data after the stream's end, a stream that inflates past the
+    image (a bomb), one that ends early, an interlaced file."""
+    from idc_infer import preprocess
+    from idc_infer.preprocess import _filter_png, _with_stored_idat, decode_bytes
+
+    from ..conftest import SAMPLE_PATIENT
+
+    def both_ways(data: bytes):
+        fast = decode_bytes(data, CONTRACT)
+        preprocess.inflate_png_here(False)
+        try:
+            slow = decode_bytes(data, CONTRACT)
+        finally:
+            preprocess.inflate_png_here(True)
+        assert (fast.status, fast.message) == (slow.status, slow.message)
+        if slow.rgb is not None:
+            np.testing.assert_array_equal(fast.rgb, slow.rgb)
+        return fast
+
+    for path in sorted(SAMPLE_PATIENT.rglob("*.png")):  # real patches: Paeth, Average, Up and Sub rows
+        data = path.read_bytes()
+        assert _with_stored_idat(_filter_png(data)[0]) is not None, path.name
+        assert both_ways(data).status == "ok"
+    head, idat, tail = _split_idat(real_png)
+    body = idat[8:-4]
+    split = head + png_chunk(b"IDAT", body[:100]) + png_chunk(b"IDAT", body[100:]) + tail
+    assert _with_stored_idat(_filter_png(split)[0]) is not None and both_ways(split).status == "ok"
+    pixels = np.random.default_rng(0).integers(0, 256, (400, 600, 3), dtype=np.uint8)  # 720 kB: 11 stored blocks
+    large = cv2.imencode(".png", pixels)[1].tobytes()
+    assert _with_stored_idat(_filter_png(large)[0]) is not None
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(_with_stored_idat(large), np.uint8), -1), pixels)
+
+    small = np.full((50, 50, 3), 120, np.uint8)
+    raw = _rows(small)
+    stream = zlib.compress(raw)
+    assert both_ways(_png_of(50, 50, [stream])).status == "ok"
+    refused = {
+        "bad IDAT CRC": _png_of(50, 50, [stream])[:-16] + b"\x00\x00\x00\x00" + _png_of(50, 50, [stream])[-12:],
+        "data after the stream": _png_of(50, 50, [stream + b"\x00\x01"]),
+        "a bomb": _png_of(50, 50, [zlib.compress(raw + bytes(10**6))]),
+        "ends early": _png_of(50, 50, [zlib.compress(raw[:-151])]),
+        "truncated stream": _png_of(50, 50, [stream[:-30]]),
+        "interlaced": _png_of(50, 50, [stream], ihdr_tail=b"\x08\x02\x00\x00\x01"),
+    }
+    for why, data in refused.items():
+        assert _with_stored_idat(_filter_png(data)[0]) is None, why
+        both_ways(data)
+    assert both_ways(refused["bad IDAT CRC"]).status == STATUS_CORRUPT
