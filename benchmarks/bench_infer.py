@@ -14,6 +14,7 @@ slide-reading figures.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -40,15 +41,20 @@ def make_cohort(root: Path, n_patches: int) -> list[Path]:
     return sorted(root.rglob("*.png"))
 
 
-# the last line a measured child prints: its own peak RSS (kB) and CPU seconds (all threads), read by _measured
+# the last line a measured child prints: its own peak RSS (kB), its CPU seconds (all threads) and those of the
+# processes it started and waited for (idc-infer's worker processes), and the largest peak RSS among those
 _REPORT_USAGE = (
     "usage = resource.getrusage(resource.RUSAGE_SELF)\n"
-    "print('MAXRSS', usage.ru_maxrss, usage.ru_utime + usage.ru_stime)"
+    "workers = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "print('MAXRSS', usage.ru_maxrss, usage.ru_utime + usage.ru_stime + workers.ru_utime + workers.ru_stime,"
+    " workers.ru_maxrss)"
 )
 
 
 def run_cli(args: list[str]) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds and peak RSS (MB) of one idc-infer process."""
+    """Wall seconds, CPU seconds and peak RSS (MB) of one idc-infer run: its process and its worker processes
+    (--parallel processes) together; the RSS is its own peak plus, per worker, the largest worker's peak (an
+    upper bound: the workers' peaks need not coincide, and the libraries' pages they share count in each)."""
     code = (
         "import resource, runpy, sys; sys.argv = ['idc-infer'] + sys.argv[1:]\n"
         "from idc_infer.cli import main\n"
@@ -71,8 +77,16 @@ def _measured(code: str, args: list[str]) -> tuple[float, float, float]:
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
     wall = time.perf_counter() - start
-    rss_kb, cpu_s = done.stdout.rsplit("MAXRSS", 1)[1].split()[:2]
-    return wall, float(cpu_s), int(rss_kb) / 1024
+    rss_kb, cpu_s, worker_rss_kb = done.stdout.rsplit("MAXRSS", 1)[1].split()[:3]
+    workers = _workers_of(args)
+    return wall, float(cpu_s), (int(rss_kb) + workers * int(worker_rss_kb)) / 1024
+
+
+def _workers_of(args: list[str]) -> int:
+    """Worker processes an idc-infer command line starts at most (0 for a script or --parallel threads)."""
+    if "--threads" not in args or "--parallel" in args and args[args.index("--parallel") + 1] == "threads":
+        return 0
+    return int(args[args.index("--threads") + 1])
 
 
 def decode_ceiling(paths: list[Path], threads: int) -> float:
@@ -238,7 +252,10 @@ def main() -> None:
     subprocess.run(plain_cmd, check=True, capture_output=True)  # warm the page cache for every contender
     # paired runs: each repetition runs the three contenders back to back, so a ratio compares runs made
     # within seconds of each other on this VM, whose speed drifts by 5-10% over minutes
-    runs: dict[str, list[tuple[float, float, float]]] = {"plain": [], "default": [], "no-review": [], "pipelined": []}
+    runs: dict[str, list[tuple[float, float, float]]] = {
+        key: [] for key in ("plain", "default", "no-review", "default-threads", "no-review-threads", "pipelined")
+    }
+    threads_only = ["--parallel", "threads"]
     for _ in range(args.repeat):
         runs["plain"].append(run_script(plain_cmd[1:]))
         runs["pipelined"].append(run_script([*plain_cmd[1:], "--pipelined"]))
@@ -246,7 +263,15 @@ def main() -> None:
         runs["no-review"].append(
             run_cli([str(cohort), "--out", str(args.workdir / "out-plain"), "--no-review", *common])
         )
+        runs["default-threads"].append(
+            run_cli([str(cohort), "--out", str(args.workdir / "out-default"), *threads_only, *common])
+        )
+        runs["no-review-threads"].append(
+            run_cli([str(cohort), "--out", str(args.workdir / "out-plain"), "--no-review", *threads_only, *common])
+        )
     wall_plain = statistics.median(wall for wall, _, _ in runs["plain"])
+    record = json.loads((args.workdir / "out-plain" / "run.json").read_text(encoding="utf-8"))["parallel"]
+    parallel = f"--parallel auto took {record['chosen']} ({record['why']})"
     model_only = model_ceiling(model_path, args.threads, 32)
     decode_only = decode_ceiling(paths[:20000], args.threads)
 
@@ -269,8 +294,10 @@ def main() -> None:
 
     rows = [
         paired_row("plain onnxruntime + cv2 loop (benchmarks/plain_loop.py, batch 64, CSV only)", "plain", "the peer"),
-        paired_row("idc-infer, default (review outputs on)", "default", "start-up included"),
-        paired_row("idc-infer --no-review (CSV, summary, run.json)", "no-review", "start-up included"),
+        paired_row("idc-infer, default (review outputs on)", "default", f"start-up included; {parallel}"),
+        paired_row("idc-infer --no-review (CSV, summary, run.json)", "no-review", f"start-up included; {parallel}"),
+        paired_row("idc-infer --parallel threads", "default-threads", "review outputs on; one process"),
+        paired_row("idc-infer --parallel threads --no-review", "no-review-threads", "one process"),
         paired_row(
             "plain loop's work pipelined as idc-infer runs (plain_loop.py --pipelined)",
             "pipelined",
@@ -331,6 +358,10 @@ def main() -> None:
     print("| run | patches/s | vs plain loop | CPU time | peak RSS | note |\n|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    print(
+        "\nCPU time: the run's process and its worker processes. Peak RSS of a run with worker processes: its own "
+        "peak plus, per worker, the largest worker's (an upper bound: shared library pages count in each)."
+    )
     print(f"\n`idc-infer --help` start-up: {startup:.2f} s (best of 5)")
     if slide is not None:
         detect, tile_rate, n_tiles, wall_slide, rss_slide = slide

@@ -56,18 +56,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     level = (
         logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     )
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
+    from .files import stderr_log_handler
 
-
-class _PrintableFormatter(logging.Formatter):
-    """Log lines that name a file whose name is not UTF-8 print (files.printable) instead of failing."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        from .files import printable
-
-        return printable(super().format(record))
+    logging.basicConfig(level=level, handlers=[stderr_log_handler()])
 
 
 def _echo(text: str, err: bool = False) -> None:
@@ -202,7 +193,16 @@ def _announce(model, quiet: bool, precision: dict | None = None) -> None:
     type=click.IntRange(1, 256),
     default=_default_threads,
     show_default="min(4, cores)",
-    help="Worker threads, each decoding a batch and scoring it with one onnxruntime thread.",
+    help="Workers, each decoding and scoring with one onnxruntime thread (threads or processes: --parallel).",
+)
+@click.option(
+    "--parallel",
+    type=click.Choice(["auto", "threads", "processes"]),
+    default="auto",
+    show_default=True,
+    help="threads: the workers are threads of this process, sharing each patient's batches; processes: worker "
+    "processes, one patient at a time each (no shared Python lock: faster on a cohort). auto: processes for a "
+    "cohort whose patients share out evenly, threads for one patient, a slide or a small run.",
 )
 @click.option(
     "--allow-failed-gate",
@@ -269,6 +269,7 @@ def main(
     threshold,
     batch_size,
     threads,
+    parallel,
     allow_failed_gate,
     overwrite,
     resume,
@@ -295,9 +296,10 @@ def main(
     and report.html for the run.
     """
     from .discover import SkipCounter, duplicate_ids, patients_from_dirs, patients_from_list
-    from .engine import RunSettings, clear_previous_run, existing_reports, run_patients
+    from .engine import RunSettings, clear_previous_run, existing_reports
     from .files import RESEARCH_NOTICE, FolderBusyError, folder_lock
     from .model import ModelError, load_model
+    from .processes import WorkerProcessError
     from .run_record import console_summary, run_record, write_run_files
     from .slides import SLIDE_SUFFIXES, SlideError, is_slide_path, slide_patients
 
@@ -442,6 +444,7 @@ def main(
         },
     )
     dask_record = None
+    parallel_record = {"requested": parallel, "chosen": "dask", "workers": None, "why": "--dask"}
     try:
         if dask_address:
             from .distributed import DaskError, connect, run_patients_on_dask
@@ -458,7 +461,11 @@ def main(
                 client, model, patients, settings, progress=bar.update, on_patient_done=patient_done
             )
         else:
-            result = run_patients(model, patients, settings, progress=bar.update, on_patient_done=patient_done)
+            from .processes import run_patients_parallel
+
+            result, parallel_record = run_patients_parallel(
+                model, patients, settings, parallel, progress=bar.update, on_patient_done=patient_done
+            )
     except KeyboardInterrupt:
         bar.close()
         _echo(f"idc-infer: interrupted; completed patients are kept in {out_dir}, rerun with --resume", err=True)
@@ -470,6 +477,10 @@ def main(
             "fix the cause and rerun with --resume",
             err=True,
         )
+        sys.exit(EXIT_FAILED_PATCHES)
+    except WorkerProcessError as exc:
+        bar.close()
+        _echo(f"idc-infer: {exc}", err=True)
         sys.exit(EXIT_FAILED_PATCHES)
     finally:
         bar.close()
@@ -491,9 +502,19 @@ def main(
         "patch_mpp": patch_mpp,
         "quality_control": quality.settings() if quality else None,
         "dask": dask_address,
+        "parallel": parallel,
     }
     record = run_record(
-        model, effective_threshold, precision_record, arguments, patients, result, list_skips, dask_record, started
+        model,
+        effective_threshold,
+        precision_record,
+        arguments,
+        patients,
+        result,
+        list_skips,
+        dask_record,
+        started,
+        parallel_record,
     )
     try:
         write_run_files(out_dir, record, result.summary_rows, review)

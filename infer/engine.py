@@ -16,7 +16,7 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -167,6 +167,14 @@ class PatientTally:
             self._summary = (key, contract, self._summary_row(patient_id, threshold, model_sha256, contract))
         return dict(self._summary[2])
 
+    def adopt_summary_row(
+        self, row: dict, patient_id: str, threshold: float, model_sha256: str, contract: Contract
+    ) -> None:
+        """Take ``row`` as this tally's summary row (computed by summary_row from the same counts and arguments
+        in a worker process, where the Monte Carlo intervals cost ~2 ms a patient off this process's time)."""
+        key = (patient_id, threshold, model_sha256, self.slide_note, *self.to_state().values())
+        self._summary = (key, contract, dict(row))
+
     def _summary_row(self, patient_id: str, threshold: float, model_sha256: str, contract: Contract) -> dict:
         low, high = wilson_interval(self.n_idc, self.n_scored)
         labelled = self.n_labelled > 0
@@ -253,6 +261,21 @@ class ScoredPatch:
     prob_idc: float | None
 
 
+class InlineExecutor(Executor):
+    """An executor that runs each task in the calling thread as it is submitted: the engine in one thread (a
+    worker process of processes.py), where handing batches between threads would only pass Python's lock."""
+
+    _max_workers = 1
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - delivered by future.result(), as a pool's would be
+            future.set_exception(exc)
+        return future
+
+
 def _chunks(items: Iterable[Path], size: int) -> Iterator[list[Path]]:
     iterator = iter(items)
     while chunk := list(islice(iterator, size)):
@@ -306,7 +329,7 @@ def _decode_and_score(model, decode: Callable[[Any], Decoded], chunk: list, qc: 
 def score_paths(
     model: LoadedModel,
     paths: Iterable,
-    pool: ThreadPoolExecutor,
+    pool: Executor,
     batch_size: int = 64,
     lookahead: int | None = None,
     decode: Callable[[Any], Decoded] | None = None,
@@ -321,7 +344,7 @@ def score_paths(
 def score_batches(
     model: LoadedModel,
     paths: Iterable,
-    pool: ThreadPoolExecutor,
+    pool: Executor,
     batch_size: int = 64,
     lookahead: int | None = None,
     decode: Callable[[Any], Decoded] | None = None,
@@ -609,7 +632,7 @@ class PatientOutputs:
 def _stream_patients(
     model: LoadedModel,
     entries: Iterator[tuple],
-    pool: ThreadPoolExecutor,
+    pool: Executor,
     settings: RunSettings,
     skipped: SkipCounter,
     on_batch: Callable[[int], None],
@@ -643,7 +666,11 @@ def _stream_patients(
     # a patient's files are closed (mosaic rendered and encoded, GeoJSON copied, state written) by a writer
     # thread while this one takes the next patient's batches; results are reported in input order
     closing: deque[tuple[int, Future, bool]] = deque()
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
+    writer: Executor = (
+        InlineExecutor()
+        if isinstance(pool, InlineExecutor)
+        else ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
+    )
 
     def report(block: bool) -> None:
         while closing and (block or closing[0][1].done()):
@@ -705,7 +732,7 @@ def score_patient(
     model: LoadedModel,
     patient: Patient,
     settings: RunSettings,
-    pool: ThreadPoolExecutor,
+    pool: Executor,
     skipped: SkipCounter,
     on_patch: Callable[[int], None] = lambda n: None,
 ) -> PatientTally:

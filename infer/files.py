@@ -40,6 +40,20 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+class PrintableFormatter(logging.Formatter):
+    """Log lines that name a file whose name is not UTF-8 print (printable) instead of failing."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
+def stderr_log_handler() -> logging.Handler:
+    """idc-infer's log lines on stderr (the CLI's, and its worker processes' the same way)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
 def neutralise_cell(value: Any) -> Any:
     """Prefix text that a spreadsheet would evaluate with a quote; numbers pass unchanged."""
     if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):

@@ -44,6 +44,7 @@ def run_record(
     list_skips: SkipCounter,
     dask: dict | None,
     started_unix: float,
+    parallel: dict | None = None,
 ) -> dict:
     """run.json's content: the model and how it was chosen, the arguments, slides, counts and timings."""
     cohort = result.cohort
@@ -65,6 +66,7 @@ def run_record(
         },
         "arguments": arguments,
         "dask": dask,
+        "parallel": parallel,
         "slides": {
             p.patient_id: p.stats.record() | {"file": p.slide.name}  # type: ignore[attr-defined]
             for p in patients

@@ -1,0 +1,245 @@
+"""idc-infer's patients shared out among worker processes on this machine, one patient at a time each.
+
+In the threaded engine the worker threads share Python's lock: each patch's Python work (reading, checks, rows)
+waits for the lock while onnxruntime and the decoder let it go and take it back many times a patch (150,000
+hand-overs on idc-real), and on 2 cores 1.7-1.8 of them were busy. A worker process runs the same engine
+(engine.score_patient) in one thread, with a lock of its own, and writes the patient's CSV, review files and
+resume state into --out itself, atomically, the state last, as the threaded engine does: outputs are
+byte-identical, --resume and the folder lock work as before. This process lists the patients, hands them out
+largest first, reports progress per patient and writes summary.csv.
+
+``--parallel auto`` takes processes for a cohort whose work shares out evenly (at least as many patients as
+workers, none larger than a worker's share, and enough patches to be worth starting the processes); one patient,
+a slide (tiled in worker threads) and small runs keep the threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+from .discover import Patient, SkipCounter
+from .engine import (
+    InlineExecutor,
+    PatientTally,
+    RunResult,
+    RunSettings,
+    _completed_tally,
+    run_patients,
+    score_patient,
+    write_summary,
+)
+from .errors import IdcError
+from .files import remove_stale_temp_files, safe_file_stem, stderr_log_handler
+from .model import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+PARALLEL_CHOICES = ("auto", "threads", "processes")
+# below this many patches a worker, starting the processes (~0.3 s: Python, numpy, OpenCV, onnxruntime and the
+# model in each) costs more than sharing Python's lock does
+MIN_PATCHES_PER_PROCESS = 1000
+
+
+class WorkerProcessError(IdcError, RuntimeError):
+    """A worker process died (killed, out of memory) or could not start."""
+
+
+@dataclass
+class Plan:
+    mode: str  # "threads" or "processes"
+    why: str
+    sizes: dict[int, int]  # items per patient to score, by index (processes only)
+
+    def record(self, requested: str, workers: int) -> dict:
+        return {"requested": requested, "chosen": self.mode, "workers": workers, "why": self.why}
+
+
+def _count(patient: Patient) -> int:
+    try:
+        return sum(1 for _ in patient.iter_paths(SkipCounter()))
+    finally:
+        patient.finish()
+
+
+def _threads_because(requested: str, workers: int, patients: list[Patient], todo: list[int]) -> str | None:
+    """Why the patients ``todo`` are scored in threads, where that needs no look at their files."""
+    if requested == "threads":
+        return "--parallel threads"
+    if workers < 2:
+        return "one worker"
+    if any(hasattr(patients[i], "slide") for i in todo):
+        return "a slide is tiled and scored in worker threads"
+    if requested == "auto" and len(todo) < workers:
+        return f"{len(todo)} patient(s) to score for {workers} workers"
+    return None
+
+
+def plan(requested: str, workers: int, patients: list[Patient], todo: list[int]) -> Plan:
+    """How to score the patients ``todo`` (indexes into ``patients``): in threads or in processes, and why."""
+    because = _threads_because(requested, workers, patients, todo)
+    if because is not None:
+        return Plan("threads", because, {})
+    sizes = {i: _count(patients[i]) for i in todo}
+    if requested == "processes":
+        return Plan("processes", "--parallel processes", sizes)
+    total, largest = sum(sizes.values()), max(sizes.values(), default=0)
+    if total < MIN_PATCHES_PER_PROCESS * workers:
+        return Plan("threads", f"{total} patches: too few to be worth starting {workers} processes", sizes)
+    if largest * workers > total:
+        return Plan("threads", f"one patient holds {largest} of the {total} patches: more than a worker's share", sizes)
+    return Plan("processes", f"{len(todo)} patients, {total} patches, the largest {largest}", sizes)
+
+
+# --- in a worker process ----------------------------------------------------------------------------------
+
+_MODEL: list[LoadedModel] = []
+
+
+def _start_worker(model_path: str, sha256: str, log_level: int) -> None:
+    """A worker process's start: Ctrl-C is the parent's to handle (it stops the workers); the parent's log
+    level; the model, checked to be the file the parent loaded; ISA-L's inflate (one decoding thread here)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, handlers=[stderr_log_handler()])
+    from .preprocess import inflate_png_here
+
+    inflate_png_here()
+    model = load_model(Path(model_path), threads=1, spin=False)
+    if model.sha256 != sha256:
+        raise WorkerProcessError(f"{model_path} changed while idc-infer was starting (its sha256 differs)")
+    _MODEL.append(model)
+
+
+def _score_in_worker(patient: Patient, settings: RunSettings) -> tuple[dict, dict, dict]:
+    """One patient, scored in this process's one thread; its files are in --out when this returns. Returns its
+    tally, skipped files and summary.csv row (computed here: the parent's time is the run's tail)."""
+    skipped = SkipCounter()
+    model = _MODEL[0]
+    tally = score_patient(model, patient, settings, InlineExecutor(), skipped)
+    row = tally.summary_row(patient.patient_id, settings.threshold, model.sha256, model.contract)
+    return tally.to_state(), dict(skipped.counts), row
+
+
+# --- in idc-infer's own process ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while worker processes are started: an ignored signal stays ignored in a spawned process,
+    whose Python then installs no KeyboardInterrupt of its own (a Ctrl-C while a worker imports would print its
+    traceback). Only the main thread can change it; elsewhere the workers' initializer does it a moment later."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_patients_parallel(
+    model: LoadedModel,
+    patients: list[Patient],
+    settings: RunSettings,
+    requested: str = "auto",
+    progress: Callable[[int], None] = lambda n: None,
+    on_patient_done: Callable[[str], None] = lambda pid: None,
+) -> tuple[RunResult, dict]:
+    """engine.run_patients with the patients shared out among --threads worker processes where that is
+    faster (``requested``: auto, threads or processes); returns the result and the record for run.json."""
+    workers = max(1, settings.threads)
+    because = _threads_because(requested, workers, patients, list(range(len(patients))))
+    if because is not None:
+        record = Plan("threads", because, {}).record(requested, workers)
+        return run_patients(model, patients, settings, progress, on_patient_done), record
+    start = time.perf_counter()
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    kept: dict[int, PatientTally] = {}
+    for index, patient in enumerate(patients):
+        tally = (
+            _completed_tally(settings, safe_file_stem(patient.patient_id), patient, model) if settings.resume else None
+        )
+        if tally is not None:
+            kept[index] = tally
+    todo = [i for i in range(len(patients)) if i not in kept]
+    chosen = plan(requested, workers, patients, todo)
+    log.info("parallel: %s (%s)", chosen.mode, chosen.why)
+    if chosen.mode == "threads":
+        return run_patients(model, patients, settings, progress, on_patient_done), chosen.record(requested, workers)
+    result = _run_in_processes(model, patients, settings, workers, chosen.sizes, kept, progress, on_patient_done)
+    result.elapsed_s = time.perf_counter() - start
+    return result, chosen.record(requested, workers)
+
+
+def _run_in_processes(
+    model: LoadedModel,
+    patients: list[Patient],
+    settings: RunSettings,
+    workers: int,
+    sizes: dict[int, int],
+    kept: dict[int, PatientTally],
+    progress: Callable[[int], None],
+    on_patient_done: Callable[[str], None],
+) -> RunResult:
+    tallies: dict[int, PatientTally] = {}
+    skipped = SkipCounter()
+    resumed: list[str] = []
+    for index, tally in kept.items():
+        tallies[index] = tally
+        resumed.append(patients[index].patient_id)
+        skipped.counts.update(tally.skipped)  # a kept patient's skipped files are still in run.json
+        progress(tally.n_patches)
+        on_patient_done(patients[index].patient_id)
+    # spawn, not fork: this process holds threads (the progress bar's, an onnxruntime session) a fork would copy
+    # mid-state; each worker imports idc afresh (~0.3 s, all of them at once)
+    pool = ProcessPoolExecutor(
+        max_workers=min(workers, len(sizes)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(str(model.path), model.sha256, logging.getLogger("idc_infer").getEffectiveLevel()),
+    )
+    try:
+        # largest first: the last patients to finish are small ones, so no worker idles long at the end
+        order = sorted(sizes, key=lambda i: (-sizes[i], i))
+        with _sigint_ignored():  # the workers start (in submit) ignoring Ctrl-C, even before their initializer
+            futures = {pool.submit(_score_in_worker, patients[i], settings): i for i in order}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                index = futures[future]
+                try:
+                    tally_state, skip_counts, row = future.result()
+                except BrokenProcessPool as exc:
+                    raise WorkerProcessError(
+                        f"a worker process died while scoring (killed, or out of memory?): {exc}; completed "
+                        "patients are kept, rerun with --resume (or --parallel threads)"
+                    ) from None
+                tally = PatientTally.from_state(tally_state)
+                tally.adopt_summary_row(
+                    row, patients[index].patient_id, settings.threshold, model.sha256, model.contract
+                )
+                tallies[index] = tally
+                skipped.counts.update(skip_counts)
+                progress(tally.n_patches)
+                on_patient_done(patients[index].patient_id)
+    except BaseException:  # Ctrl-C, a worker's error: no more patients; a patient half-written has no state
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        remove_stale_temp_files(settings.out_dir)  # what the stopped workers were writing (under our lock)
+        raise
+    pool.shutdown(wait=True)
+    ordered = [tallies[i] for i in range(len(patients))]
+    rows, cohort = write_summary(model, patients, ordered, settings)
+    return RunResult(rows, cohort, skipped, resumed, 0.0)
