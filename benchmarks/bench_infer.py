@@ -41,29 +41,38 @@ def make_cohort(root: Path, n_patches: int) -> list[Path]:
     return sorted(root.rglob("*.png"))
 
 
-# the last line a measured child prints: its own peak RSS (kB), its CPU seconds (all threads) and those of the
-# processes it started and waited for (idc-infer's worker processes), and the largest peak RSS among those
+# the last line a measured child prints: its own peak RSS (kB) and its CPU seconds (all threads), with those of
+# the processes it started and waited for (idc-infer's worker processes)
 _REPORT_USAGE = (
     "usage = resource.getrusage(resource.RUSAGE_SELF)\n"
     "workers = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-    "print('MAXRSS', usage.ru_maxrss, usage.ru_utime + usage.ru_stime + workers.ru_utime + workers.ru_stime,"
-    " workers.ru_maxrss)"
+    "print('MAXRSS', usage.ru_maxrss, usage.ru_utime + usage.ru_stime + workers.ru_utime + workers.ru_stime)"
 )
 
 
-def run_cli(args: list[str]) -> tuple[float, float, float]:
+def run_cli(args: list[str]) -> tuple[float, float, float, float | None]:
     """Wall seconds, CPU seconds and peak RSS (MB) of one idc-infer run: its process and its worker processes
-    (--parallel processes) together; the RSS is its own peak plus, per worker, the largest worker's peak (an
-    upper bound: the workers' peaks need not coincide, and the libraries' pages they share count in each)."""
+    (--parallel processes) together; with workers, the RSS is its own peak plus, per worker, the largest
+    worker's (run.json says both; an upper bound: the peaks need not coincide, and the libraries' pages the
+    processes share count in each)."""
     code = (
         "import resource, runpy, sys; sys.argv = ['idc-infer'] + sys.argv[1:]\n"
         "from idc_infer.cli import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n" + _REPORT_USAGE
     )
-    return _measured(code, args)
+    wall, cpu, rss, pss = _measured(code, args)
+    record = json.loads((Path(args[args.index("--out") + 1]) / "run.json").read_text(encoding="utf-8"))["parallel"]
+    LAST_PARALLEL.clear()
+    LAST_PARALLEL.update(record)
+    if record.get("chosen") == "processes" and record.get("worker_peak_rss_mb") is not None:
+        rss += record["workers"] * record["worker_peak_rss_mb"]
+    return wall, cpu, rss, pss
 
 
-def run_script(argv: list[str]) -> tuple[float, float, float]:
+LAST_PARALLEL: dict = {}  # run.json's "parallel" of the last run_cli
+
+
+def run_script(argv: list[str]) -> tuple[float, float, float, float | None]:
     """Wall seconds, CPU seconds and peak RSS (MB) of one process running a Python script (argv: the script, its
     arguments); its own figures, where RUSAGE_CHILDREN would report the largest of every child so far."""
     code = (
@@ -73,20 +82,48 @@ def run_script(argv: list[str]) -> tuple[float, float, float]:
     return _measured(code, argv)
 
 
-def _measured(code: str, args: list[str]) -> tuple[float, float, float]:
+def _measured(code: str, args: list[str]) -> tuple[float, float, float, float | None]:
+    """(wall s, CPU s, peak RSS MB, peak PSS MB of the process and its children together, polled every 50 ms;
+    None where /proc has no smaps_rollup)."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    peak_pss: list[float | None] = [None]
+
+    def poll() -> None:
+        while child.poll() is None:
+            total = _tree_pss_kb(child.pid)
+            if total is not None:
+                peak_pss[0] = max(peak_pss[0] or 0.0, total / 1024)
+            time.sleep(0.05)
+
+    with ThreadPoolExecutor(1) as watcher:
+        watcher.submit(poll)
+        stdout, stderr = child.communicate()
     wall = time.perf_counter() - start
-    rss_kb, cpu_s, worker_rss_kb = done.stdout.rsplit("MAXRSS", 1)[1].split()[:3]
-    workers = _workers_of(args)
-    return wall, float(cpu_s), (int(rss_kb) + workers * int(worker_rss_kb)) / 1024
+    if child.returncode != 0:
+        raise subprocess.CalledProcessError(child.returncode, args, stdout, stderr)
+    rss_kb, cpu_s = stdout.rsplit("MAXRSS", 1)[1].split()[:2]
+    return wall, float(cpu_s), int(rss_kb) / 1024, peak_pss[0]
 
 
-def _workers_of(args: list[str]) -> int:
-    """Worker processes an idc-infer command line starts at most (0 for a script or --parallel threads)."""
-    if "--threads" not in args or "--parallel" in args and args[args.index("--parallel") + 1] == "threads":
-        return 0
-    return int(args[args.index("--threads") + 1])
+def _tree_pss_kb(pid: int) -> int | None:
+    """The proportional set size (kB) of a process and all its descendants now: shared pages counted once."""
+    if not os.path.exists("/proc/self/smaps_rollup"):  # not Linux
+        return None
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/smaps_rollup") as handle:
+                total += next(int(line.split()[1]) for line in handle if line.startswith("Pss:"))
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    todo += [int(c) for c in handle.read().split()]
+        except (OSError, StopIteration, ValueError):
+            continue  # a process that has just ended
+    return total
 
 
 def decode_ceiling(paths: list[Path], threads: int) -> float:
@@ -263,34 +300,36 @@ def main() -> None:
         runs["no-review"].append(
             run_cli([str(cohort), "--out", str(args.workdir / "out-plain"), "--no-review", *common])
         )
+        chosen = dict(LAST_PARALLEL)
         runs["default-threads"].append(
             run_cli([str(cohort), "--out", str(args.workdir / "out-default"), *threads_only, *common])
         )
         runs["no-review-threads"].append(
             run_cli([str(cohort), "--out", str(args.workdir / "out-plain"), "--no-review", *threads_only, *common])
         )
-    wall_plain = statistics.median(wall for wall, _, _ in runs["plain"])
-    record = json.loads((args.workdir / "out-plain" / "run.json").read_text(encoding="utf-8"))["parallel"]
-    parallel = f"--parallel auto took {record['chosen']} ({record['why']})"
+    wall_plain = statistics.median(wall for wall, *_ in runs["plain"])
+    parallel = f"--parallel auto took {chosen['chosen']} ({chosen['why']})"
     model_only = model_ceiling(model_path, args.threads, 32)
     decode_only = decode_ceiling(paths[:20000], args.threads)
 
     def rate_row(name: str, wall: float | None, rss: float | None, note: str = "", rate: float | None = None):
         rate = rate if rate is not None else n / wall
         ratio = rate / (n / wall_plain)
-        return (name, f"{rate:,.0f}", f"{ratio:.2f}x", "", "" if rss is None else f"{rss:,.0f} MB", note)
+        return (name, f"{rate:,.0f}", f"{ratio:.2f}x", "", "" if rss is None else f"{rss:,.0f} MB", "", note)
 
     def paired_row(name: str, key: str, note: str):
         """Median rate and median ratio to the plain loop of the same repetition, with their range."""
-        walls = [wall for wall, _, _ in runs[key]]
-        ratios = sorted(plain / wall for (plain, _, _), wall in zip(runs["plain"], walls))
+        walls = [wall for wall, *_ in runs[key]]
+        ratios = sorted(plain / wall for (plain, *_), wall in zip(runs["plain"], walls))
         ratio = f"{statistics.median(ratios):.2f}x"
         if len(ratios) > 1 and key != "plain":
             ratio += f" ({ratios[0]:.2f}-{ratios[-1]:.2f})"
             note = f"{note}; median of {len(ratios)} paired runs" if note else f"median of {len(ratios)} paired runs"
-        rss = max(peak for _, _, peak in runs[key])
-        cpu = statistics.median(cpu for _, cpu, _ in runs[key])
-        return (name, f"{n / statistics.median(walls):,.0f}", ratio, f"{cpu:.1f} s", f"{rss:,.0f} MB", note)
+        rss = max(peak for _, _, peak, _ in runs[key])
+        psses = [pss for *_, pss in runs[key] if pss is not None]
+        pss = f"{max(psses):,.0f} MB" if psses else ""
+        cpu = statistics.median(cpu for _, cpu, *_ in runs[key])
+        return (name, f"{n / statistics.median(walls):,.0f}", ratio, f"{cpu:.1f} s", f"{rss:,.0f} MB", pss, note)
 
     rows = [
         paired_row("plain onnxruntime + cv2 loop (benchmarks/plain_loop.py, batch 64, CSV only)", "plain", "the peer"),
@@ -310,7 +349,7 @@ def main() -> None:
     slide = None
     if args.slide and args.slide.exists():
         detect, tile_rate, n_tiles = slide_reading(args.slide, model_path)
-        wall_slide, _, rss_slide = run_cli([str(args.slide), "--out", str(args.workdir / "out-slide"), *common])
+        wall_slide, _, rss_slide, _ = run_cli([str(args.slide), "--out", str(args.workdir / "out-slide"), *common])
         slide = (detect, tile_rate, n_tiles, wall_slide, rss_slide)
     keras_model, keras_note = args.keras_model, ""
     if keras_model is None:
@@ -355,12 +394,16 @@ def main() -> None:
         f"{Path(model_path).name}; --threads {args.threads}, --batch-size {args.batch_size}; {n:,} patches "
         f"({'real: ' + str(args.data) if args.data else 'synthetic'})\n"
     )
-    print("| run | patches/s | vs plain loop | CPU time | peak RSS | note |\n|---|---|---|---|---|---|")
+    print(
+        "| run | patches/s | vs plain loop | CPU time | peak RSS | peak PSS, all processes | note |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     for row in rows:
         print("| " + " | ".join(row) + " |")
     print(
         "\nCPU time: the run's process and its worker processes. Peak RSS of a run with worker processes: its own "
-        "peak plus, per worker, the largest worker's (an upper bound: shared library pages count in each)."
+        "peak plus, per worker, the largest worker's (an upper bound: shared library pages count in each). Peak "
+        "PSS: the run's processes together, shared pages counted once, polled every 50 ms."
     )
     print(f"\n`idc-infer --help` start-up: {startup:.2f} s (best of 5)")
     if slide is not None:

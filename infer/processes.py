@@ -19,6 +19,7 @@ import contextlib
 import logging
 import multiprocessing
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -119,14 +120,25 @@ def _start_worker(model_path: str, sha256: str, log_level: int) -> None:
     _MODEL.append(model)
 
 
-def _score_in_worker(patient: Patient, settings: RunSettings) -> tuple[dict, dict, dict]:
+def _score_in_worker(patient: Patient, settings: RunSettings) -> tuple[dict, dict, dict, float | None]:
     """One patient, scored in this process's one thread; its files are in --out when this returns. Returns its
-    tally, skipped files and summary.csv row (computed here: the parent's time is the run's tail)."""
+    tally, skipped files, summary.csv row (computed here: the parent's time is the run's tail) and this worker's
+    peak RSS so far."""
     skipped = SkipCounter()
     model = _MODEL[0]
     tally = score_patient(model, patient, settings, InlineExecutor(), skipped)
     row = tally.summary_row(patient.patient_id, settings.threshold, model.sha256, model.contract)
-    return tally.to_state(), dict(skipped.counts), row
+    return tally.to_state(), dict(skipped.counts), row, _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far (None where the resource module is missing: Windows)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB elsewhere
 
 
 # --- in idc-infer's own process ---------------------------------------------------------------------------
@@ -164,67 +176,93 @@ def run_patients_parallel(
         return run_patients(model, patients, settings, progress, on_patient_done), record
     start = time.perf_counter()
     settings.out_dir.mkdir(parents=True, exist_ok=True)
-    kept: dict[int, PatientTally] = {}
-    for index, patient in enumerate(patients):
-        tally = (
-            _completed_tally(settings, safe_file_stem(patient.patient_id), patient, model) if settings.resume else None
-        )
-        if tally is not None:
-            kept[index] = tally
-    todo = [i for i in range(len(patients)) if i not in kept]
-    chosen = plan(requested, workers, patients, todo)
+    # the workers start now (Python, numpy, OpenCV, onnxruntime, the model: ~0.3 s each) while this process
+    # checks earlier runs and counts the patients' files
+    pool = _start_pool(model, min(workers, len(patients)))
+    try:
+        kept: dict[int, PatientTally] = {}
+        for index, patient in enumerate(patients):
+            stem = safe_file_stem(patient.patient_id)
+            tally = _completed_tally(settings, stem, patient, model) if settings.resume else None
+            if tally is not None:
+                kept[index] = tally
+        todo = [i for i in range(len(patients)) if i not in kept]
+        chosen = plan(requested, workers, patients, todo)
+    except BaseException:
+        _stop(pool, settings.out_dir)
+        raise
     log.info("parallel: %s (%s)", chosen.mode, chosen.why)
     if chosen.mode == "threads":
+        pool.shutdown(wait=False, cancel_futures=True)  # the workers exit as soon as they have started
         return run_patients(model, patients, settings, progress, on_patient_done), chosen.record(requested, workers)
-    result = _run_in_processes(model, patients, settings, workers, chosen.sizes, kept, progress, on_patient_done)
+    result, worker_peak_mb = _run_in_processes(
+        pool, model, patients, settings, chosen.sizes, kept, progress, on_patient_done
+    )
     result.elapsed_s = time.perf_counter() - start
-    return result, chosen.record(requested, workers)
+    parent_peak_mb = _peak_rss_mb()
+    record = chosen.record(requested, workers) | {  # memory: this process's peak and the largest worker's
+        "parent_peak_rss_mb": None if parent_peak_mb is None else round(parent_peak_mb, 1),
+        "worker_peak_rss_mb": None if worker_peak_mb is None else round(worker_peak_mb, 1),
+    }
+    return result, record
+
+
+def _start_pool(model: LoadedModel, workers: int) -> ProcessPoolExecutor:
+    """``workers`` worker processes, started now (one no-op task each starts one)."""
+    # spawn, not fork: this process holds threads (the progress bar's, an onnxruntime session) a fork would copy
+    # mid-state; each worker imports idc afresh
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(str(model.path), model.sha256, logging.getLogger("idc_infer").getEffectiveLevel()),
+    )
+    with _sigint_ignored():  # the workers start (in submit) ignoring Ctrl-C, even before their initializer
+        for _ in range(workers):
+            pool.submit(int)
+    return pool
+
+
+def _stop(pool: ProcessPoolExecutor, out_dir: Path) -> None:
+    """Stop the workers at once and remove the temp files of what they were writing (under the folder lock)."""
+    for process in list(getattr(pool, "_processes", {}).values()):
+        process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+    remove_stale_temp_files(out_dir)
 
 
 def _run_in_processes(
+    pool: ProcessPoolExecutor,
     model: LoadedModel,
     patients: list[Patient],
     settings: RunSettings,
-    workers: int,
     sizes: dict[int, int],
     kept: dict[int, PatientTally],
     progress: Callable[[int], None],
     on_patient_done: Callable[[str], None],
-) -> RunResult:
+) -> tuple[RunResult, float | None]:
     tallies: dict[int, PatientTally] = {}
     skipped = SkipCounter()
     resumed: list[str] = []
+    worker_peak_mb: float | None = None
     for index, tally in kept.items():
         tallies[index] = tally
         resumed.append(patients[index].patient_id)
         skipped.counts.update(tally.skipped)  # a kept patient's skipped files are still in run.json
         progress(tally.n_patches)
         on_patient_done(patients[index].patient_id)
-    # spawn, not fork: this process holds threads (the progress bar's, an onnxruntime session) a fork would copy
-    # mid-state; each worker imports idc afresh (~0.3 s, all of them at once)
-    pool = ProcessPoolExecutor(
-        max_workers=min(workers, len(sizes)),
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_start_worker,
-        initargs=(str(model.path), model.sha256, logging.getLogger("idc_infer").getEffectiveLevel()),
-    )
     try:
         # largest first: the last patients to finish are small ones, so no worker idles long at the end
         order = sorted(sizes, key=lambda i: (-sizes[i], i))
-        with _sigint_ignored():  # the workers start (in submit) ignoring Ctrl-C, even before their initializer
-            futures = {pool.submit(_score_in_worker, patients[i], settings): i for i in order}
+        futures = {pool.submit(_score_in_worker, patients[i], settings): i for i in order}
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
                 index = futures[future]
-                try:
-                    tally_state, skip_counts, row = future.result()
-                except BrokenProcessPool as exc:
-                    raise WorkerProcessError(
-                        f"a worker process died while scoring (killed, or out of memory?): {exc}; completed "
-                        "patients are kept, rerun with --resume (or --parallel threads)"
-                    ) from None
+                tally_state, skip_counts, row, peak = future.result()
+                if peak is not None:
+                    worker_peak_mb = max(worker_peak_mb or 0.0, peak)
                 tally = PatientTally.from_state(tally_state)
                 tally.adopt_summary_row(
                     row, patients[index].patient_id, settings.threshold, model.sha256, model.contract
@@ -233,13 +271,16 @@ def _run_in_processes(
                 skipped.counts.update(skip_counts)
                 progress(tally.n_patches)
                 on_patient_done(patients[index].patient_id)
+    except BrokenProcessPool as exc:  # in submit or in a result: a worker died, or could not start
+        _stop(pool, settings.out_dir)
+        raise WorkerProcessError(
+            f"a worker process died or could not start (killed, out of memory, or see its message above): {exc}; "
+            "completed patients are kept, rerun with --resume (or --parallel threads)"
+        ) from None
     except BaseException:  # Ctrl-C, a worker's error: no more patients; a patient half-written has no state
-        for process in list(getattr(pool, "_processes", {}).values()):
-            process.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
-        remove_stale_temp_files(settings.out_dir)  # what the stopped workers were writing (under our lock)
+        _stop(pool, settings.out_dir)
         raise
     pool.shutdown(wait=True)
     ordered = [tallies[i] for i in range(len(patients))]
     rows, cohort = write_summary(model, patients, ordered, settings)
-    return RunResult(rows, cohort, skipped, resumed, 0.0)
+    return RunResult(rows, cohort, skipped, resumed, 0.0), worker_peak_mb
