@@ -39,6 +39,7 @@ def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("processes") / "cohort"
     write_cohort(root, n_patients=5, seed=5, grid=10)
     write_faulty_files(root / "faulty")
+    (root / "empty" / "0").mkdir(parents=True)  # a patient folder with no patches: its empty CSV and warning
     return root
 
 
@@ -57,6 +58,7 @@ def test_worker_processes_write_the_bytes_of_a_threaded_run(cohort, threaded, tm
     assert result.exit_code == 0, result.output
     assert outputs(out) == outputs(threaded)
     assert len([name for name in outputs(out) if name.endswith("_mosaic.png")]) == 5
+    assert "empty.csv" in outputs(out) and "faulty.csv" in outputs(out)
     record = json.loads((out / "run.json").read_text())
     assert record["parallel"]["chosen"] == "processes" and record["parallel"]["workers"] == 2
     assert json.loads((threaded / "run.json").read_text())["parallel"]["chosen"] == "threads"
@@ -71,7 +73,7 @@ def test_resume_in_processes_rescores_only_what_changed(cohort, threaded, tmp_pa
     result = run([cohort, "--out", out, "-q", "--parallel", "processes", "--resume"])
     assert result.exit_code == 0, result.output
     assert outputs(out) == outputs(threaded)
-    assert json.loads((out / "run.json").read_text())["counts"]["patients_resumed"] == 5  # 6 patients, 1 redone
+    assert json.loads((out / "run.json").read_text())["counts"]["patients_resumed"] == 6  # 7 patients, 1 redone
 
 
 def _patients(root: Path, sizes: list[int]) -> list[Patient]:
