@@ -118,11 +118,15 @@ def _tree_pss_kb(pid: int) -> int | None:
         try:
             with open(f"/proc/{current}/smaps_rollup") as handle:
                 total += next(int(line.split()[1]) for line in handle if line.startswith("Pss:"))
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as handle:
-                    todo += [int(c) for c in handle.read().split()]
+            tasks = os.listdir(f"/proc/{current}/task")
         except (OSError, StopIteration, ValueError):
             continue  # a process that has just ended
+        for task in tasks:
+            try:
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    todo += [int(c) for c in handle.read().split()]
+            except (OSError, ValueError):
+                continue  # a thread that has just ended
     return total
 
 

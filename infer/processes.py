@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
+import os
 import signal
 import sys
 import threading
@@ -66,9 +68,14 @@ class Plan:
 
 
 def _count(patient: Patient) -> int:
+    """The patient's items; the walk's warnings (an unreadable folder) are left to the walk that scores them."""
+    quiet = logging.getLogger("idc_infer.discover")
+    silence = lambda record: False  # noqa: E731
+    quiet.addFilter(silence)
     try:
         return sum(1 for _ in patient.iter_paths(SkipCounter()))
     finally:
+        quiet.removeFilter(silence)
         patient.finish()
 
 
@@ -78,6 +85,8 @@ def _threads_because(requested: str, workers: int, patients: list[Patient], todo
         return "--parallel threads"
     if workers < 2:
         return "one worker"
+    if not todo:
+        return "no patient left to score"
     if any(hasattr(patients[i], "slide") for i in todo):
         return "a slide is tiled and scored in worker threads"
     if requested == "auto" and len(todo) < workers:
@@ -104,26 +113,51 @@ def plan(requested: str, workers: int, patients: list[Patient], todo: list[int])
 # --- in a worker process ----------------------------------------------------------------------------------
 
 _MODEL: list[LoadedModel] = []
+_START_ERROR: list[str] = []  # why this worker could not load the model: its first task says so
 
 
 def _start_worker(model_path: str, sha256: str, log_level: int) -> None:
-    """A worker process's start: Ctrl-C is the parent's to handle (it stops the workers); the parent's log
-    level; the model, checked to be the file the parent loaded; ISA-L's inflate (one decoding thread here)."""
+    """A worker process's start: Ctrl-C is the parent's to handle (it stops the workers); the worker ends when
+    the parent does; the parent's log level; the model, checked to be the file the parent loaded; ISA-L's
+    inflate (one decoding thread here). A model that cannot be loaded is reported by the first task, as a
+    message: an exception here would have the pool print its traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
     logging.basicConfig(level=log_level, handlers=[stderr_log_handler()])
     from .preprocess import inflate_png_here
 
     inflate_png_here()
-    model = load_model(Path(model_path), threads=1, spin=False)
+    try:
+        model = load_model(Path(model_path), threads=1, spin=False)
+    except Exception as exc:  # noqa: BLE001 - ModelError, OSError...: said by the first task, in one line
+        _START_ERROR.append(f"a worker process could not load the model {model_path}: {exc}")
+        return
     if model.sha256 != sha256:
-        raise WorkerProcessError(f"{model_path} changed while idc-infer was starting (its sha256 differs)")
+        _START_ERROR.append(f"{model_path} changed while idc-infer was starting (its sha256 differs)")
+        return
     _MODEL.append(model)
+
+
+def _exit_with_parent() -> None:
+    """End this worker as soon as idc-infer's process is gone (killed, out of memory): an orphan would go on
+    writing into --out without the folder's lock. Its half-written temp files are removed by the next run."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _score_in_worker(patient: Patient, settings: RunSettings) -> tuple[dict, dict, dict, float | None]:
     """One patient, scored in this process's one thread; its files are in --out when this returns. Returns its
     tally, skipped files, summary.csv row (computed here: the parent's time is the run's tail) and this worker's
     peak RSS so far."""
+    if _START_ERROR:
+        raise WorkerProcessError(_START_ERROR[0])
     skipped = SkipCounter()
     model = _MODEL[0]
     tally = score_patient(model, patient, settings, InlineExecutor(), skipped)
@@ -149,8 +183,8 @@ def _sigint_ignored() -> Iterator[None]:
     """SIGINT ignored while worker processes are started: an ignored signal stays ignored in a spawned process,
     whose Python then installs no KeyboardInterrupt of its own (a Ctrl-C while a worker imports would print its
     traceback). Only the main thread can change it; elsewhere the workers' initializer does it a moment later."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # (None: a handler set outside Python, which could not be put back)
         return
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -176,11 +210,13 @@ def run_patients_parallel(
         return run_patients(model, patients, settings, progress, on_patient_done), record
     start = time.perf_counter()
     settings.out_dir.mkdir(parents=True, exist_ok=True)
-    # the workers start now (Python, numpy, OpenCV, onnxruntime, the model: ~0.3 s each) while this process
-    # checks earlier runs and counts the patients' files
-    pool = _start_pool(model, min(workers, len(patients)))
+    kept: dict[int, PatientTally] = {}
+    pool = None
+    if not settings.resume:
+        # the workers start now (Python, numpy, OpenCV, onnxruntime, the model: ~0.3 s each) while this process
+        # counts the patients' files; a resumed run checks what is done first (perhaps every patient)
+        pool = _start_pool(model, min(workers, len(patients)))
     try:
-        kept: dict[int, PatientTally] = {}
         for index, patient in enumerate(patients):
             stem = safe_file_stem(patient.patient_id)
             tally = _completed_tally(settings, stem, patient, model) if settings.resume else None
@@ -188,19 +224,24 @@ def run_patients_parallel(
                 kept[index] = tally
         todo = [i for i in range(len(patients)) if i not in kept]
         chosen = plan(requested, workers, patients, todo)
+        if pool is None and chosen.mode == "processes":
+            pool = _start_pool(model, min(workers, len(todo)))
     except BaseException:
-        _stop(pool, settings.out_dir)
+        if pool is not None:
+            _stop(pool, settings.out_dir)
         raise
     log.info("parallel: %s (%s)", chosen.mode, chosen.why)
-    if chosen.mode == "threads":
-        pool.shutdown(wait=False, cancel_futures=True)  # the workers exit as soon as they have started
+    if chosen.mode == "threads" or pool is None:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)  # the workers exit as soon as they have started
         return run_patients(model, patients, settings, progress, on_patient_done), chosen.record(requested, workers)
+    n_workers = pool._max_workers  # what was started: fewer than --threads for fewer patients
     result, worker_peak_mb = _run_in_processes(
         pool, model, patients, settings, chosen.sizes, kept, progress, on_patient_done
     )
     result.elapsed_s = time.perf_counter() - start
     parent_peak_mb = _peak_rss_mb()
-    record = chosen.record(requested, workers) | {  # memory: this process's peak and the largest worker's
+    record = chosen.record(requested, n_workers) | {  # memory: this process's peak and the largest worker's
         "parent_peak_rss_mb": None if parent_peak_mb is None else round(parent_peak_mb, 1),
         "worker_peak_rss_mb": None if worker_peak_mb is None else round(worker_peak_mb, 1),
     }
@@ -212,14 +253,18 @@ def _start_pool(model: LoadedModel, workers: int) -> ProcessPoolExecutor:
     # spawn, not fork: this process holds threads (the progress bar's, an onnxruntime session) a fork would copy
     # mid-state; each worker imports idc afresh
     pool = ProcessPoolExecutor(
-        max_workers=workers,
+        max_workers=max(1, workers),
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_start_worker,
         initargs=(str(model.path), model.sha256, logging.getLogger("idc_infer").getEffectiveLevel()),
     )
-    with _sigint_ignored():  # the workers start (in submit) ignoring Ctrl-C, even before their initializer
-        for _ in range(workers):
-            pool.submit(int)
+    try:
+        with _sigint_ignored():  # the workers start (in submit) ignoring Ctrl-C, even before their initializer
+            for _ in range(workers):
+                pool.submit(int)
+    except OSError as exc:  # no more processes allowed, no memory to start one
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise WorkerProcessError(f"cannot start worker processes ({exc}); try --parallel threads") from None
     return pool
 
 

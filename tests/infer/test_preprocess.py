@@ -490,6 +490,7 @@ def _png_of(width: int, height: int, idat_bodies: list[bytes], ihdr_tail: bytes 
     )
 
 
+@pytest.mark.skipif(not hasattr(cv2, "IMREAD_COLOR_RGB"), reason="OpenCV < 4.10: plain RGB PNGs take the general path")
 def test_png_data_inflated_here_gives_libpngs_own_pixels_and_verdicts(tmp_path, real_png, inflating_here):
     """A plain RGB PNG's image data is inflated by ISA-L and handed to libpng stored, to unfilter only: the same
     pixels as libpng's own inflate. Files the fast path must not judge go to libpng as they are, so their status
@@ -520,16 +521,22 @@ def test_png_data_inflated_here_gives_libpngs_own_pixels_and_verdicts(tmp_path, 
     body = idat[8:-4]
     split = head + png_chunk(b"IDAT", body[:100]) + png_chunk(b"IDAT", body[100:]) + tail
     assert _with_stored_idat(_filter_png(split)[0]) is not None and both_ways(split).status == "ok"
-    pixels = np.random.default_rng(0).integers(0, 256, (400, 600, 3), dtype=np.uint8)  # 720 kB: 11 stored blocks
-    large = cv2.imencode(".png", pixels)[1].tobytes()
-    assert _with_stored_idat(_filter_png(large)[0]) is not None
-    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(_with_stored_idat(large), np.uint8), -1), pixels)
-
-    small = np.full((50, 50, 3), 120, np.uint8)
+    # four random rows, repeated: the stream's back-references reach 4 rows (604 bytes) back
+    small = np.tile(np.random.default_rng(1).integers(0, 256, (4, 50, 3), dtype=np.uint8), (13, 1, 1))[:50]
     raw = _rows(small)
     stream = zlib.compress(raw)
     assert both_ways(_png_of(50, 50, [stream])).status == "ok"
+
+    def with_window(bits: int) -> bytes:  # the stream under a zlib header that declares 2**bits of window
+        cmf = ((bits - 8) << 4) | 8
+        return bytes([cmf, 31 - (cmf * 256) % 31]) + stream[2:]
+
     refused = {
+        "more image data than the declared window (libpng refuses a reference past it)": _png_of(
+            50, 50, [with_window(9)]
+        ),
+        "a window over 32 kB": _png_of(50, 50, [with_window(16)]),
+        "a tile's 720 kB of image data": cv2.imencode(".png", np.zeros((400, 600, 3), np.uint8))[1].tobytes(),
         "bad IDAT CRC": _png_of(50, 50, [stream])[:-16] + b"\x00\x00\x00\x00" + _png_of(50, 50, [stream])[-12:],
         "data after the stream": _png_of(50, 50, [stream + b"\x00\x01"]),
         "a bomb": _png_of(50, 50, [zlib.compress(raw + bytes(10**6))]),
@@ -541,3 +548,5 @@ def test_png_data_inflated_here_gives_libpngs_own_pixels_and_verdicts(tmp_path, 
         assert _with_stored_idat(_filter_png(data)[0]) is None, why
         both_ways(data)
     assert both_ways(refused["bad IDAT CRC"]).status == STATUS_CORRUPT
+    window = "more image data than the declared window (libpng refuses a reference past it)"
+    assert both_ways(refused[window]).status == STATUS_CORRUPT  # 604 bytes back, a 512-byte window

@@ -67,13 +67,18 @@ def test_worker_processes_write_the_bytes_of_a_threaded_run(cohort, threaded, tm
 
 def test_resume_in_processes_rescores_only_what_changed(cohort, threaded, tmp_path):
     out = tmp_path / "out"
-    assert run([cohort, "--out", out, "-q", "--parallel", "processes"]).exit_code == 0
+    in_processes = ["-q", "--parallel", "processes", "--threads", "2"]
+    assert run([cohort, "--out", out, *in_processes]).exit_code == 0
     stale = sorted(out.glob("*.csv"))[0]
     stale.write_text("edited by hand\n")
-    result = run([cohort, "--out", out, "-q", "--parallel", "processes", "--resume"])
+    result = run([cohort, "--out", out, *in_processes, "--resume"])
     assert result.exit_code == 0, result.output
     assert outputs(out) == outputs(threaded)
-    assert json.loads((out / "run.json").read_text())["counts"]["patients_resumed"] == 6  # 7 patients, 1 redone
+    record = json.loads((out / "run.json").read_text())
+    assert record["counts"]["patients_resumed"] == 6  # 7 patients, 1 redone
+    assert record["parallel"]["chosen"] == "processes" and record["parallel"]["workers"] == 1  # one to redo
+    assert run([cohort, "--out", out, *in_processes, "--resume"]).exit_code == 0  # nothing left: no workers
+    assert json.loads((out / "run.json").read_text())["parallel"]["why"] == "no patient left to score"
 
 
 def _patients(root: Path, sizes: list[int]) -> list[Patient]:
@@ -105,17 +110,19 @@ def test_auto_takes_processes_only_for_a_cohort_that_shares_out_evenly(tmp_path,
     assert small.mode == "threads" and "too few" in small.why
 
 
-def test_a_worker_that_cannot_start_is_an_error_naming_the_cause_and_leaves_no_temp_file(cohort, tmp_path):
-    """A model file that changed after idc-infer loaded it: the workers refuse it, the run stops with a message."""
+def test_a_worker_that_cannot_start_is_an_error_naming_the_cause_and_leaves_no_temp_file(cohort, tmp_path, capfd):
+    """A model file that changed after idc-infer loaded it: the workers refuse it, the run stops with a message
+    (no traceback from the workers on stderr)."""
     from idc_infer.model import shipped_model_path
 
     model = load_model(shipped_model_path("fp32"), threads=1, spin=False)
     changed = dataclasses.replace(model, sha256="0" * 64)
     settings = RunSettings(tmp_path / "out", model.contract.threshold, threads=2)
     patients = [Patient(p.name, p) for p in sorted(cohort.iterdir()) if p.is_dir()]
-    with pytest.raises(WorkerProcessError, match="worker process"):
+    with pytest.raises(WorkerProcessError, match="changed while idc-infer was starting"):
         run_patients_parallel(changed, patients, settings, "processes")
     assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]
+    assert "Traceback" not in capfd.readouterr().err
 
 
 @pytest.mark.skipif(os.name != "posix", reason="sends SIGINT to a child process")
@@ -127,11 +134,17 @@ def test_sigint_stops_the_workers_and_resume_gives_the_bytes_of_a_clean_run(tmp_
     clean = subprocess.run(command + ["--out", str(tmp_path / "clean")], capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr
     out = tmp_path / "interrupted"
-    child = subprocess.Popen(command + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        command + ["--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a group of its own, as a shell's job: Ctrl-C reaches the workers too
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not list(out.glob("*.csv")):
         time.sleep(0.01)
-    child.send_signal(signal.SIGINT)
+    os.killpg(child.pid, signal.SIGINT)
     _, stderr = child.communicate(timeout=60)
     if child.returncode == 0:
         pytest.skip("the run finished before the interrupt arrived (machine too fast for this cohort)")
