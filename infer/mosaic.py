@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -467,17 +468,44 @@ def compose(
 
 
 def write_png(target: Path, rgb: np.ndarray) -> None:
-    # an explicit zlib level 3 writes ~40% smaller files than cv2's default settings, no slower
-    # the SUB filter: 0.58x the encoding time of the adaptive filters on a 616x1377 mosaic, 7% larger, same pixels
-    ok, encoded = cv2.imencode(
-        ".png",
-        cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
-        [cv2.IMWRITE_PNG_COMPRESSION, 3, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB],
-    )
-    if not ok:
-        raise OSError(f"could not encode {target.name} as PNG")
+    """An 8-bit RGB image as a PNG file, atomically."""
     with atomic_path(target, "wb") as handle:
-        handle.write(encoded.tobytes())
+        handle.write(png_bytes(rgb))
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An 8-bit RGB image as PNG: every row SUB-filtered (each byte less the one a pixel to its left, in numpy)
+    and deflated by ISA-L at level 1. 7-8x faster than libpng's encoder through cv2 at zlib level 3 with the same
+    filter (0.63 against 5.1 ms on a sparse 2001x404 mosaic, 4.6 against 34 ms on a full 1903x741 one), files
+    3% smaller to 2% larger, the same pixels (tested). Without ISA-L: cv2's encoder."""
+    from .preprocess import isal_zlib  # ISA-L's zlib module, or None
+
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    height, width = rgb.shape[:2]
+    if isal_zlib is None:  # pragma: no cover - isal is an install requirement
+        # an explicit zlib level 3 writes ~40% smaller files than cv2's default settings, no slower
+        ok, encoded = cv2.imencode(
+            ".png",
+            cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+            [cv2.IMWRITE_PNG_COMPRESSION, 3, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB],
+        )
+        if not ok:
+            raise OSError(f"could not encode a {width}x{height} image as PNG")
+        return encoded.tobytes()
+    flat = rgb.reshape(height, 3 * width)
+    rows = np.empty((height, 1 + 3 * width), np.uint8)
+    rows[:, 0] = _PNG_FILTER_SUB
+    rows[:, 1:4] = flat[:, :3]
+    np.subtract(flat[:, 3:], flat[:, :-3], out=rows[:, 4:])  # modulo 256, as the filter is defined
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, deflate, filter 0, no interlace
+    parts = [b"\x89PNG\r\n\x1a\n"]
+    for kind, body in ((b"IHDR", header), (b"IDAT", isal_zlib.compress(rows, 1)), (b"IEND", b"")):
+        checksum = isal_zlib.crc32(body, isal_zlib.crc32(kind))
+        parts += [struct.pack(">I", len(body)), kind, body, struct.pack(">I", checksum)]
+    return b"".join(parts)
+
+
+_PNG_FILTER_SUB = 1
 
 
 def _patch_size_px(row: PatchRow, scored: bool) -> tuple[int, int]:

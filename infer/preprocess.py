@@ -36,11 +36,11 @@ from .schema import (
     STATUS_UNSUPPORTED,
 )
 
-_isal_zlib: Any
-try:  # ISA-L's inflate (python-isal): 2.4x zlib's on the real patches (16 against 40 us each)
-    from isal import isal_zlib as _isal_zlib
+isal_zlib: Any  # ISA-L's zlib module (python-isal), or None
+try:  # its inflate is 2.4x zlib's on the real patches (16 against 40 us each); the mosaic's PNGs use its deflate
+    from isal import isal_zlib
 except ImportError:  # pragma: no cover - a platform without its wheels: libpng inflates, as before
-    _isal_zlib = None
+    isal_zlib = None
 
 cv2.setNumThreads(1)  # decode runs in our own worker threads; nested cv2 threads only contend
 try:  # a corrupt file is reported in its row; cv2's own warnings on stderr would only add noise
@@ -370,7 +370,7 @@ _inflate_here = False
 def inflate_png_here(on: bool = True) -> None:
     """Turn _with_stored_idat on (or off) in this process: only for one that decodes in a single thread."""
     global _inflate_here
-    _inflate_here = on and _isal_zlib is not None
+    _inflate_here = on and isal_zlib is not None
 
 
 _ZLIB_HEADER = b"\x78\x01"  # deflate, 32 kB window, no preset dictionary
@@ -403,11 +403,11 @@ def _with_stored_idat(data: bytes) -> bytes | None:
     where ISA-L accepts any distance into what it has written. A stream whose image data fits in its declared
     window cannot reach beyond it, so only those are inflated here (at most 32 kB of image data: a patch, not a
     tile); the others, and a preset dictionary or a window over 32 kB, go to libpng."""
-    if _isal_zlib is None or data[12:16] != b"IHDR" or data[26:29] != _PNG_PLAIN_IHDR_TAIL:
+    if isal_zlib is None or data[12:16] != b"IHDR" or data[26:29] != _PNG_PLAIN_IHDR_TAIL:
         return None
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     expected = height * (1 + 3 * width)  # a filter byte, then 3 bytes a pixel, each row
-    view, crc32 = memoryview(data), functools.partial(_checksum, _isal_zlib.crc32)
+    view, crc32 = memoryview(data), functools.partial(_checksum, isal_zlib.crc32)
     head = _PNG_CHUNK_HEAD.unpack_from
     offset, end, bodies = 33, len(data), []
     while offset + 12 <= end:
@@ -428,7 +428,7 @@ def _with_stored_idat(data: bytes) -> bytes | None:
     method, window_bits, preset = stream[0] & 0x0F, (stream[0] >> 4) + 8, stream[1] & 0x20
     if method != 8 or window_bits > 15 or preset or expected > 1 << window_bits:
         return None
-    inflater = _isal_zlib.decompressobj()
+    inflater = isal_zlib.decompressobj()
     try:
         raw = inflater.decompress(stream, expected + 1)
     except Exception:  # noqa: BLE001 - isal_zlib.error on any bad stream: libpng then judges the file
@@ -437,7 +437,7 @@ def _with_stored_idat(data: bytes) -> bytes | None:
         return None
     # one stored block (the image data is at most 32 kB here, a block holds 65,535 bytes)
     blocks = (_ZLIB_HEADER, struct.pack("<BHH", 1, expected, expected ^ 0xFFFF), raw)
-    adler = _checksum(_isal_zlib.adler32, raw, 1).to_bytes(4, "big")
+    adler = _checksum(isal_zlib.adler32, raw, 1).to_bytes(4, "big")
     checksum = crc32(b"IDAT", 0)
     for block in (*blocks, adler):
         checksum = crc32(block, checksum)

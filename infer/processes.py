@@ -211,11 +211,12 @@ def run_patients_parallel(
     start = time.perf_counter()
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     kept: dict[int, PatientTally] = {}
-    pool = None
+    pool, n_workers = None, 0  # the workers started: fewer than --threads for fewer patients
     if not settings.resume:
         # the workers start now (Python, numpy, OpenCV, onnxruntime, the model: ~0.3 s each) while this process
         # counts the patients' files; a resumed run checks what is done first (perhaps every patient)
-        pool = _start_pool(model, min(workers, len(patients)))
+        n_workers = min(workers, len(patients))
+        pool = _start_pool(model, n_workers)
     try:
         for index, patient in enumerate(patients):
             stem = safe_file_stem(patient.patient_id)
@@ -225,7 +226,8 @@ def run_patients_parallel(
         todo = [i for i in range(len(patients)) if i not in kept]
         chosen = plan(requested, workers, patients, todo)
         if pool is None and chosen.mode == "processes":
-            pool = _start_pool(model, min(workers, len(todo)))
+            n_workers = min(workers, len(todo))
+            pool = _start_pool(model, n_workers)
     except BaseException:
         if pool is not None:
             _stop(pool, settings.out_dir)
@@ -235,7 +237,6 @@ def run_patients_parallel(
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)  # the workers exit as soon as they have started
         return run_patients(model, patients, settings, progress, on_patient_done), chosen.record(requested, workers)
-    n_workers = pool._max_workers  # what was started: fewer than --threads for fewer patients
     result, worker_peak_mb = _run_in_processes(
         pool, model, patients, settings, chosen.sizes, kept, progress, on_patient_done
     )
