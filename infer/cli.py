@@ -201,8 +201,8 @@ def _announce(model, quiet: bool, precision: dict | None = None) -> None:
     default="auto",
     show_default=True,
     help="threads: the workers are threads of this process, sharing each patient's batches; processes: worker "
-    "processes, one patient at a time each (no shared Python lock: faster on a cohort). auto: processes for a "
-    "cohort whose patients share out evenly, threads for one patient, a slide or a small run.",
+    "processes (at most one a core), one patient at a time each (no shared Python lock: faster on a cohort). "
+    "auto: processes for a cohort whose patients share out evenly, threads for one patient, a slide or a small run.",
 )
 @click.option(
     "--allow-failed-gate",

@@ -67,6 +67,15 @@ class Plan:
         return {"requested": requested, "chosen": self.mode, "workers": workers, "why": self.why}
 
 
+def _cores() -> int:
+    """The cores this process may run on: more worker processes than that only add memory (each runs one thread
+    of CPU work and holds its own interpreter, libraries and model: ~50-60 MB of PSS)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
 def _count(patient: Patient) -> int:
     """The patient's items; the walk's warnings (an unreadable folder) are left to the walk that scores them."""
     quiet = logging.getLogger("idc_infer.discover")
@@ -203,15 +212,15 @@ def run_patients_parallel(
 ) -> tuple[RunResult, dict]:
     """engine.run_patients with the patients shared out among --threads worker processes where that is
     faster (``requested``: auto, threads or processes); returns the result and the record for run.json."""
-    workers = max(1, settings.threads)
+    workers = min(max(1, settings.threads), _cores())  # processes: at most one a core
     because = _threads_because(requested, workers, patients, list(range(len(patients))))
     if because is not None:
-        record = Plan("threads", because, {}).record(requested, workers)
+        record = Plan("threads", because, {}).record(requested, max(1, settings.threads))
         return run_patients(model, patients, settings, progress, on_patient_done), record
     start = time.perf_counter()
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     kept: dict[int, PatientTally] = {}
-    pool, n_workers = None, 0  # the workers started: fewer than --threads for fewer patients
+    pool, n_workers = None, 0  # the workers started: fewer than --threads for fewer patients or cores
     if not settings.resume:
         # the workers start now (Python, numpy, OpenCV, onnxruntime, the model: ~0.3 s each) while this process
         # counts the patients' files; a resumed run checks what is done first (perhaps every patient)
@@ -236,7 +245,8 @@ def run_patients_parallel(
     if chosen.mode == "threads" or pool is None:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)  # the workers exit as soon as they have started
-        return run_patients(model, patients, settings, progress, on_patient_done), chosen.record(requested, workers)
+        record = chosen.record(requested, max(1, settings.threads))
+        return run_patients(model, patients, settings, progress, on_patient_done), record
     result, worker_peak_mb = _run_in_processes(
         pool, model, patients, settings, chosen.sizes, kept, progress, on_patient_done
     )

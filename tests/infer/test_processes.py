@@ -158,3 +158,17 @@ def test_sigint_stops_the_workers_and_resume_gives_the_bytes_of_a_clean_run(tmp_
     resumed = subprocess.run(command + ["--out", str(out), "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert outputs(out) == outputs(tmp_path / "clean")
+
+
+def test_worker_processes_are_at_most_one_a_core(cohort, threaded, tmp_path, monkeypatch):
+    """--threads 8 on 2 cores: 2 worker processes (each more would only hold memory); on 1 core, threads."""
+    monkeypatch.setattr("idc_infer.processes._cores", lambda: 2)
+    out = tmp_path / "out"
+    assert run([cohort, "--out", out, "-q", "--parallel", "processes", "--threads", "8"]).exit_code == 0
+    assert json.loads((out / "run.json").read_text())["parallel"]["workers"] == 2
+    assert outputs(out) == outputs(threaded)
+    monkeypatch.setattr("idc_infer.processes._cores", lambda: 1)
+    result = run([cohort, "--out", out, "-q", "--parallel", "processes", "--threads", "8", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "run.json").read_text())["parallel"]
+    assert (record["chosen"], record["why"], record["workers"]) == ("threads", "one worker", 8)
