@@ -95,6 +95,20 @@ def demo_onnx(request, tmp_path_factory) -> Path:
     return out
 
 
+# files whose bytes differ between any two runs of the same inputs (timings, the lock holder's pid)
+RUN_SPECIFIC = {"run.json", "report.html", ".idc-lock"}
+
+
+def run_outputs(out: Path) -> dict[str, bytes]:
+    """Every file a run wrote into ``out`` (reports, review files, resume states), by relative path, but the
+    run-specific ones: what two runs of the same inputs must write byte for byte alike."""
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name not in RUN_SPECIFIC
+    }
+
+
 def require_module(name: str):
     """A test dependency (the [test] extra): a lab-side install without it skips these tests with a reason;
     under CI (CI set, extras installed by .ci/run) a missing one is an error, never a silent skip."""

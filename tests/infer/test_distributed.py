@@ -12,9 +12,7 @@ from distributed import Client, LocalCluster, WorkerPlugin
 from idc_infer.cli import main
 from idc_train.synthetic import write_cohort, write_faulty_files
 
-# files whose bytes differ between any two runs (timings, the lock holder's pid)
-RUN_SPECIFIC = {"run.json", "report.html", ".idc-lock"}
-
+from ..conftest import run_outputs as outputs
 
 pytestmark = pytest.mark.slow
 
@@ -26,14 +24,6 @@ def run(args):
 def read_csv(path):
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
-
-
-def outputs(out: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(out).as_posix(): p.read_bytes()
-        for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name not in RUN_SPECIFIC
-    }
 
 
 @pytest.fixture(scope="module")

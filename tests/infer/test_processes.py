@@ -19,19 +19,11 @@ from idc_infer.model import load_model
 from idc_infer.processes import WorkerProcessError, plan, run_patients_parallel
 from idc_train.synthetic import write_cohort, write_faulty_files
 
-RUN_SPECIFIC = {"run.json", "report.html", ".idc-lock"}  # timings, the lock holder's pid
+from ..conftest import run_outputs as outputs
 
 
 def run(args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def outputs(out: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(out).as_posix(): p.read_bytes()
-        for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name not in RUN_SPECIFIC
-    }
 
 
 @pytest.fixture(scope="module")
