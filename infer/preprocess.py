@@ -415,8 +415,9 @@ def _with_stored_idat(data: bytes) -> bytes | None:
         if kind != b"IDAT":
             break
         chunk_end = offset + 12 + length
-        stored_crc = int.from_bytes(view[chunk_end - 4 : chunk_end], "big")
-        if chunk_end > end or crc32(view[offset + 4 : chunk_end - 4], 0) != stored_crc:
+        if chunk_end > end:
+            return None
+        if crc32(view[offset + 4 : chunk_end - 4], 0) != int.from_bytes(view[chunk_end - 4 : chunk_end], "big"):
             return None
         bodies.append(view[offset + 8 : chunk_end - 4])
         offset = chunk_end

@@ -47,7 +47,6 @@ from .model import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
-PARALLEL_CHOICES = ("auto", "threads", "processes")
 # below this many patches a worker, starting the processes (~0.3 s: Python, numpy, OpenCV, onnxruntime and the
 # model in each) costs more than sharing Python's lock does
 MIN_PATCHES_PER_PROCESS = 1000
