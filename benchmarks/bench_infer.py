@@ -41,20 +41,20 @@ def make_cohort(root: Path, n_patches: int) -> list[Path]:
     return sorted(root.rglob("*.png"))
 
 
-# the last line a measured child prints: its own peak RSS (kB) and its CPU seconds (all threads), with those of
-# the processes it started and waited for (idc-infer's worker processes)
+# the last line a measured child prints: its own peak RSS (kB), its own CPU seconds (all threads) and those of the
+# processes it started and waited for. The CPU of every process under it (idc-infer's fork server and the worker
+# processes it forks, which idc-infer does not wait for) is read from /proc while it runs, where there is one
 _REPORT_USAGE = (
     "usage = resource.getrusage(resource.RUSAGE_SELF)\n"
-    "workers = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-    "print('MAXRSS', usage.ru_maxrss, usage.ru_utime + usage.ru_stime + workers.ru_utime + workers.ru_stime)"
+    "waited = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "print('MAXRSS', usage.ru_maxrss, usage.ru_utime + usage.ru_stime, waited.ru_utime + waited.ru_stime)"
 )
 
 
 def run_cli(args: list[str]) -> tuple[float, float, float, float | None]:
-    """Wall seconds, CPU seconds and peak RSS (MB) of one idc-infer run: its process and its worker processes
-    (--parallel processes) together; with workers, the RSS is its own peak plus, per worker, the largest
-    worker's (run.json says both; an upper bound: the peaks need not coincide, and the libraries' pages the
-    processes share count in each)."""
+    """Wall seconds, CPU seconds and peak RSS (MB) of one idc-infer run: its process and the processes under it
+    (a fork server and worker processes, --parallel processes) together; the RSS is the sum of each one's own
+    peak (an upper bound: the peaks need not coincide, and the pages the processes share count in each)."""
     code = (
         "import resource, runpy, sys; sys.argv = ['idc-infer'] + sys.argv[1:]\n"
         "from idc_infer.cli import main\n"
@@ -64,8 +64,8 @@ def run_cli(args: list[str]) -> tuple[float, float, float, float | None]:
     record = json.loads((Path(args[args.index("--out") + 1]) / "run.json").read_text(encoding="utf-8"))["parallel"]
     LAST_PARALLEL.clear()
     LAST_PARALLEL.update(record)
-    if record.get("chosen") == "processes" and record.get("worker_peak_rss_mb") is not None:
-        rss += record["workers"] * record["worker_peak_rss_mb"]
+    if pss is None and record.get("chosen") == "processes" and record.get("worker_peak_rss_mb") is not None:
+        rss += record["workers"] * record["worker_peak_rss_mb"]  # no /proc: run.json's largest worker, per worker
     return wall, cpu, rss, pss
 
 
@@ -83,17 +83,19 @@ def run_script(argv: list[str]) -> tuple[float, float, float, float | None]:
 
 
 def _measured(code: str, args: list[str]) -> tuple[float, float, float, float | None]:
-    """(wall s, CPU s, peak RSS MB, peak PSS MB of the process and its children together, polled every 50 ms;
-    None where /proc has no smaps_rollup)."""
+    """(wall s, CPU s of the process and every process under it, the sum of their peak RSS MB, their peak PSS MB
+    together, polled every 50 ms; None where /proc has no smaps_rollup: then the CPU and RSS of the process
+    and of those it waited for)."""
     start = time.perf_counter()
     child = subprocess.Popen(
         [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     peak_pss: list[float | None] = [None]
+    below: dict[int, tuple[float, float]] = {}  # (CPU s, peak RSS MB) of each process under the child, last read
 
     def poll() -> None:
         while child.poll() is None:
-            total = _tree_pss_kb(child.pid)
+            total = _tree_pss_kb(child.pid, below)
             if total is not None:
                 peak_pss[0] = max(peak_pss[0] or 0.0, total / 1024)
             time.sleep(0.05)
@@ -104,12 +106,20 @@ def _measured(code: str, args: list[str]) -> tuple[float, float, float, float | 
     wall = time.perf_counter() - start
     if child.returncode != 0:
         raise subprocess.CalledProcessError(child.returncode, args, stdout, stderr)
-    rss_kb, cpu_s = stdout.rsplit("MAXRSS", 1)[1].split()[:2]
-    return wall, float(cpu_s), int(rss_kb) / 1024, peak_pss[0]
+    rss_kb, own_s, waited_s = stdout.rsplit("MAXRSS", 1)[1].split()[:3]
+    # the processes under it: their CPU up to the last poll (each one's last 50 ms at most is missed); without
+    # /proc, those it waited for (spawned workers)
+    below_s = sum(cpu for cpu, _ in below.values()) if peak_pss[0] is not None else float(waited_s)
+    below_mb = sum(rss for _, rss in below.values())
+    return wall, float(own_s) + below_s, int(rss_kb) / 1024 + below_mb, peak_pss[0]
 
 
-def _tree_pss_kb(pid: int) -> int | None:
-    """The proportional set size (kB) of a process and all its descendants now: shared pages counted once."""
+_TICK_S = 1 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+
+
+def _tree_pss_kb(pid: int, below: dict[int, tuple[float, float]] | None = None) -> int | None:
+    """The proportional set size (kB) of a process and all its descendants now: shared pages counted once.
+    ``below``: updated with each descendant's (CPU seconds so far, user + system; peak RSS MB so far)."""
     if not os.path.exists("/proc/self/smaps_rollup"):  # not Linux
         return None
     total, todo = 0, [pid]
@@ -118,8 +128,14 @@ def _tree_pss_kb(pid: int) -> int | None:
         try:
             with open(f"/proc/{current}/smaps_rollup") as handle:
                 total += next(int(line.split()[1]) for line in handle if line.startswith("Pss:"))
+            if below is not None and current != pid:
+                with open(f"/proc/{current}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{current}/status") as handle:
+                    peak_kb = next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:"))
+                below[current] = ((int(fields[11]) + int(fields[12])) * _TICK_S, peak_kb / 1024)  # utime, stime
             tasks = os.listdir(f"/proc/{current}/task")
-        except (OSError, StopIteration, ValueError):
+        except (OSError, StopIteration, ValueError, IndexError):
             continue  # a process that has just ended
         for task in tasks:
             try:
@@ -405,9 +421,9 @@ def main() -> None:
     for row in rows:
         print("| " + " | ".join(row) + " |")
     print(
-        "\nCPU time: the run's process and its worker processes. Peak RSS of a run with worker processes: its own "
-        "peak plus, per worker, the largest worker's (an upper bound: shared library pages count in each). Peak "
-        "PSS: the run's processes together, shared pages counted once, polled every 50 ms."
+        "\nCPU time: the run's process and every process under it (fork server, worker processes). Peak RSS of a "
+        "run of several processes: the sum of each one's own peak (an upper bound: shared pages count in each). "
+        "Peak PSS: the run's processes together, shared pages counted once. Both polled from /proc every 50 ms."
     )
     print(f"\n`idc-infer --help` start-up: {startup:.2f} s (best of 5)")
     if slide is not None:

@@ -296,12 +296,6 @@ def main(
     and report.html for the run.
     """
     from .discover import SkipCounter, duplicate_ids, patients_from_dirs, patients_from_list
-    from .engine import RunSettings, clear_previous_run, existing_reports
-    from .files import RESEARCH_NOTICE, FolderBusyError, folder_lock
-    from .model import ModelError, load_model
-    from .processes import WorkerProcessError
-    from .run_record import console_summary, run_record, write_run_files
-    from .slides import SLIDE_SUFFIXES, SlideError, is_slide_path, slide_patients
 
     _setup_logging(verbose, quiet)
     started = time.time()
@@ -309,6 +303,22 @@ def main(
         raise click.UsageError("give at least one patient directory or cohort root, or --from-list FILE")
     if overwrite and resume:
         raise click.UsageError("--overwrite and --resume contradict each other; pick one")
+    # the patient folders first: listing them needs none of the heavy imports below
+    list_skips = SkipCounter()
+    folders = [p for p in inputs if p.is_dir()]
+    patients = patients_from_dirs(folders, exclude=[out_dir], skipped=list_skips)
+    if parallel != "threads" and threads > 1 and not dask_address and (len(patients) > 1 or from_list is not None):
+        from . import forkserver
+
+        # worker processes may be chosen for these patients: their fork server imports numpy, OpenCV and
+        # onnxruntime on another core while this process does the same (a small or resumed run may keep threads)
+        forkserver.start()
+    from .engine import RunSettings, clear_previous_run, existing_reports
+    from .files import RESEARCH_NOTICE, FolderBusyError, folder_lock
+    from .model import ModelError, load_model
+    from .processes import WorkerProcessError
+    from .run_record import console_summary, run_record, write_run_files
+    from .slides import SLIDE_SUFFIXES, SlideError, is_slide_path, slide_patients
 
     if (
         dask_address
@@ -341,7 +351,6 @@ def main(
         )
     effective_threshold = model.contract.threshold if threshold is None else threshold
 
-    list_skips = SkipCounter()
     slide_paths = [p for p in inputs if not p.is_dir()]
     for path in slide_paths:
         if not is_slide_path(path):
@@ -350,8 +359,6 @@ def main(
                 "folders, slides, or patch files with --from-list",
                 param_hint="INPUTS",
             )
-    folders = [p for p in inputs if p.is_dir()]
-    patients = patients_from_dirs(folders, exclude=[out_dir], skipped=list_skips)
     if slide_paths:
         try:
             patients += slide_patients(slide_paths, model.contract, mpp, patch_mpp, min_tissue)

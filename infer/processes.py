@@ -6,7 +6,8 @@ hand-overs on idc-real), and on 2 cores 1.7-1.8 of them were busy. A worker proc
 (engine.score_patient) in one thread, with a lock of its own, and writes the patient's CSV, review files and
 resume state into --out itself, atomically, the state last, as the threaded engine does: outputs are
 byte-identical, --resume and the folder lock work as before. This process lists the patients, hands them out
-largest first, reports progress per patient and writes summary.csv.
+largest first, reports progress per patient and writes summary.csv. On Linux the workers fork from a fork server
+that idc-infer starts as it starts (forkserver.py), elsewhere they are spawned.
 
 ``--parallel auto`` takes processes for a cohort whose work shares out evenly (at least as many patients as
 workers, none larger than a worker's share, and enough patches to be worth starting the processes); one patient,
@@ -15,7 +16,6 @@ a slide (tiled in worker threads) and small runs keep the threads.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -24,12 +24,13 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import forkserver
 from .discover import Patient, SkipCounter
 from .engine import (
     InlineExecutor,
@@ -47,8 +48,8 @@ from .model import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
-# below this many patches a worker, starting the processes (~0.3 s: Python, numpy, OpenCV, onnxruntime and the
-# model in each) costs more than sharing Python's lock does
+# below this many patches a worker, starting the processes (Python, numpy, OpenCV, onnxruntime and the model in
+# each: ~0.3 s forked from the fork server, ~0.6 s spawned, on 2 cores) costs more than sharing Python's lock does
 MIN_PATCHES_PER_PROCESS = 1000
 
 
@@ -186,21 +187,6 @@ def _peak_rss_mb() -> float | None:
 # --- in idc-infer's own process ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """SIGINT ignored while worker processes are started: an ignored signal stays ignored in a spawned process,
-    whose Python then installs no KeyboardInterrupt of its own (a Ctrl-C while a worker imports would print its
-    traceback). Only the main thread can change it; elsewhere the workers' initializer does it a moment later."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
-        yield  # (None: a handler set outside Python, which could not be put back)
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def run_patients_parallel(
     model: LoadedModel,
     patients: list[Patient],
@@ -260,16 +246,18 @@ def run_patients_parallel(
 
 def _start_pool(model: LoadedModel, workers: int) -> ProcessPoolExecutor:
     """``workers`` worker processes, started now (one no-op task each starts one)."""
-    # spawn, not fork: this process holds threads (the progress bar's, an onnxruntime session) a fork would copy
-    # mid-state; each worker imports idc afresh
+    # not a fork of this process: it holds threads (the progress bar's, an onnxruntime session) a fork would copy
+    # mid-state; the workers fork from the fork server (started as idc-infer started), or are spawned
+    forkserver.start()
     pool = ProcessPoolExecutor(
         max_workers=max(1, workers),
-        mp_context=multiprocessing.get_context("spawn"),
+        mp_context=forkserver.worker_context(),
         initializer=_start_worker,
         initargs=(str(model.path), model.sha256, logging.getLogger("idc_infer").getEffectiveLevel()),
     )
     try:
-        with _sigint_ignored():  # the workers start (in submit) ignoring Ctrl-C, even before their initializer
+        # the workers start (in submit) ignoring Ctrl-C, even before their initializer
+        with forkserver.sigint_ignored():
             for _ in range(workers):
                 pool.submit(int)
     except OSError as exc:  # no more processes allowed, no memory to start one

@@ -57,6 +57,58 @@ def test_worker_processes_write_the_bytes_of_a_threaded_run(cohort, threaded, tm
     assert record["counts"] == json.loads((threaded / "run.json").read_text())["counts"]
 
 
+def test_spawned_workers_write_the_same_bytes_as_forked_ones(cohort, threaded, tmp_path, monkeypatch):
+    """Where no fork server is used (macOS, Windows) the workers are spawned: the same outputs."""
+    monkeypatch.setattr("idc_infer.forkserver.uses_fork_server", lambda: False)
+    out = tmp_path / "out"
+    result = run([cohort, "--out", out, "-q", "--parallel", "processes", "--threads", "2"])
+    assert result.exit_code == 0, result.output
+    assert outputs(out) == outputs(threaded)
+    assert json.loads((out / "run.json").read_text())["parallel"]["workers"] == 2
+
+
+def _live_processes_of_group(group: int) -> list[int]:
+    """The processes of a process group that still run (zombies, which an init that does not reap leaves, are
+    ended)."""
+    live = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] not in ("Z", "X"):
+            live.append(int(entry))
+    return live
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the processes from /proc")
+def test_killing_idc_infer_ends_its_workers_and_fork_server(tmp_path, demo_onnx):
+    """kill -9 of idc-infer mid-run (out of memory, a scheduler's limit): no worker goes on writing into --out
+    without the folder's lock, and no process of the run is left behind."""
+    cohort = tmp_path / "cohort"
+    write_cohort(cohort, n_patients=16, seed=4, grid=12)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "idc_infer", str(cohort), "--model", str(demo_onnx), "-q", "--batch-size", "8"]
+    command += ["--parallel", "processes", "--threads", "2", "--out", str(out)]
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list(out.glob("*.csv")):
+        time.sleep(0.01)
+    assert len(_live_processes_of_group(child.pid)) >= 3  # idc-infer, its workers (and the fork server)
+    child.kill()
+    child.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _live_processes_of_group(child.pid):
+        time.sleep(0.05)
+    assert _live_processes_of_group(child.pid) == []
+    written = {p.name: p.stat().st_mtime_ns for p in out.rglob("*")}
+    time.sleep(0.5)
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")} == written  # nothing writes there any more
+
+
 def test_resume_in_processes_rescores_only_what_changed(cohort, threaded, tmp_path):
     out = tmp_path / "out"
     in_processes = ["-q", "--parallel", "processes", "--threads", "2"]
