@@ -51,7 +51,7 @@ _REPORT_USAGE = (
 )
 
 
-def run_cli(args: list[str]) -> tuple[float, float, float, float | None]:
+def run_cli(args: list[str], memory: bool = False) -> tuple[float, float, float, float | None]:
     """Wall seconds, CPU seconds and peak RSS (MB) of one idc-infer run: its process and the processes under it
     (a fork server and worker processes, --parallel processes) together; the RSS is the sum of each one's own
     peak (an upper bound: the peaks need not coincide, and the pages the processes share count in each)."""
@@ -60,11 +60,11 @@ def run_cli(args: list[str]) -> tuple[float, float, float, float | None]:
         "from idc_infer.cli import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n" + _REPORT_USAGE
     )
-    wall, cpu, rss, pss = _measured(code, args)
+    wall, cpu, rss, pss = _measured(code, args, memory)
     record = json.loads((Path(args[args.index("--out") + 1]) / "run.json").read_text(encoding="utf-8"))["parallel"]
     LAST_PARALLEL.clear()
     LAST_PARALLEL.update(record)
-    if pss is None and record.get("chosen") == "processes" and record.get("worker_peak_rss_mb") is not None:
+    if not _HAS_PROC and record.get("chosen") == "processes" and record.get("worker_peak_rss_mb") is not None:
         rss += record["workers"] * record["worker_peak_rss_mb"]  # no /proc: run.json's largest worker, per worker
     return wall, cpu, rss, pss
 
@@ -72,20 +72,22 @@ def run_cli(args: list[str]) -> tuple[float, float, float, float | None]:
 LAST_PARALLEL: dict = {}  # run.json's "parallel" of the last run_cli
 
 
-def run_script(argv: list[str]) -> tuple[float, float, float, float | None]:
+def run_script(argv: list[str], memory: bool = False) -> tuple[float, float, float, float | None]:
     """Wall seconds, CPU seconds and peak RSS (MB) of one process running a Python script (argv: the script, its
     arguments); its own figures, where RUSAGE_CHILDREN would report the largest of every child so far."""
     code = (
         "import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n" + _REPORT_USAGE
     )
-    return _measured(code, argv)
+    return _measured(code, argv, memory)
 
 
-def _measured(code: str, args: list[str]) -> tuple[float, float, float, float | None]:
-    """(wall s, CPU s of the process and every process under it, the sum of their peak RSS MB, their peak PSS MB
-    together, polled every 50 ms; None where /proc has no smaps_rollup: then the CPU and RSS of the process
-    and of those it waited for)."""
+def _measured(code: str, args: list[str], memory: bool = False) -> tuple[float, float, float, float | None]:
+    """(wall s, CPU s of the process and every process under it, the sum of their peak RSS MB, and with
+    ``memory`` their peak PSS MB together, else None), read from /proc every 50 ms; without /proc, the CPU and
+    RSS of the process and of those it waited for. The PSS is for separate runs, not timed ones: reading
+    smaps_rollup walks each process's page tables (27 ms for idc-infer's 5 processes on a 2-vCPU AMD EPYC,
+    a third of a core at this rate), which slowed the run it measured."""
     start = time.perf_counter()
     child = subprocess.Popen(
         [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -95,8 +97,8 @@ def _measured(code: str, args: list[str]) -> tuple[float, float, float, float | 
 
     def poll() -> None:
         while child.poll() is None:
-            total = _tree_pss_kb(child.pid, below)
-            if total is not None:
+            total = _tree_pss_kb(child.pid, below, memory)
+            if total is not None and memory:
                 peak_pss[0] = max(peak_pss[0] or 0.0, total / 1024)
             time.sleep(0.05)
 
@@ -109,7 +111,7 @@ def _measured(code: str, args: list[str]) -> tuple[float, float, float, float | 
     rss_kb, own_s, waited_s = stdout.rsplit("MAXRSS", 1)[1].split()[:3]
     # the processes under it: their CPU up to the last poll (each one's last 50 ms at most is missed); without
     # /proc, those it waited for (spawned workers)
-    below_s = sum(cpu for cpu, _ in below.values()) if peak_pss[0] is not None else float(waited_s)
+    below_s = sum(cpu for cpu, _ in below.values()) if _HAS_PROC else float(waited_s)
     below_mb = sum(rss for _, rss in below.values())
     return wall, float(own_s) + below_s, int(rss_kb) / 1024 + below_mb, peak_pss[0]
 
@@ -117,17 +119,21 @@ def _measured(code: str, args: list[str]) -> tuple[float, float, float, float | 
 _TICK_S = 1 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
 
 
-def _tree_pss_kb(pid: int, below: dict[int, tuple[float, float]] | None = None) -> int | None:
-    """The proportional set size (kB) of a process and all its descendants now: shared pages counted once.
-    ``below``: updated with each descendant's (CPU seconds so far, user + system; peak RSS MB so far)."""
-    if not os.path.exists("/proc/self/smaps_rollup"):  # not Linux
+_HAS_PROC = os.path.exists("/proc/self/smaps_rollup")  # Linux
+
+
+def _tree_pss_kb(pid: int, below: dict[int, tuple[float, float]] | None = None, pss: bool = True) -> int | None:
+    """The proportional set size (kB) of a process and all its descendants now: shared pages counted once (0
+    without ``pss``). ``below``: updated with each descendant's (CPU s so far, user + system; peak RSS MB)."""
+    if not _HAS_PROC:
         return None
     total, todo = 0, [pid]
     while todo:
         current = todo.pop()
         try:
-            with open(f"/proc/{current}/smaps_rollup") as handle:
-                total += next(int(line.split()[1]) for line in handle if line.startswith("Pss:"))
+            if pss:
+                with open(f"/proc/{current}/smaps_rollup") as handle:
+                    total += next(int(line.split()[1]) for line in handle if line.startswith("Pss:"))
             if below is not None and current != pid:
                 with open(f"/proc/{current}/stat") as handle:
                     fields = handle.read().rsplit(")", 1)[1].split()
@@ -327,6 +333,22 @@ def main() -> None:
         runs["no-review-threads"].append(
             run_cli([str(cohort), "--out", str(args.workdir / "out-plain"), "--no-review", *threads_only, *common])
         )
+    # peak PSS in one more run of each, apart from the timed ones (reading it slows the run it measures)
+    memory = {
+        "plain": run_script(plain_cmd[1:], memory=True),
+        "pipelined": run_script([*plain_cmd[1:], "--pipelined"], memory=True),
+        "default": run_cli([str(cohort), "--out", str(args.workdir / "out-default"), *common], memory=True),
+        "no-review": run_cli(
+            [str(cohort), "--out", str(args.workdir / "out-plain"), "--no-review", *common], memory=True
+        ),
+        "default-threads": run_cli(
+            [str(cohort), "--out", str(args.workdir / "out-default"), *threads_only, *common], memory=True
+        ),
+        "no-review-threads": run_cli(
+            [str(cohort), "--out", str(args.workdir / "out-plain"), "--no-review", *threads_only, *common],
+            memory=True,
+        ),
+    }
     wall_plain = statistics.median(wall for wall, *_ in runs["plain"])
     parallel = f"--parallel auto took {chosen['chosen']} ({chosen['why']})"
     model_only = model_ceiling(model_path, args.threads, 32)
@@ -345,9 +367,8 @@ def main() -> None:
         if len(ratios) > 1 and key != "plain":
             ratio += f" ({ratios[0]:.2f}-{ratios[-1]:.2f})"
             note = f"{note}; median of {len(ratios)} paired runs" if note else f"median of {len(ratios)} paired runs"
-        rss = max(peak for _, _, peak, _ in runs[key])
-        psses = [pss for *_, pss in runs[key] if pss is not None]
-        pss = f"{max(psses):,.0f} MB" if psses else ""
+        rss = max(peak for _, _, peak, _ in [*runs[key], memory[key]])
+        pss = "" if memory[key][3] is None else f"{memory[key][3]:,.0f} MB"
         cpu = statistics.median(cpu for _, cpu, *_ in runs[key])
         return (name, f"{n / statistics.median(walls):,.0f}", ratio, f"{cpu:.1f} s", f"{rss:,.0f} MB", pss, note)
 
@@ -423,7 +444,8 @@ def main() -> None:
     print(
         "\nCPU time: the run's process and every process under it (fork server, worker processes). Peak RSS of a "
         "run of several processes: the sum of each one's own peak (an upper bound: shared pages count in each). "
-        "Peak PSS: the run's processes together, shared pages counted once. Both polled from /proc every 50 ms."
+        "Peak PSS: the run's processes together, shared pages counted once, in one more run of each (reading it "
+        "slows the run). All read from /proc every 50 ms."
     )
     print(f"\n`idc-infer --help` start-up: {startup:.2f} s (best of 5)")
     if slide is not None:
