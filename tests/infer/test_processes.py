@@ -97,6 +97,8 @@ def test_killing_idc_infer_ends_its_workers_and_fork_server(tmp_path, demo_onnx)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not list(out.glob("*.csv")):
         time.sleep(0.01)
+    if child.poll() is not None:
+        pytest.skip("the run finished before it could be killed (machine too fast for this cohort)")
     assert len(_live_processes_of_group(child.pid)) >= 3  # idc-infer, its workers (and the fork server)
     child.kill()
     child.wait(timeout=30)
