@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -313,42 +314,28 @@ def main() -> None:
         str(args.threads),
     ]
     subprocess.run(plain_cmd, check=True, capture_output=True)  # warm the page cache for every contender
-    # paired runs: each repetition runs the three contenders back to back, so a ratio compares runs made
+    # paired runs: each repetition runs every contender back to back, so a ratio compares runs made
     # within seconds of each other on this VM, whose speed drifts by 5-10% over minutes
-    runs: dict[str, list[tuple[float, float, float]]] = {
-        key: [] for key in ("plain", "default", "no-review", "default-threads", "no-review-threads", "pipelined")
-    }
     threads_only = ["--parallel", "threads"]
-    for _ in range(args.repeat):
-        runs["plain"].append(run_script(plain_cmd[1:]))
-        runs["pipelined"].append(run_script([*plain_cmd[1:], "--pipelined"]))
-        runs["default"].append(run_cli([str(cohort), "--out", str(args.workdir / "out-default"), *common]))
-        runs["no-review"].append(
-            run_cli([str(cohort), "--out", str(args.workdir / "out-plain"), "--no-review", *common])
-        )
-        chosen = dict(LAST_PARALLEL)
-        runs["default-threads"].append(
-            run_cli([str(cohort), "--out", str(args.workdir / "out-default"), *threads_only, *common])
-        )
-        runs["no-review-threads"].append(
-            run_cli([str(cohort), "--out", str(args.workdir / "out-plain"), "--no-review", *threads_only, *common])
-        )
-    # peak PSS in one more run of each, apart from the timed ones (reading it slows the run it measures)
-    memory = {
-        "plain": run_script(plain_cmd[1:], memory=True),
-        "pipelined": run_script([*plain_cmd[1:], "--pipelined"], memory=True),
-        "default": run_cli([str(cohort), "--out", str(args.workdir / "out-default"), *common], memory=True),
-        "no-review": run_cli(
-            [str(cohort), "--out", str(args.workdir / "out-plain"), "--no-review", *common], memory=True
-        ),
-        "default-threads": run_cli(
-            [str(cohort), "--out", str(args.workdir / "out-default"), *threads_only, *common], memory=True
-        ),
-        "no-review-threads": run_cli(
-            [str(cohort), "--out", str(args.workdir / "out-plain"), "--no-review", *threads_only, *common],
-            memory=True,
+    default_out, plain_out = ["--out", str(args.workdir / "out-default")], ["--out", str(args.workdir / "out-plain")]
+    contenders: dict[str, Callable[[bool], tuple[float, float, float, float | None]]] = {  # in the order they run
+        "plain": lambda memory: run_script(plain_cmd[1:], memory),
+        "pipelined": lambda memory: run_script([*plain_cmd[1:], "--pipelined"], memory),
+        "default": lambda memory: run_cli([str(cohort), *default_out, *common], memory),
+        "no-review": lambda memory: run_cli([str(cohort), *plain_out, "--no-review", *common], memory),
+        "default-threads": lambda memory: run_cli([str(cohort), *default_out, *threads_only, *common], memory),
+        "no-review-threads": lambda memory: run_cli(
+            [str(cohort), *plain_out, "--no-review", *threads_only, *common], memory
         ),
     }
+    runs: dict[str, list[tuple[float, float, float, float | None]]] = {key: [] for key in contenders}
+    for _ in range(args.repeat):
+        for key, contender in contenders.items():
+            runs[key].append(contender(False))
+            if key == "no-review":
+                chosen = dict(LAST_PARALLEL)  # what --parallel auto took
+    # peak PSS in one more run of each, apart from the timed ones (reading it slows the run it measures)
+    memory = {key: contender(True) for key, contender in contenders.items()}
     wall_plain = statistics.median(wall for wall, *_ in runs["plain"])
     parallel = f"--parallel auto took {chosen['chosen']} ({chosen['why']})"
     model_only = model_ceiling(model_path, args.threads, 32)

@@ -35,6 +35,15 @@ def uses_fork_server() -> bool:
     return sys.platform.startswith("linux") and "forkserver" in multiprocessing.get_all_start_methods()
 
 
+def cores() -> int:
+    """The cores this process may run on: more worker processes than that only add memory (each runs one thread
+    of CPU work and holds its own interpreter, libraries and model: ~50-60 MB of PSS)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
 def worker_context() -> multiprocessing.context.BaseContext:
     """The multiprocessing context worker processes start from (start() first, where it can)."""
     if uses_fork_server():
@@ -47,7 +56,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
 def start() -> bool:
     """Start the fork server now (it imports PRELOAD in the background), if this platform uses one and it is not
     running yet; False where it cannot (the workers are then spawned as they start)."""
-    if not uses_fork_server() or len(os.sched_getaffinity(0)) < 2:  # one core: the run keeps its threads
+    if not uses_fork_server() or cores() < 2:  # one core: the run keeps its threads
         return False
     worker_context()  # sets the preload list
     import multiprocessing.forkserver

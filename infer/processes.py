@@ -44,6 +44,7 @@ from .engine import (
 )
 from .errors import IdcError
 from .files import remove_stale_temp_files, safe_file_stem, stderr_log_handler
+from .forkserver import cores as _cores
 from .model import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -65,15 +66,6 @@ class Plan:
 
     def record(self, requested: str, workers: int) -> dict:
         return {"requested": requested, "chosen": self.mode, "workers": workers, "why": self.why}
-
-
-def _cores() -> int:
-    """The cores this process may run on: more worker processes than that only add memory (each runs one thread
-    of CPU work and holds its own interpreter, libraries and model: ~50-60 MB of PSS)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
 
 
 def _count(patient: Patient) -> int:
@@ -207,8 +199,8 @@ def run_patients_parallel(
     kept: dict[int, PatientTally] = {}
     pool, n_workers = None, 0  # the workers started: fewer than --threads for fewer patients or cores
     if not settings.resume:
-        # the workers start now (Python, numpy, OpenCV, onnxruntime, the model: ~0.3 s each) while this process
-        # counts the patients' files; a resumed run checks what is done first (perhaps every patient)
+        # the workers start now (forked from the fork server, or spawned: Python, numpy, OpenCV, onnxruntime, the
+        # model) while this process counts the patients' files; a resumed run checks what is done first
         n_workers = min(workers, len(patients))
         pool = _start_pool(model, n_workers)
     try:
